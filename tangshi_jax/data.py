@@ -1,0 +1,213 @@
+"""poems.txt -> poems -> vocabulary -> bucketed, padded, masked batches.
+
+Parsing keeps the original program's rules exactly, so a poems.txt written for it yields the
+same poems. Shapes are decided here and only here: every batch is (batch_size, bucket length).
+"""
+
+import collections
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tangshi_jax.errors import TangshiError
+
+START, END = "G", "E"                       # the original's begin and end tokens
+FORBIDDEN = set("_(（《[") | {START, END}     # a poem holding any of these is skipped
+MIN_CHARS, MAX_CHARS = 5, 80                # content length limits, after spaces are removed
+
+
+@dataclass(frozen=True)
+class Corpus:
+    poems: list[str]   # kept poems, each wrapped as G + content + E, in file order
+    skipped: int       # parsed lines dropped by the content rules
+    unparsable: int    # lines that are not exactly one 'title:content'
+    first_unparsable: int | None  # its line number, to point the user at it
+
+
+def parse_line(line: str) -> str | None:
+    """The original's rules: 'title:content', spaces removed, filtered, wrapped in G...E.
+
+    Returns None for a poem the rules skip; raises ValueError for a line that is not
+    exactly one title and one content separated by ':'.
+    """
+    _title, content = line.strip().split(":")
+    content = content.replace(" ", "")
+    if any(char in FORBIDDEN for char in content):
+        return None
+    if not MIN_CHARS <= len(content) <= MAX_CHARS:
+        return None
+    return START + content + END
+
+
+def read_corpus(path: str | Path) -> Corpus:
+    """Read poems.txt, tolerating a BOM and CRLF; undecodable bytes name their line."""
+    path = Path(path)
+    if not path.is_file():
+        raise TangshiError(f"{path}: no such file; build it with `python -m tangshi_jax.corpus --out {path}`")
+    raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
+    poems, skipped, unparsable, first_unparsable = [], 0, 0, None
+    for number, raw_line in enumerate(raw.split(b"\n"), start=1):
+        try:
+            line = raw_line.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise TangshiError(f"{path}:{number}: not UTF-8 ({error.reason} at byte {error.start}); "
+                               "save the file as UTF-8") from None
+        if not line.strip():
+            continue
+        try:
+            poem = parse_line(line)
+        except ValueError:
+            unparsable += 1
+            first_unparsable = first_unparsable or number
+            continue
+        if poem is None:
+            skipped += 1
+        else:
+            poems.append(poem)
+    if not poems:
+        raise TangshiError(f"{path}: no usable poem (need 'title:content' lines with {MIN_CHARS}-{MAX_CHARS} "
+                           "characters of content); build the real one with `python -m tangshi_jax.corpus`")
+    return Corpus(poems, skipped, unparsable, first_unparsable)
+
+
+def build_vocab(poems: list[str]) -> list[str]:
+    """Characters by descending frequency, ties broken by character so ids never depend on order."""
+    counts = collections.Counter(char for poem in poems for char in poem)
+    return sorted(counts, key=lambda char: (-counts[char], char))
+
+
+def encode(poems: list[str], vocab: list[str]) -> list[np.ndarray]:
+    ids = {char: index for index, char in enumerate(vocab)}
+    try:
+        return [np.array([ids[char] for char in poem], np.int32) for poem in poems]
+    except KeyError as error:
+        raise TangshiError(f"character {error.args[0]!r} of the data is not in the checkpoint's vocabulary; "
+                           "train from the poems.txt the checkpoint was made with, or use a new --checkpoint-dir") from None
+
+
+def is_validation(poem: str, fraction: float) -> bool:
+    """A hash of the text decides, so adding poems never moves an old poem across the split."""
+    digest = hashlib.blake2b(poem.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") < fraction * 2**64
+
+
+def split(poems: list[str], fraction: float) -> tuple[list[str], list[str]]:
+    train, val = [], []
+    for poem in poems:
+        (val if is_validation(poem, fraction) else train).append(poem)
+    return train, val
+
+
+def shift(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs and next-character targets of one poem.
+
+    The original's targets are its inputs shifted by one with the last repeated
+    ([6,2,4,6,9] -> [2,4,6,9,9]); its final pair E -> E teaches nothing (sampling stops
+    at E), so it is dropped: inputs [6,2,4,6], targets [2,4,6,9].
+    """
+    return tokens[..., :-1], tokens[..., 1:]
+
+
+def choose_buckets(lengths: list[int], num_buckets: int) -> tuple[int, ...]:
+    """Bucket lengths that minimise padded positions (exact, by dynamic programming).
+
+    Each bucket pads its sequences to its own length; the longest sequence sets the last.
+    """
+    histogram = collections.Counter(lengths)
+    sizes = sorted(histogram)
+    num_buckets = min(num_buckets, len(sizes))
+    # Prefix sums make the padding of "sizes[i..j] all padded to sizes[j]" O(1).
+    count_sum = np.concatenate([[0], np.cumsum([histogram[size] for size in sizes])])
+    token_sum = np.concatenate([[0], np.cumsum([histogram[size] * size for size in sizes])])
+
+    def padding(i, j):
+        return sizes[j] * (count_sum[j + 1] - count_sum[i]) - (token_sum[j + 1] - token_sum[i])
+
+    n = len(sizes)
+    best = [[padding(0, j) for j in range(n)]]     # best[k - 1][j]: k buckets covering sizes[..j]
+    start = [[0] * n]
+    for k in range(1, num_buckets):
+        row, starts = [np.inf] * n, [0] * n
+        for j in range(k, n):
+            for i in range(k, j + 1):
+                total = best[k - 1][i - 1] + padding(i, j)
+                if total < row[j]:
+                    row[j], starts[j] = total, i
+        best.append(row)
+        start.append(starts)
+    ends, j = [], n - 1
+    for k in range(num_buckets - 1, -1, -1):
+        ends.append(sizes[j])
+        j = start[k][j] - 1
+    return tuple(sorted(ends))
+
+
+@dataclass(frozen=True)
+class BucketedData:
+    """Poems grouped by bucket, each group padded once into a (poems, length + 1) array."""
+    buckets: tuple[int, ...]    # padded input lengths
+    tokens: list[np.ndarray]    # per bucket: (poems, length + 1) token ids, padded with END
+    lengths: list[np.ndarray]   # per bucket: real input length of each poem
+
+    @property
+    def num_poems(self) -> int:
+        return sum(len(group) for group in self.lengths)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(sum(group.sum() for group in self.lengths))
+
+
+def bucketize(encoded: list[np.ndarray], buckets: tuple[int, ...], pad_id: int) -> BucketedData:
+    groups = [[] for _ in buckets]
+    for tokens in encoded:
+        length = len(tokens) - 1
+        index = int(np.searchsorted(buckets, length))
+        if index == len(buckets):
+            raise ValueError(f"a poem of length {length} exceeds the largest bucket {buckets[-1]}")
+        groups[index].append(tokens)
+    padded, lengths = [], []
+    for bucket, group in zip(buckets, groups):
+        array = np.full((len(group), bucket + 1), pad_id, np.int32)
+        for row, tokens in enumerate(group):
+            array[row, :len(tokens)] = tokens
+        padded.append(array)
+        lengths.append(np.array([len(tokens) - 1 for tokens in group], np.int32))
+    return BucketedData(tuple(buckets), padded, lengths)
+
+
+def epoch_plan(data: BucketedData, batch_size: int, seed: int, epoch: int,
+               shuffle: bool = True) -> list[tuple[int, np.ndarray]]:
+    """The epoch's batches as (bucket index, poem rows), a pure function of (seed, epoch).
+
+    Resuming at batch k of an epoch replays exactly the batches an uninterrupted run would.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    plan = []
+    for bucket_index, group in enumerate(data.lengths):
+        rows = rng.permutation(len(group)) if shuffle else np.arange(len(group))
+        plan += [(bucket_index, rows[start:start + batch_size]) for start in range(0, len(rows), batch_size)]
+    if shuffle:
+        plan = [plan[i] for i in rng.permutation(len(plan))]
+    return plan
+
+
+def make_batch(data: BucketedData, bucket_index: int, rows: np.ndarray, batch_size: int) -> dict:
+    """A fixed-shape batch; a short last batch is filled with fully masked rows."""
+    length = data.buckets[bucket_index]
+    tokens = np.zeros((batch_size, length + 1), np.int32)
+    tokens[:len(rows)] = data.tokens[bucket_index][rows]
+    real = np.zeros(batch_size, np.int32)
+    real[:len(rows)] = data.lengths[bucket_index][rows]
+    inputs, targets = shift(tokens)
+    mask = np.arange(length)[None, :] < real[:, None]
+    return {"inputs": inputs, "targets": targets, "mask": mask.astype(np.float32)}
+
+
+def padded_share(data: BucketedData, batch_size: int) -> float:
+    """Share of computed positions that are padding, counting the fill of short batches."""
+    computed = sum(-(-len(group) // batch_size) * batch_size * bucket
+                   for bucket, group in zip(data.buckets, data.lengths))
+    return 1 - data.num_tokens / computed if computed else 0.0

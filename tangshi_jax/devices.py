@@ -1,0 +1,33 @@
+"""Choosing the JAX platform before its backend starts (JAX fixes it at first use)."""
+
+import jax
+
+from tangshi_jax.errors import TangshiError
+
+PLATFORMS = ("cpu", "gpu", "tpu")
+
+
+def use_platform(name: str | None) -> str:
+    """Make `name` the platform of every computation that follows; returns the platform in use.
+
+    CPU is chosen through `jax_platforms`, which skips probing for accelerators. A GPU or TPU
+    is looked up after the backends start, so that a missing one is a clear error rather than
+    JAX's own failure inside its initialisation.
+    """
+    if name == "cpu":
+        jax.config.update("jax_platforms", "cpu")
+    try:
+        devices = jax.devices(name) if name else jax.devices()
+    except RuntimeError as error:
+        first_line = str(error).splitlines()[0] if str(error) else "no such backend"
+        raise TangshiError(f"--platform {name}: JAX finds no {name} device ({first_line}); install JAX "
+                           f"for it (e.g. pip install 'jax[cuda12]' for an NVIDIA GPU) or use --platform cpu") from None
+    if name and jax.default_backend() != name:
+        jax.config.update("jax_default_device", devices[0])
+    return devices[0].platform
+
+
+def describe_devices() -> str:
+    devices = jax.local_devices()
+    kinds = sorted({device.device_kind for device in devices})
+    return f"{devices[0].platform} ({len(devices)} × {', '.join(kinds)})"

@@ -1,0 +1,144 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tangshi_jax.config import ModelConfig
+from tangshi_jax.model import PoemModel, RecurrentLayer, init_params, initial_carry
+from tangshi_jax.train import make_optimizer, make_steps
+
+
+def sigmoid(x):
+    return 1 / (1 + np.exp(-x))
+
+
+def numpy_step(cell, params, carry, x):
+    """One step of each cell, written from the seed's formulas with the layer's weights."""
+    wi, b = np.asarray(params["input"]["kernel"]), np.asarray(params["input"]["bias"])
+    cell_params = {name: np.asarray(value["kernel"]) for name, value in params["cell"].items()}
+    x_proj = x @ wi + b
+    if cell == "lstm":
+        h, c = carry
+        i, f, g, o = np.split(x_proj + h @ cell_params["recurrent"], 4, axis=-1)
+        c = sigmoid(f) * c + sigmoid(i) * np.tanh(g)
+        return (sigmoid(o) * np.tanh(c), c)
+    if cell == "gru":
+        h = carry
+        x_z, x_r, x_n = np.split(x_proj, 3, axis=-1)
+        u_z, u_r = np.split(cell_params["recurrent_gates"], 2, axis=-1)
+        z, r = sigmoid(x_z + h @ u_z), sigmoid(x_r + h @ u_r)
+        candidate = np.tanh(x_n + (r * h) @ cell_params["recurrent_candidate"])
+        return (1 - z) * h + z * candidate          # h = (1-z)⊙h₋₁ + z⊙h̃, the seed's convention
+    return np.tanh(x_proj + carry @ cell_params["recurrent"])
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_each_cell_step_matches_numpy_formulas(cell):
+    hidden, width = 6, 5
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, width)).astype(np.float32)
+    h = rng.normal(size=(3, hidden)).astype(np.float32)
+    carry = (h, rng.normal(size=(3, hidden)).astype(np.float32)) if cell == "lstm" else h
+    layer = RecurrentLayer(cell, hidden)
+    params = layer.init(jax.random.key(1), carry, x[:, None])["params"]
+    # Non-zero biases, so a bias dropped or misplaced shows.
+    params = jax.tree_util.tree_map(lambda p: p + 0.1 * jnp.arange(p.size).reshape(p.shape) / p.size, params)
+    new_carry, outputs = layer.apply({"params": params}, carry, x[:, None])
+    expected = numpy_step(cell, params, carry, x)
+    np.testing.assert_allclose(np.asarray(jax.tree_util.tree_leaves(new_carry)),
+                               np.asarray(jax.tree_util.tree_leaves(expected)), rtol=1e-5, atol=1e-6)
+    expected_h = expected[0] if cell == "lstm" else expected
+    np.testing.assert_allclose(outputs[:, 0], expected_h, rtol=1e-5, atol=1e-6)
+
+
+def test_initialisation_follows_the_original():
+    config = ModelConfig(vocab_size=300, layers=1, hidden=8, embed=50)
+    params = init_params(config, jax.random.key(0))
+    embedding = np.asarray(params["embed"]["embedding"])
+    assert embedding.min() >= -1 and embedding.max() <= 1 and embedding.min() < -0.9 and embedding.max() > 0.9
+    head = np.asarray(params["head"]["kernel"])
+    limit = np.sqrt(6 / (8 + 300))                 # Xavier-uniform bound
+    assert np.abs(head).max() <= limit and np.abs(head).max() > 0.9 * limit
+    assert not np.asarray(params["head"]["bias"]).any()
+
+
+def test_relu_head_makes_logits_non_negative():
+    tokens = jnp.array([[0, 1, 2, 3]])
+    for relu_head in (False, True):
+        config = ModelConfig(vocab_size=20, hidden=8, embed=4, relu_head=relu_head)
+        params = init_params(config, jax.random.key(0))
+        _, logits = PoemModel(config).apply({"params": params}, tokens, initial_carry(config, 1))
+        assert bool((logits >= 0).all()) == relu_head
+
+
+def test_padding_changes_neither_loss_nor_gradients():
+    config = ModelConfig(vocab_size=12, hidden=8, embed=4)
+    params = init_params(config, jax.random.key(0))
+    train_step, eval_step = make_steps(config, lr=0.01)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 12, size=(2, 7)).astype(np.int32)
+    mask = np.array([[1] * 6, [1] * 4 + [0] * 2], np.float32)
+    tight = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": mask}
+    # The same two poems in a longer bucket, with two empty rows and garbage in the padding.
+    loose_tokens = rng.integers(0, 12, size=(4, 11)).astype(np.int32)
+    loose_tokens[:2, :7] = tokens
+    loose_mask = np.zeros((4, 10), np.float32)
+    loose_mask[:2, :6] = mask
+    loose = {"inputs": loose_tokens[:, :-1], "targets": loose_tokens[:, 1:], "mask": loose_mask}
+
+    def loss_and_grads(batch):
+        def loss(p):
+            metrics = eval_step(p, batch)
+            return metrics["nll_sum"] / metrics["tokens"]
+        return jax.value_and_grad(loss)(params)
+
+    (tight_loss, tight_grads), (loose_loss, loose_grads) = loss_and_grads(tight), loss_and_grads(loose)
+    assert float(tight_loss) == pytest.approx(float(loose_loss), rel=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(tight_grads), jax.tree_util.tree_leaves(loose_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    state = {"params": params, "opt_state": make_optimizer(0.01).init(params), "step": jnp.zeros((), jnp.int32)}
+    tight_state, tight_metrics = train_step(state, tight)
+    loose_state, loose_metrics = train_step(state, loose)
+    assert float(tight_metrics["tokens"]) == float(loose_metrics["tokens"]) == 10
+    for a, b in zip(jax.tree_util.tree_leaves(tight_state["params"]), jax.tree_util.tree_leaves(loose_state["params"])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_loss_is_the_masked_mean_nll_of_a_numpy_log_softmax():
+    config = ModelConfig(vocab_size=9, hidden=4, embed=3)
+    params = init_params(config, jax.random.key(3))
+    _, eval_step = make_steps(config, lr=0.01)
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, 9, size=(3, 6)).astype(np.int32)
+    mask = (rng.random((3, 5)) < 0.7).astype(np.float32)
+    metrics = eval_step(params, {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": mask})
+    _, logits = PoemModel(config).apply({"params": params}, tokens[:, :-1], initial_carry(config, 3))
+    logits = np.asarray(logits, np.float64)
+    log_softmax = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(log_softmax, tokens[:, 1:, None], -1)[..., 0]
+    assert float(metrics["nll_sum"]) == pytest.approx((nll * mask).sum(), rel=1e-5)
+    assert float(metrics["tokens"]) == mask.sum()
+
+
+def test_optimizer_follows_pytorch_rmsprop_with_clipping():
+    """PyTorch's RMSprop (alpha 0.99, eps 1e-8 outside the root, square average from 0)
+    after clip_grad_norm_(1.0), in numpy, against the optax chain over 200 steps."""
+    rng = np.random.default_rng(0)
+    params = {"a": rng.normal(size=(4, 3)).astype(np.float32), "b": rng.normal(size=5).astype(np.float32)}
+    optimizer = make_optimizer(0.01)
+    state = optimizer.init(params)
+    reference = {key: value.astype(np.float64) for key, value in params.items()}
+    square_avg = {key: np.zeros_like(value) for key, value in reference.items()}
+    update = jax.jit(optimizer.update)
+    for step in range(200):
+        scale = 10.0 if step % 3 == 0 else 0.05          # some steps clipped, some not
+        grads = {key: (scale * rng.normal(size=value.shape)).astype(np.float32) for key, value in params.items()}
+        updates, state = update(grads, state, params)
+        params = jax.tree_util.tree_map(lambda p, u: np.asarray(p + u), params, updates)
+        norm = np.sqrt(sum((g.astype(np.float64) ** 2).sum() for g in grads.values()))
+        for key, grad in grads.items():
+            grad = grad.astype(np.float64) * min(1.0, 1.0 / norm)
+            square_avg[key] = 0.99 * square_avg[key] + 0.01 * grad ** 2
+            reference[key] -= 0.01 * grad / (np.sqrt(square_avg[key]) + 1e-8)
+    for key in params:
+        np.testing.assert_allclose(params[key], reference[key], atol=1e-5)

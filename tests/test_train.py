@@ -1,0 +1,120 @@
+import json
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+from tangshi_jax import checkpoint, train as train_module
+from tangshi_jax.errors import TangshiError, run_cli
+from tangshi_jax.train import init_state, train
+
+from conftest import SMALL_MODEL, small_config, write_poems
+
+
+def quiet(message):
+    pass
+
+
+def metrics_of(directory):
+    return [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loss_falls_and_metrics_are_logged(trained_run):
+    directory, _, record = trained_run
+    metrics = metrics_of(directory)
+    assert [m["epoch"] for m in metrics] == [1, 2, 3]
+    assert metrics[-1]["train_loss"] < metrics[0]["train_loss"] - 0.3
+    assert metrics[-1]["val_loss"] < np.log(45)          # better than uniform over the vocabulary
+    for key in ("step", "train_loss", "val_loss", "val_ppl", "tokens_per_s", "elapsed_s"):
+        assert key in metrics[0]
+    assert metrics[-1] == json.loads(json.dumps(record))
+    assert metrics[-1]["val_ppl"] == pytest.approx(np.exp(metrics[-1]["val_loss"]))
+
+
+def test_checkpoints_land_every_save_every_epochs_and_at_the_end(trained_run):
+    directory, _, _ = trained_run
+    manager, step = checkpoint.require_checkpoint(directory)
+    epochs = [checkpoint.restore_meta(manager, s)[3]["epoch"] for s in manager.all_steps()]
+    assert epochs == [2, 3]
+    model_config, train_config, vocab, progress = checkpoint.restore_meta(manager, step)
+    assert model_config.vocab_size == len(vocab) and model_config.hidden == SMALL_MODEL["hidden"]
+    assert progress == {"epoch": 3, "batch": 0, "step": step}
+
+
+def test_orbax_round_trip_restores_every_array(tmp_path, trained_run):
+    directory, _, _ = trained_run
+    manager, step = checkpoint.require_checkpoint(directory)
+    model_config, train_config, vocab, progress = checkpoint.restore_meta(manager, step)
+    like = init_state(model_config, train_config.lr, seed=123)
+    restored = checkpoint.restore_state(manager, step, like)
+    copy = checkpoint.open_manager(tmp_path / "copy")
+    checkpoint.save(copy, restored, model_config, train_config, vocab, progress)
+    copy.wait_until_finished()
+    again = checkpoint.restore_state(copy, step, like)
+    leaves = jax.tree_util.tree_leaves(restored)
+    assert int(restored["step"]) == step
+    assert not all(np.array_equal(a, b) for a, b in zip(leaves, jax.tree_util.tree_leaves(like)))
+    for a, b in zip(leaves, jax.tree_util.tree_leaves(again)):
+        np.testing.assert_array_equal(a, b)
+    assert checkpoint.restore_meta(copy, step) == (model_config, train_config, vocab, progress)
+
+
+def test_resume_replays_an_uninterrupted_run(tmp_path):
+    data = write_poems(tmp_path / "poems.txt")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(small_config(data, epochs=3), SMALL_MODEL, straight, log=quiet, show_progress=False)
+    train(small_config(data, epochs=1), SMALL_MODEL, resumed, log=quiet, show_progress=False)
+
+    # Stop the second leg after its first step of epoch 2 with a real SIGTERM, then resume.
+    def stop_after_compiling(message):
+        if message.startswith("compiled"):
+            os.kill(os.getpid(), signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        train(small_config(data, epochs=3), SMALL_MODEL, resumed, log=stop_after_compiling, show_progress=False)
+    manager, step = checkpoint.require_checkpoint(resumed)
+    assert checkpoint.restore_meta(manager, step)[3]["batch"] == 1
+    train(small_config(data, epochs=3), SMALL_MODEL, resumed, log=quiet, show_progress=False)
+
+    # Epoch 2's mean covers only the batches after the stop; epochs 1 and 3 must agree exactly.
+    first, second = metrics_of(straight), metrics_of(resumed)
+    assert [m["epoch"] for m in second] == [1, 2, 3]
+    for key in ("train_loss", "val_loss", "step"):
+        assert first[0][key] == second[0][key] and first[2][key] == second[2][key]
+    states = [checkpoint.restore_state(*checkpoint.require_checkpoint(d), init_state(
+        checkpoint.restore_meta(*checkpoint.require_checkpoint(d))[0], 0.01, 0)) for d in (straight, resumed)]
+    for a, b in zip(jax.tree_util.tree_leaves(states[0]), jax.tree_util.tree_leaves(states[1])):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_another_model_or_data_order_in_the_directory_is_refused(tmp_path, trained_run):
+    directory, data, _ = trained_run
+    before = sorted(p.name for p in directory.iterdir())
+    with pytest.raises(TangshiError, match="another model .*cell: 'lstm' -> 'gru'"):
+        train(small_config(data, epochs=5), dict(SMALL_MODEL, cell="gru"), directory, log=quiet)
+    with pytest.raises(TangshiError, match="another data order .*batch_size: 16 -> 8"):
+        train(small_config(data, epochs=5, batch_size=8), SMALL_MODEL, directory, log=quiet)
+    assert sorted(p.name for p in directory.iterdir()) == before
+
+
+def test_a_finished_run_says_so(trained_run):
+    directory, data, _ = trained_run
+    messages = []
+    assert train(small_config(data, epochs=3, save_every=2), SMALL_MODEL, directory, log=messages.append) == {}
+    assert "already trained for 3 epochs" in messages[0]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data", "missing.txt"], "missing.txt: no such file"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--lr", "-1"], "--lr must be positive"),
+    (["--checkpoint-dir", "afile"], "is a file"),
+])
+def test_bad_training_input_gives_one_clear_line(tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.chdir(tmp_path)
+    write_poems(tmp_path / "poems.txt", count=20)
+    (tmp_path / "afile").write_text("x")
+    assert run_cli(train_module.main, argv + ["--platform", "cpu", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
