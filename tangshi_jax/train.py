@@ -193,7 +193,7 @@ def train(train_config: TrainConfig, model_settings: dict, checkpoint_dir: str |
     state = init_state(model_config, train_config.lr, train_config.seed)
     if saved:
         state = checkpoint.restore_state(manager, saved_step, state)
-        log(f"resuming from step {progress['step']:,} (epoch {progress['epoch']}, batch {progress['batch']})")
+        log(f"resuming from step {progress['step']:,}: epoch {progress['epoch'] + 1}, batch {progress['batch']}")
     record = {}
     # From here on Ctrl-C or SIGTERM means: finish the step, save, stop.
     with StopRequest() as stop:

@@ -1,0 +1,106 @@
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tangshi_jax import sample
+from tangshi_jax.errors import TangshiError, run_cli
+from tangshi_jax.model import PoemModel, initial_carry
+
+
+@pytest.fixture(scope="module")
+def loaded(trained_run):
+    directory, _, _ = trained_run
+    model_config, vocab, params, _ = sample.load_model(directory)
+    return directory, model_config, vocab, params
+
+
+def words(vocab, count):
+    """The first `count` ordinary characters of a vocabulary (the tiny corpus has few)."""
+    return "".join([char for char in vocab if char not in "GE，。"][:count])
+
+
+def test_step_wise_log_probs_equal_the_full_forward_pass(loaded):
+    _, model_config, vocab, params = loaded
+    text = words(vocab, 4) + "，" + words(vocab, 3) + "。"
+    ids = [vocab.index(c) for c in text]
+    start_id, end_id = vocab.index("G"), vocab.index("E")
+    prefix = np.array([start_id] + ids, np.int32)
+    # Every position forced: the sampler's log-probabilities are the model's on this text.
+    tokens, log_probs = sample.generate(params, prefix, len(prefix), jax.random.key(0), jnp.float32(1.0),
+                                        model_config=model_config, num=2, max_len=len(ids), top_k=0,
+                                        greedy=False, start_id=start_id, end_id=end_id)
+    assert np.asarray(tokens)[0].tolist() == prefix.tolist()
+    _, logits = PoemModel(model_config).apply({"params": params}, prefix[None, :-1], initial_carry(model_config, 1))
+    logits = np.asarray(logits[0]).copy()
+    logits[:, start_id] = -np.inf                        # the sampler never offers G after the start
+    expected = jax.nn.log_softmax(logits, axis=-1)[np.arange(len(ids)), prefix[1:]]
+    np.testing.assert_allclose(np.asarray(log_probs)[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_poems_start_with_the_begin_text_and_stop_at_the_end(loaded):
+    _, model_config, vocab, params = loaded
+    begin = words(vocab, 2)
+    poems = sample.write_poems(params, model_config, vocab, begin, num=6, max_len=30, seed=1)
+    assert len(poems) == 6 and len(set(poems)) > 1
+    for poem in poems:
+        assert poem.startswith(begin) and 2 <= len(poem) <= 30
+        assert "G" not in poem and "E" not in poem
+    greedy = [sample.write_poems(params, model_config, vocab, begin[0], num=2, greedy=True) for _ in range(2)]
+    assert greedy[0] == greedy[1] and greedy[0][0] == greedy[0][1]
+    assert sample.write_poems(params, model_config, vocab, begin, num=3, seed=5) == \
+        sample.write_poems(params, model_config, vocab, begin, num=3, seed=5)
+
+
+def test_top_k_one_is_greedy(loaded):
+    _, model_config, vocab, params = loaded
+    begin = words(vocab, 1)
+    assert sample.write_poems(params, model_config, vocab, begin, num=3, top_k=1, seed=3) == \
+        sample.write_poems(params, model_config, vocab, begin, num=3, greedy=True)
+
+
+def test_inverse_cdf_sampling_follows_the_distribution():
+    logits = jnp.log(jnp.array([[0.1, 0.2, 0.7, 0.0]] * 20000))
+    draws = np.asarray(sample.sample_tokens(jax.random.key(0), logits, 1.0, 0))
+    np.testing.assert_allclose(np.bincount(draws, minlength=4) / len(draws), [0.1, 0.2, 0.7, 0.0], atol=0.015)
+    top2 = np.asarray(sample.sample_tokens(jax.random.key(1), logits, 1.0, 2))
+    assert set(top2) == {1, 2}
+
+
+def test_begin_text_is_checked_and_simplified():
+    vocab = ["G", "E", "，", "龙", "日"]
+    assert sample.begin_ids("龍日", vocab, 64) == [3, 4]             # traditional 龍 becomes 龙
+    with pytest.raises(TangshiError, match="'鳳' is not in the model's vocabulary"):
+        sample.begin_ids("日鳳", vocab, 64)
+    with pytest.raises(TangshiError, match="--begin is empty"):
+        sample.begin_ids("  ", vocab, 64)
+    with pytest.raises(TangshiError, match="start/end token"):
+        sample.begin_ids("G", vocab, 64)
+    with pytest.raises(TangshiError, match="more than --max-len 1"):
+        sample.begin_ids("日日", vocab, 1)
+
+
+def test_split_lines_one_sentence_a_line():
+    assert sample.split_lines("白日依山尽，黄河入海流。欲穷千里目！更上") == \
+        ["白日依山尽，黄河入海流。", "欲穷千里目！", "更上"]
+
+
+def test_cli_prints_json_poems(loaded, capsys):
+    directory, begin = loaded[0], words(loaded[2], 1)
+    assert run_cli(sample.main, ["--begin", begin, "--num", "3", "--json", "--checkpoint-dir", str(directory)]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 3
+    for row in rows:
+        assert row["begin"] == begin and row["poem"].startswith(begin) and "".join(row["lines"]) == row["poem"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--begin", "日"], "no checkpoint in"),
+    (["--begin", "日", "--temperature", "0"], "--temperature must be positive"),
+])
+def test_bad_sampling_input_gives_one_clear_line(tmp_path, capsys, argv, message):
+    assert run_cli(sample.main, argv + ["--checkpoint-dir", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
