@@ -83,8 +83,11 @@ class PoemModel(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens, carry):
-        """tokens (batch, time) -> new carry, logits (batch, time, vocab)."""
+    def __call__(self, tokens, carry, features_only: bool = False):
+        """tokens (batch, time) -> new carry, logits (batch, time, vocab).
+
+        With features_only, the last layer's outputs instead of logits: training feeds them
+        to the fused head and loss (loss.head_nll), which never builds all logits at once."""
         config = self.config
         x = nn.Embed(config.vocab_size, config.embed, embedding_init=uniform_init(-1.0, 1.0),
                      name="embed")(tokens)
@@ -92,6 +95,8 @@ class PoemModel(nn.Module):
         for index, layer_carry in enumerate(carry):
             layer_carry, x = RecurrentLayer(config.cell, config.hidden, name=f"layer_{index}")(layer_carry, x)
             new_carry.append(layer_carry)
+        if features_only:
+            return tuple(new_carry), x
         logits = nn.Dense(config.vocab_size, kernel_init=nn.initializers.xavier_uniform(),
                           bias_init=nn.initializers.zeros, name="head")(x)
         if config.relu_head:

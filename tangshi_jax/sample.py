@@ -42,12 +42,12 @@ def sample_tokens(key, logits, temperature, top_k: int):
 
 @functools.partial(jax.jit, static_argnames=("model_config", "num", "max_len", "top_k", "greedy",
                                              "start_id", "end_id"))
-def generate(params, prefix, prefix_len, key, temperature, *, model_config: ModelConfig, num: int,
+def generate(params, prefix, prefix_len, key, temperature, min_len=0, *, model_config: ModelConfig, num: int,
              max_len: int, top_k: int, greedy: bool, start_id: int, end_id: int):
     """Write `num` poems of at most `max_len` characters after the start token.
 
     prefix: (max_len + 1,) ids, the start token then the begin text, forced for the first
-    prefix_len positions. Returns tokens (num, max_len + 1) with E after each poem's end, and
+    prefix_len positions; no poem ends before min_len characters. Returns tokens (num, max_len + 1) with E after each poem's end, and
     the model's log-probability of every token it was given (num, max_len).
     """
     model = PoemModel(model_config)
@@ -63,6 +63,7 @@ def generate(params, prefix, prefix_len, key, temperature, *, model_config: Mode
         t, carry, tokens, log_probs, done = state
         carry, logits = model.apply({"params": params}, tokens[:, t, None], carry)
         logits = logits[:, 0].at[:, start_id].set(-jnp.inf)     # G only ever begins a poem
+        logits = logits.at[:, end_id].add(jnp.where(t < min_len, -jnp.inf, 0.0))
         if greedy:
             chosen = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         else:

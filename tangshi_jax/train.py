@@ -20,6 +20,7 @@ from tangshi_jax import checkpoint, data
 from tangshi_jax.config import CELLS, DATA_ORDER_FIELDS, ModelConfig, TrainConfig, differences
 from tangshi_jax.devices import PLATFORMS, describe_devices, use_platform
 from tangshi_jax.errors import TangshiError, run_cli
+from tangshi_jax.loss import head_nll
 from tangshi_jax.model import PoemModel, init_params, initial_carry
 
 DEFAULT_DATA = "poems.txt"
@@ -32,20 +33,26 @@ def make_optimizer(lr: float) -> optax.GradientTransformation:
                        optax.rmsprop(lr, decay=0.99, eps=1e-8, eps_in_sqrt=False))
 
 
-def masked_nll(logits, targets, mask):
-    """Sum of -log p(target) over real positions, and their count."""
-    nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
-    return jnp.sum(nll * mask), jnp.sum(mask)
+def make_steps(model_config: ModelConfig, lr: float, fused_head: bool = True):
+    """The pure train and eval steps of one model; jit them (or compile them per shape) once.
 
-
-def make_steps(model_config: ModelConfig, lr: float):
-    """The pure train and eval steps of one model; jit them (or compile them per shape) once."""
+    fused_head=False builds all logits and a plain log-softmax: the slower reference that
+    `bench --variants` measures the fused head against."""
     model, optimizer = PoemModel(model_config), make_optimizer(lr)
 
     def batch_nll(params, batch):
+        """Sum of -log p(target) over real positions, and their count."""
         carry = initial_carry(model_config, batch["inputs"].shape[0])
-        _, logits = model.apply({"params": params}, batch["inputs"], carry)
-        return masked_nll(logits, batch["targets"], batch["mask"])
+        targets, mask = batch["targets"], batch["mask"]
+        if fused_head:
+            _, features = model.apply({"params": params}, batch["inputs"], carry, features_only=True)
+            head = params["head"]
+            nll_sum = head_nll(features, head["kernel"], head["bias"], targets, mask, model_config.relu_head)
+        else:
+            _, logits = model.apply({"params": params}, batch["inputs"], carry)
+            nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
+            nll_sum = jnp.sum(nll * mask)
+        return nll_sum, jnp.sum(mask)
 
     def mean_nll(params, batch):
         nll_sum, tokens = batch_nll(params, batch)
