@@ -7,6 +7,13 @@ from tangshi_jax.errors import TangshiError
 PLATFORMS = ("cpu", "gpu", "tpu")
 
 
+def enable_compilation_cache() -> None:
+    """Keep compiled programs on disk, so a second run with the same shapes starts at once."""
+    from tangshi_jax.corpus import default_cache_dir
+    jax.config.update("jax_compilation_cache_dir", str(default_cache_dir() / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)   # ours take 0.3-1 s each
+
+
 def use_platform(name: str | None) -> str:
     """Make `name` the platform of every computation that follows; returns the platform in use.
 
@@ -16,6 +23,7 @@ def use_platform(name: str | None) -> str:
     """
     if name == "cpu":
         jax.config.update("jax_platforms", "cpu")
+    enable_compilation_cache()
     try:
         devices = jax.devices(name) if name else jax.devices()
     except RuntimeError as error:

@@ -5,9 +5,11 @@
 
 import argparse
 import json
+import os
 import signal
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
@@ -86,15 +88,18 @@ def batch_spec(batch_size: int, length: int) -> dict:
 
 
 def compile_steps(model_config, lr, state, buckets, batch_size):
-    """Ahead-of-time compile both steps for every bucket: these are all the shapes a run uses."""
+    """Ahead-of-time compile both steps for every bucket: these are all the shapes a run uses.
+
+    XLA compiles outside the GIL, so the programs are built on all cores at once."""
     train_step, eval_step = make_steps(model_config, lr)
     train_jit, eval_jit = jax.jit(train_step, donate_argnums=0), jax.jit(eval_step)
-    train_programs, eval_programs = {}, {}
-    for length in buckets:
-        spec = batch_spec(batch_size, length)
-        train_programs[length] = train_jit.lower(state, spec).compile()
-        eval_programs[length] = eval_jit.lower(state["params"], spec).compile()
-    return train_programs, eval_programs
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        train_programs = {length: pool.submit(lambda n: train_jit.lower(state, batch_spec(batch_size, n)).compile(), length)
+                          for length in buckets}
+        eval_programs = {length: pool.submit(lambda n: eval_jit.lower(state["params"], batch_spec(batch_size, n)).compile(), length)
+                         for length in buckets}
+    return ({length: future.result() for length, future in train_programs.items()},
+            {length: future.result() for length, future in eval_programs.items()})
 
 
 def evaluate(eval_programs, params, bucketed: data.BucketedData, batch_size: int) -> float | None:

@@ -1,6 +1,10 @@
 import os
 
+import tempfile
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")   # the suite runs on JAX's CPU backend
+# Downloads and compiled programs go to a throw-away cache, never the user's.
+os.environ.setdefault("TANGSHI_CACHE_DIR", tempfile.mkdtemp(prefix="tangshi-test-cache-"))
 
 import random
 

@@ -104,3 +104,20 @@ def test_bad_sampling_input_gives_one_clear_line(tmp_path, capsys, argv, message
     assert run_cli(sample.main, argv + ["--checkpoint-dir", str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def test_block_sampling_is_exact_at_block_edges():
+    probs = np.zeros(150)
+    probs[[0, 63, 64, 127, 128, 149]] = [0.05, 0.25, 0.2, 0.1, 0.3, 0.1]   # either side of each block edge
+    logits = jnp.log(jnp.asarray(np.tile(probs, (30000, 1)), jnp.float32))
+    draws = np.asarray(sample.sample_tokens(jax.random.key(2), logits, 1.0, 0))
+    np.testing.assert_allclose(np.bincount(draws, minlength=150) / len(draws), probs, atol=0.01)
+
+
+def test_top_k_threshold_keeps_exactly_the_k_likeliest():
+    scaled = jax.random.normal(jax.random.key(4), (20, 500)) * 3
+    for k in (1, 7, 40):
+        kept = np.asarray(scaled >= sample.top_k_threshold(scaled, k))
+        exact = np.zeros_like(kept)
+        np.put_along_axis(exact, np.argsort(-np.asarray(scaled), axis=-1)[:, :k], True, axis=-1)
+        np.testing.assert_array_equal(kept, exact)
