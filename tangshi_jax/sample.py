@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tangshi_jax import checkpoint, data
+from tangshi_jax import checkpoint, data, rules
 from tangshi_jax.config import ModelConfig
 from tangshi_jax.devices import PLATFORMS, use_platform
 from tangshi_jax.errors import TangshiError, run_cli
@@ -51,7 +51,7 @@ def top_k_threshold(scaled, k: int):
     return low
 
 
-def sample_tokens(key, logits, temperature, top_k: int):
+def sample_tokens(key, logits, temperature, top_k: int = 0, top_p=1.0):
     """One token per row by inverse-CDF sampling with one uniform per row.
 
     Cheaper than Gumbel-max (`jax.random.categorical` draws a number per logit) and than a
@@ -62,6 +62,8 @@ def sample_tokens(key, logits, temperature, top_k: int):
     if top_k:
         scaled = jnp.where(scaled < top_k_threshold(scaled, top_k), -jnp.inf, scaled)
     weights = jnp.exp(scaled - jnp.max(scaled, axis=-1, keepdims=True))
+    probs = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    weights = jnp.where((top_p >= 1.0) | (probs >= top_p_threshold(probs, top_p)), weights, 0.0)
     padded = -(-vocab // BLOCK) * BLOCK
     blocks = jnp.pad(weights, ((0, 0), (0, padded - vocab))).reshape(rows, -1, BLOCK)
     block_sums = jnp.sum(blocks, axis=-1)
@@ -74,62 +76,137 @@ def sample_tokens(key, logits, temperature, top_k: int):
     return jnp.minimum(block * BLOCK + jnp.minimum(offset, BLOCK - 1), vocab - 1).astype(jnp.int32)
 
 
+def top_p_threshold(probs, top_p):
+    """The largest probability p* such that the characters at least that likely hold top_p of
+    the mass (nucleus sampling), by bisection for the same reason as top_k_threshold."""
+    def narrow(_, bounds):
+        low, high = bounds
+        middle = (low + high) / 2
+        enough = jnp.sum(jnp.where(probs >= middle, probs, 0.0), axis=-1, keepdims=True) >= top_p
+        return jnp.where(enough, middle, low), jnp.where(enough, high, middle)
+
+    low, _ = jax.lax.fori_loop(0, TOP_K_ITERATIONS, narrow,
+                               (jnp.zeros_like(probs[:, :1]), jnp.max(probs, axis=-1, keepdims=True)))
+    return low
+
+
+def rules_mask(plan, prosody, t, alive, required, second_end, hanzi_only):
+    """(num, V) characters the rules allow at step t, from the tonal schemes still alive and
+    the rhyme state. An empty set falls back to any Chinese character, so that a small
+    vocabulary never leaves a position with nothing to choose."""
+    position = t + 1
+    want = plan["tones"][:, position]                                       # (schemes,)
+    def any_alive(tone):
+        return jnp.any(alive & (want == tone), axis=-1, keepdims=True)     # (num, 1)
+    tone_ok = any_alive(rules.ANY) | (any_alive(rules.LEVEL) & prosody["level"]) \
+        | (any_alive(rules.OBLIQUE) & prosody["oblique"])
+    allowed = hanzi_only & jnp.where(plan["use_tones"], tone_ok, True)
+    role = jnp.where(plan["use_rhyme"], plan["rhyme"][position], rules.NO_RHYME)
+
+    def rhyme_ok(_):
+        # Only line ends pay for these two (num, groups) x (groups, V) products.
+        rhymes_required = (required.astype(jnp.float32) @ prosody["rhymes"].T) > 0
+        rhymes_second = (second_end.astype(jnp.float32) @ prosody["rhymes"].T) > 0
+        level, oblique_only = prosody["level"], prosody["oblique"] & ~prosody["level"]
+        return jnp.select([role == rules.FIRST_END, role == rules.RHYME, role == rules.NOT_RHYME],
+                          [oblique_only | (level & rhymes_required), level & rhymes_required,
+                           oblique_only & ~rhymes_second], True)
+
+    allowed = jax.lax.cond(role == rules.NO_RHYME, lambda _: allowed, lambda _: allowed & rhyme_ok(None), None)
+    return jnp.where(jnp.any(allowed, axis=-1, keepdims=True), allowed, hanzi_only)
+
+
+
+def update_rules(plan, prosody, t, chosen, alive, required, second_end):
+    """Narrow the tonal schemes and the rhyme groups by the character just written."""
+    position = t + 1
+    want = plan["tones"][:, position]
+    level, oblique = prosody["level"][chosen][:, None], prosody["oblique"][chosen][:, None]
+    fits = (want == rules.ANY) | ((want == rules.LEVEL) & level) | ((want == rules.OBLIQUE) & oblique)
+    narrowed = alive & fits
+    alive = jnp.where(jnp.any(narrowed, axis=-1, keepdims=True), narrowed, alive)   # a forced misfit is kept
+    groups = prosody["rhymes"][chosen] > 0                                          # (num, groups)
+    role = plan["rhyme"][position]
+    pins = (role == rules.RHYME) | ((role == rules.FIRST_END) & level)
+    narrowed = required & groups
+    required = jnp.where(pins & jnp.any(narrowed, axis=-1, keepdims=True), narrowed, required)
+    second_end = jnp.where(position == plan["second_end"], groups, second_end)
+    return alive, required, second_end
+
+
 @functools.partial(jax.jit, static_argnames=("model_config", "num", "max_len", "top_k", "greedy",
                                              "start_id", "end_id"))
-def generate(params, prefix, prefix_len, key, temperature, min_len=0, *, model_config: ModelConfig, num: int,
-             max_len: int, top_k: int, greedy: bool, start_id: int, end_id: int):
+def generate(params, plan, prosody, key, temperature, top_p=1.0, repetition_penalty=0.0, *,
+             model_config: ModelConfig, num: int, max_len: int, top_k: int, greedy: bool,
+             start_id: int, end_id: int):
     """Write `num` poems of at most `max_len` characters after the start token.
 
-    prefix: (max_len + 1,) ids, the start token then the begin text, forced for the first
-    prefix_len positions; no poem ends before min_len characters. Returns tokens (num, max_len + 1) with E after each poem's end, and
-    the model's log-probability of every token it was given (num, max_len).
+    plan (see make_plan): per position, what stands there: anything, a Chinese character
+    under the rules, or a forced token (the begin text, punctuation of a form, acrostic
+    heads, the end). All of it is data, so one compiled program serves every begin text,
+    form and rule. Returns tokens (num, max_len + 1) with E after each poem's end, and the
+    model's own log-probability of every token (num, max_len).
     """
     model = PoemModel(model_config)
+    vocab_size = model_config.vocab_size
     tokens = jnp.full((num, max_len + 1), end_id, jnp.int32).at[:, 0].set(start_id)
     log_probs = jnp.zeros((num, max_len), jnp.float32)
-    state = (0, initial_carry(model_config, num), tokens, log_probs, jnp.zeros(num, bool))
-    bar_start = jnp.zeros(model_config.vocab_size).at[start_id].set(-jnp.inf)
+    alive = jnp.ones((num, plan["tones"].shape[0]), bool)
+    required = jnp.broadcast_to(plan["rhyme_groups"], (num, prosody["rhymes"].shape[1]))
+    second_end = jnp.zeros_like(required)
+    used = jnp.zeros((num, vocab_size), bool)
+    state = (0, initial_carry(model_config, num), tokens, log_probs, jnp.zeros(num, bool),
+             alive, required, second_end, used)
+    bar_start = jnp.zeros(vocab_size).at[start_id].set(-jnp.inf)
     bar_end = bar_start.at[end_id].set(-jnp.inf)
+    hanzi_only = prosody["hanzi"][None, :]
 
     def keep_going(state):
-        t, _, _, _, done = state
-        return (t < max_len) & ~jnp.all(done)
+        return (state[0] < max_len) & ~jnp.all(state[4])
 
     def step(state):
-        t, carry, tokens, log_probs, done = state
+        t, carry, tokens, log_probs, done, alive, required, second_end, used = state
         carry, logits = model.apply({"params": params}, tokens[:, t, None], carry)
         # G only ever begins a poem; E is barred until min_len characters stand.
-        logits = logits[:, 0] + jnp.where(t < min_len, bar_end, bar_start)
+        logits = logits[:, 0] + jnp.where(t < plan["min_len"], bar_end, bar_start)
+        kind = plan["kind"][t + 1]
+        allowed = jax.lax.cond(kind == rules.CHAR,
+                               lambda _: rules_mask(plan, prosody, t, alive, required, second_end, hanzi_only),
+                               lambda _: jnp.ones((num, vocab_size), bool), None)
+        masked = jnp.where(allowed, logits - repetition_penalty * used, -jnp.inf)
         if greedy:
-            chosen = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            chosen = jnp.argmax(masked, axis=-1).astype(jnp.int32)
         else:
-            chosen = sample_tokens(jax.random.fold_in(key, t), logits, temperature, top_k)
-        chosen = jnp.where(t + 1 < prefix_len, prefix[t + 1], chosen)
+            chosen = sample_tokens(jax.random.fold_in(key, t), masked, temperature, top_k, top_p)
+        chosen = jnp.where(kind == rules.FORCED, plan["forced"][t + 1], chosen)
         chosen = jnp.where(done, end_id, chosen)
         chosen_logits = jnp.take_along_axis(logits, chosen[:, None], -1)[:, 0]
         log_probs = log_probs.at[:, t].set(chosen_logits - jax.nn.logsumexp(logits, axis=-1))
-        return t + 1, carry, tokens.at[:, t + 1].set(chosen), log_probs, done | (chosen == end_id)
+        alive, required, second_end = update_rules(plan, prosody, t, chosen, alive, required, second_end)
+        used = used | (jax.nn.one_hot(chosen, vocab_size, dtype=bool) & hanzi_only)
+        return (t + 1, carry, tokens.at[:, t + 1].set(chosen), log_probs, done | (chosen == end_id),
+                alive, required, second_end, used)
 
-    _, _, tokens, log_probs, _ = jax.lax.while_loop(keep_going, step, state)
-    return tokens, log_probs
+    final = jax.lax.while_loop(keep_going, step, state)
+    return final[2], final[3]
 
 
-def begin_ids(begin: str, vocab: list[str], max_len: int) -> list[int]:
+def begin_ids(begin: str, vocab: list[str], max_len: int, flag: str = "--begin") -> list[int]:
     """Ids of the begin text; a character missing from the vocabulary is tried in simplified form."""
     begin = begin.strip()
     if not begin:
-        raise TangshiError("--begin is empty; give the first character(s) of the poem, e.g. --begin 日")
+        raise TangshiError(f"{flag} is empty; give the first character(s) of the poem, e.g. {flag} 日")
     if len(begin) > max_len:
-        raise TangshiError(f"--begin has {len(begin)} characters, more than --max-len {max_len}")
+        raise TangshiError(f"{flag} has {len(begin)} characters, more than --max-len {max_len}")
     ids = {char: index for index, char in enumerate(vocab)}
     result = []
     for char in begin:
         if char in (data.START, data.END):
-            raise TangshiError(f"--begin may not contain {char!r}: it is the model's start/end token")
+            raise TangshiError(f"{flag} may not contain {char!r}: it is the model's start/end token")
         if char not in ids:
             simplified = to_simplified(char)
             if simplified not in ids:
-                raise TangshiError(f"--begin character {char!r} is not in the model's vocabulary of "
+                raise TangshiError(f"{flag} character {char!r} is not in the model's vocabulary of "
                                    f"{len(vocab):,} characters; begin with another character")
             char = simplified
         result.append(ids[char])
@@ -165,25 +242,98 @@ def load_model(checkpoint_dir):
     return model_config, vocab, state["params"], progress
 
 
-def write_poems(params, model_config, vocab, begin: str, num: int = 1, temperature: float = 0.8,
-                top_k: int = 0, greedy: bool = False, max_len: int = MAX_LEN, seed: int = 0) -> list[str]:
-    ids = begin_ids(begin, vocab, max_len)
+def device_prosody(vocab: list[str]) -> dict:
+    prosody = rules.build_prosody(tuple(vocab))
+    return {"hanzi": prosody.hanzi, "level": prosody.level, "oblique": prosody.oblique,
+            "rhymes": prosody.rhymes.astype(np.float32)}
+
+
+def make_plan(vocab: list[str], max_len: int, begin: list[int], form: str | None = None,
+              heads: list[int] | None = None, rhyme: bool = False, rhyme_group: int | None = None,
+              tones: bool = False, loose_tones: bool = False, min_len: int = 0) -> dict:
+    """What may stand at each position of the poems of one request, as arrays for `generate`."""
+    end_id = vocab.index(data.END)
+    schemes = len(rules.SCHEMES[5])
+    kind = np.full(max_len + 1, rules.FREE, np.int32)
+    forced = np.full(max_len + 1, end_id, np.int32)
+    tone_plan = np.zeros((schemes, max_len + 1), np.int32)
+    rhyme_plan = np.zeros(max_len + 1, np.int32)
+    second_end = -1
+    if form:
+        punctuation = tuple(vocab.index(mark) if mark in vocab else -1 for mark in (rules.COMMA, rules.PERIOD))
+        if -1 in punctuation:
+            raise TangshiError("this model's vocabulary lacks '，' or '。', so it cannot write a form")
+        kind, forced, tone_plan, rhyme_plan = rules.form_template(form, max_len, punctuation, end_id, heads,
+                                                                  loose_tones or bool(heads))
+        chars = rules.FORMS[form][1]
+        second_end = 2 * (chars + 1) - 1
+        if len(begin) > chars:
+            raise TangshiError(f"--begin has {len(begin)} characters, more than a line of {form} ({chars})")
+        if heads and begin and begin[0] != heads[0]:
+            raise TangshiError("--begin must start with the first --acrostic character (or be left out)")
+    kind[1:len(begin) + 1] = rules.FORCED
+    forced[1:len(begin) + 1] = begin
+    prosody = rules.build_prosody(tuple(vocab))
+    groups = np.ones(len(prosody.groups), bool)
+    if rhyme_group is not None:
+        groups = prosody.rhymes[rhyme_group] & prosody.level_groups
+        if not groups.any():
+            raise TangshiError(f"--rhyme-group {vocab[rhyme_group]!r} has no level-tone (平) rhyme group; "
+                               "give a level-tone character such as 东 or 山")
+    return {"kind": kind, "forced": forced, "tones": tone_plan, "rhyme": rhyme_plan,
+            "second_end": np.int32(second_end), "rhyme_groups": groups, "use_tones": np.bool_(tones and bool(form)),
+            "use_rhyme": np.bool_(rhyme and bool(form)), "min_len": np.int32(min_len)}
+
+
+def write_poems(params, model_config, vocab, begin: str | None = None, num: int = 1, temperature: float = 0.8,
+                top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 0.0, greedy: bool = False,
+                max_len: int = MAX_LEN, seed: int = 0, form: str | None = None, acrostic: str | None = None,
+                line_length: int = 7, rhyme: bool = False, rhyme_group: str | None = None, tones: bool = False,
+                loose_tones: bool = False, min_len: int = 0) -> list[str]:
+    """Poems as strings (without G/E); see the command's flags for the meaning of each option."""
+    ids = begin_ids(begin, vocab, max_len) if begin is not None else []
+    heads = None
+    if acrostic is not None:
+        heads = begin_ids(acrostic, vocab, max_len, flag="--acrostic")
+        form = form or ("qijue" if line_length == 7 else "wujue")
+        lines = rules.FORMS[form][0]
+        if len(heads) != lines:
+            raise TangshiError(f"--acrostic has {len(heads)} characters but {form} has {lines} lines; "
+                               f"give {lines} characters")
+    if (rhyme or tones or rhyme_group) and not form:
+        raise TangshiError("--rhyme, --rhyme-group and --tones need a --form (or --acrostic)")
+    group = begin_ids(rhyme_group, vocab, max_len, flag="--rhyme-group")[0] if rhyme_group else None
+    plan = make_plan(vocab, max_len, ids, form=form, heads=heads, rhyme=rhyme or group is not None,
+                     rhyme_group=group, tones=tones, loose_tones=loose_tones, min_len=min_len)
     start_id, end_id = vocab.index(data.START), vocab.index(data.END)
-    prefix = np.full(max_len + 1, start_id, np.int32)
-    prefix[1:len(ids) + 1] = ids
-    tokens, _ = generate(params, prefix, len(ids) + 1, jax.random.key(seed), jnp.float32(temperature),
-                         model_config=model_config, num=num, max_len=max_len,
-                         top_k=min(top_k, len(vocab)), greedy=greedy, start_id=start_id, end_id=end_id)
+    tokens, _ = generate(params, plan, device_prosody(vocab), jax.random.key(seed), jnp.float32(temperature),
+                         jnp.float32(top_p), jnp.float32(repetition_penalty), model_config=model_config,
+                         num=num, max_len=max_len, top_k=min(top_k, len(vocab)), greedy=greedy,
+                         start_id=start_id, end_id=end_id)
     return [decode(row, vocab, end_id) for row in np.asarray(tokens)]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tangshi_jax.sample", description=__doc__.splitlines()[0])
-    parser.add_argument("--begin", required=True, help="first character(s) of the poem")
+    parser.add_argument("--begin", default=None, help="first character(s) of the poem (default: the model's choice)")
     parser.add_argument("--num", type=int, default=1, help="poems written together in one batch")
-    parser.add_argument("--temperature", type=float, default=0.8, help="below 1 is bolder, above 1 wilder")
+    parser.add_argument("--temperature", type=float, default=0.8, help="below 1 is safer, above 1 wilder")
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest characters (0: all)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="sample among the likeliest characters that "
+                        "hold this share of the probability (1: all)")
+    parser.add_argument("--repetition-penalty", type=float, default=0.0,
+                        help="subtracted from the logit of every character the poem already used (0: off)")
     parser.add_argument("--greedy", action="store_true", help="always the likeliest character (the original)")
+    parser.add_argument("--form", default=None, help="wujue, qijue, wulv or qilv (五绝, 七绝, 五律, 七律)")
+    parser.add_argument("--acrostic", default=None, help="藏头诗: line i begins with the i-th character")
+    parser.add_argument("--line-length", type=int, choices=(5, 7), default=7,
+                        help="characters a line of an --acrostic quatrain without --form")
+    parser.add_argument("--rhyme", action="store_true", help="押韵: even lines end on one 平水韵 level-tone group")
+    parser.add_argument("--rhyme-group", default=None, help="a character whose rhyme group to use (implies --rhyme)")
+    parser.add_argument("--tones", action="store_true", help="平仄: every position follows a regulated-verse pattern")
+    parser.add_argument("--loose-tones", action="store_true",
+                        help="with --tones, the customary freedom at the 1st, 3rd (and 5th) characters")
+    parser.add_argument("--script", choices=("simplified", "traditional"), default="simplified")
     parser.add_argument("--max-len", type=int, default=MAX_LEN, help="characters at most, punctuation included")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="one JSON object per poem per line")
@@ -198,13 +348,23 @@ def main(argv=None) -> None:
         raise TangshiError("--num and --max-len must be at least 1 and --top-k at least 0")
     if not args.temperature > 0:
         raise TangshiError(f"--temperature must be positive, got {args.temperature}; use --greedy for argmax")
+    if not 0 < args.top_p <= 1:
+        raise TangshiError(f"--top-p must be in (0, 1], got {args.top_p}")
+    form = rules.parse_form(args.form) if args.form else None
     use_platform(args.platform)
     model_config, vocab, params, _ = load_model(args.checkpoint_dir)
     poems = write_poems(params, model_config, vocab, args.begin, num=args.num, temperature=args.temperature,
-                        top_k=args.top_k, greedy=args.greedy, max_len=args.max_len, seed=args.seed)
+                        top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                        greedy=args.greedy, max_len=args.max_len, seed=args.seed, form=form,
+                        acrostic=args.acrostic, line_length=args.line_length, rhyme=args.rhyme,
+                        rhyme_group=args.rhyme_group, tones=args.tones, loose_tones=args.loose_tones)
+    if args.script == "traditional":
+        import opencc
+        poems = [opencc.OpenCC("s2t").convert(poem) for poem in poems]
     for index, poem in enumerate(poems):
         if args.json:
-            print(json.dumps({"begin": args.begin, "poem": poem, "lines": split_lines(poem)}, ensure_ascii=False))
+            print(json.dumps({"begin": args.begin or "", "poem": poem, "lines": split_lines(poem)},
+                             ensure_ascii=False))
         else:
             print(("\n" if index else "") + "\n".join(split_lines(poem)))
 

@@ -29,9 +29,10 @@ def test_step_wise_log_probs_equal_the_full_forward_pass(loaded):
     start_id, end_id = vocab.index("G"), vocab.index("E")
     prefix = np.array([start_id] + ids, np.int32)
     # Every position forced: the sampler's log-probabilities are the model's on this text.
-    tokens, log_probs = sample.generate(params, prefix, len(prefix), jax.random.key(0), jnp.float32(1.0),
-                                        model_config=model_config, num=2, max_len=len(ids), top_k=0,
-                                        greedy=False, start_id=start_id, end_id=end_id)
+    plan = sample.make_plan(vocab, len(ids), ids)
+    tokens, log_probs = sample.generate(params, plan, sample.device_prosody(vocab), jax.random.key(0),
+                                        jnp.float32(1.0), model_config=model_config, num=2, max_len=len(ids),
+                                        top_k=0, greedy=False, start_id=start_id, end_id=end_id)
     assert np.asarray(tokens)[0].tolist() == prefix.tolist()
     _, logits = PoemModel(model_config).apply({"params": params}, prefix[None, :-1], initial_carry(model_config, 1))
     logits = np.asarray(logits[0]).copy()

