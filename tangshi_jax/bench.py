@@ -82,11 +82,8 @@ def bench_training(train_config: TrainConfig, model_settings: dict, windows: int
     poems = corpus.poems[:train_config.max_poems]
     vocab = data.build_vocab(poems)
     model_config = ModelConfig(vocab_size=len(vocab), **model_settings)
-    train_poems, val_poems = data.split(poems, train_config.val_fraction)
-    buckets = data.choose_buckets([len(poem) - 1 for poem in poems], train_config.num_buckets)
-    end_id = vocab.index(data.END)
-    train_data = data.bucketize(data.encode(train_poems, vocab), buckets, end_id)
-    val_data = data.bucketize(data.encode(val_poems, vocab), buckets, end_id)
+    train_data, val_data = data.prepare(poems, vocab, train_config.val_fraction, train_config.num_buckets)
+    buckets = train_data.buckets
     plan = data.epoch_plan(train_data, train_config.batch_size, train_config.seed, 0)
     batches = [data.make_batch(train_data, b, rows, train_config.batch_size) for b, rows in plan]
     needed = len(buckets) + windows * steps

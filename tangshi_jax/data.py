@@ -178,6 +178,15 @@ def bucketize(encoded: list[np.ndarray], buckets: tuple[int, ...], pad_id: int) 
     return BucketedData(tuple(buckets), padded, lengths)
 
 
+def prepare(poems: list[str], vocab: list[str], val_fraction: float,
+            num_buckets: int) -> tuple[BucketedData, BucketedData]:
+    """Training and validation sets, bucketed alike; bucket lengths come from all poems."""
+    train, val = split(poems, val_fraction)
+    buckets = choose_buckets([len(poem) - 1 for poem in poems], num_buckets)
+    end_id = vocab.index(END)
+    return bucketize(encode(train, vocab), buckets, end_id), bucketize(encode(val, vocab), buckets, end_id)
+
+
 def epoch_plan(data: BucketedData, batch_size: int, seed: int, epoch: int,
                shuffle: bool = True) -> list[tuple[int, np.ndarray]]:
     """The epoch's batches as (bucket index, poem rows), a pure function of (seed, epoch).

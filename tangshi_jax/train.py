@@ -188,12 +188,9 @@ def train(train_config: TrainConfig, model_settings: dict, checkpoint_dir: str |
         log(f"{directory} is already trained for {progress['epoch']} epochs; raise --epochs to train on")
         return {}
 
-    train_poems, val_poems = data.split(poems, train_config.val_fraction)
-    buckets = data.choose_buckets([len(poem) - 1 for poem in poems], train_config.num_buckets)
-    end_id = vocab.index(data.END)
-    train_data = data.bucketize(data.encode(train_poems, vocab), buckets, end_id)
-    val_data = data.bucketize(data.encode(val_poems, vocab), buckets, end_id)
-    log(f"poems: {len(poems):,} kept ({len(train_poems):,} train, {len(val_poems):,} validation), "
+    train_data, val_data = data.prepare(poems, vocab, train_config.val_fraction, train_config.num_buckets)
+    buckets = train_data.buckets
+    log(f"poems: {len(poems):,} kept ({train_data.num_poems:,} train, {val_data.num_poems:,} validation), "
         f"{corpus.skipped:,} skipped by the rules, {corpus.unparsable:,} unparsable lines"
         + (f" (first at line {corpus.first_unparsable})" if corpus.unparsable else ""))
     log(f"vocabulary: {len(vocab):,} characters; model: {model_config.layers}×{model_config.hidden} "
