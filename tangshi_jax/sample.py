@@ -25,8 +25,6 @@ from tangshi_jax.train import init_state
 
 MAX_LEN = 64            # a 七言律诗: 8 lines of 7 characters and 8 punctuation marks
 SENTENCE_END = "。！？"
-
-
 BLOCK = 64   # vocabulary entries per block of the two-level inverse-CDF sampler
 TOP_K_RANGE, TOP_K_ITERATIONS = 24.0, 16
 
@@ -62,8 +60,12 @@ def sample_tokens(key, logits, temperature, top_k: int = 0, top_p=1.0):
     if top_k:
         scaled = jnp.where(scaled < top_k_threshold(scaled, top_k), -jnp.inf, scaled)
     weights = jnp.exp(scaled - jnp.max(scaled, axis=-1, keepdims=True))
-    probs = weights / jnp.sum(weights, axis=-1, keepdims=True)
-    weights = jnp.where((top_p >= 1.0) | (probs >= top_p_threshold(probs, top_p)), weights, 0.0)
+
+    def nucleus(weights):
+        probs = weights / jnp.sum(weights, axis=-1, keepdims=True)
+        return jnp.where(probs >= top_p_threshold(probs, top_p), weights, 0.0)
+
+    weights = jax.lax.cond(top_p < 1.0, nucleus, lambda weights: weights, weights)   # pay only when asked
     padded = -(-vocab // BLOCK) * BLOCK
     blocks = jnp.pad(weights, ((0, 0), (0, padded - vocab))).reshape(rows, -1, BLOCK)
     block_sums = jnp.sum(blocks, axis=-1)

@@ -122,3 +122,9 @@ def test_top_k_threshold_keeps_exactly_the_k_likeliest():
         exact = np.zeros_like(kept)
         np.put_along_axis(exact, np.argsort(-np.asarray(scaled), axis=-1)[:, :k], True, axis=-1)
         np.testing.assert_array_equal(kept, exact)
+
+
+def test_top_p_keeps_the_smallest_set_holding_that_mass():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 20000))
+    draws = np.asarray(sample.sample_tokens(jax.random.key(5), logits, 1.0, 0, 0.75))
+    np.testing.assert_allclose(np.bincount(draws, minlength=4) / len(draws), [0.625, 0.375, 0, 0], atol=0.015)
