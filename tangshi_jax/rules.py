@@ -59,10 +59,16 @@ def rhyme_table() -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+@functools.lru_cache(maxsize=None)
+def opencc_converter(config: str):
+    """OpenCC converters load their dictionaries when made: make each once."""
+    import opencc
+    return opencc.OpenCC(config)
+
+
 def to_traditional(text: str) -> str:
     """Character-by-character s2t: each character as the rule arrays see it."""
-    import opencc
-    convert = opencc.OpenCC("s2t").convert
+    convert = opencc_converter("s2t").convert
     return "".join(convert(char) for char in text)
 
 

@@ -216,8 +216,7 @@ def begin_ids(begin: str, vocab: list[str], max_len: int, flag: str = "--begin")
 
 
 def to_simplified(text: str) -> str:
-    import opencc
-    return opencc.OpenCC("t2s").convert(text)
+    return rules.opencc_converter("t2s").convert(text)
 
 
 def decode(tokens: np.ndarray, vocab: list[str], end_id: int) -> str:
@@ -361,8 +360,7 @@ def main(argv=None) -> None:
                         acrostic=args.acrostic, line_length=args.line_length, rhyme=args.rhyme,
                         rhyme_group=args.rhyme_group, tones=args.tones, loose_tones=args.loose_tones)
     if args.script == "traditional":
-        import opencc
-        poems = [opencc.OpenCC("s2t").convert(poem) for poem in poems]
+        poems = [rules.opencc_converter("s2t").convert(poem) for poem in poems]
     for index, poem in enumerate(poems):
         if args.json:
             print(json.dumps({"begin": args.begin or "", "poem": poem, "lines": split_lines(poem)},
