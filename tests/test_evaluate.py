@@ -1,9 +1,8 @@
-import inspect
 import json
 
 import pytest
 
-from tangshi_jax import evaluate, sample
+from tangshi_jax import evaluate
 from tangshi_jax.errors import TangshiError, run_cli
 
 # Simplified text, as the corpus and the model write it.
@@ -87,9 +86,9 @@ def test_checker_verdicts_on_known_poems(poem, rhymes, tones):
 
 
 def test_checker_needs_traditional_text():
-    structure, _ = evaluate.checker()
-    verdict, message = structure.check_poem_rhyming(DENGGUANQUE)    # 尽 is not in its tables, 盡 is
+    verdict, message = evaluate.checker().check_poem_rhyming(DENGGUANQUE)    # 尽 is not in its tables, 盡 is
     assert not verdict and "ping or ze" in message
+    assert evaluate.rhyme_ok(DENGGUANQUE)                                     # converted, it passes
 
 
 def test_reference_poems_are_fixed_and_of_the_form():
@@ -144,9 +143,6 @@ def test_unknown_setting_is_a_clear_error(trained_run, capsys):
     assert "wujue+rhme" in capsys.readouterr().err
 
 
-# TODO(lead): drop this skip now that sample.write_poems takes form/rhyme/tones.
-@pytest.mark.skipif("form" not in inspect.signature(sample.write_poems).parameters,
-                    reason="sample.write_poems does not take form/rhyme/tones yet")
 def test_form_settings_write_their_form(trained_run):
     directory, poems_path, _ = trained_run
     settings = [setting for setting in evaluate.SETTINGS if setting[1] == "wujue"]
