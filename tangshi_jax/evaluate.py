@@ -137,13 +137,15 @@ def validation_nll(params, model_config, train_config, val_data) -> float | None
                           train_config.batch_size)
 
 
-def sample_setting(params, model_config, vocab, form, rhyme, tones, num: int, seed: int):
-    """num poems, begins cycled over BEGINS; returns (poems, poems per second after a warm-up)."""
+def sample_setting(params, model_config, vocab, form, rhyme, tones, num: int, seed: int, **sampling):
+    """num poems, begins cycled over BEGINS; returns (poems, poems per second after a warm-up).
+    sampling: temperature, top_p, ... as sample.write_poems takes them."""
     begins = [char for char in BEGINS if char in vocab] or [next(c for c in vocab if c not in "GE，。")]
     counts = [num // len(begins) + (index < num % len(begins)) for index in range(len(begins))]
     plan = [(begin, count) for begin, count in zip(begins, counts) if count]
     write = lambda begin, count, offset: sample.write_poems(params, model_config, vocab, begin, num=count,
-                                                           seed=seed + offset, form=form, rhyme=rhyme, tones=tones)
+                                                           seed=seed + offset, form=form, rhyme=rhyme, tones=tones,
+                                                           **sampling)
     for count in {count for _, count in plan}:        # compile every batch size before timing
         write(plan[0][0], count, 0)
     started = time.perf_counter()
@@ -152,7 +154,7 @@ def sample_setting(params, model_config, vocab, form, rhyme, tones, num: int, se
 
 
 def evaluate_checkpoint(checkpoint_dir, data_path, num: int = 100, seed: int = 0, settings=SETTINGS,
-                        log=print) -> dict:
+                        log=print, **sampling) -> dict:
     """Every figure of the report: validation NLL, one row per setting, one per corpus form."""
     manager, step = checkpoint.require_checkpoint(checkpoint_dir)
     _, train_config, _, _ = checkpoint.restore_meta(manager, step)
@@ -163,7 +165,7 @@ def evaluate_checkpoint(checkpoint_dir, data_path, num: int = 100, seed: int = 0
     rows = []
     for name, form, rhyme, tones in settings:
         log(f"sampling {num} poems: {name}")
-        poems, speed = sample_setting(params, model_config, vocab, form, rhyme, tones, num, seed)
+        poems, speed = sample_setting(params, model_config, vocab, form, rhyme, tones, num, seed, **sampling)
         rows.append({"setting": name, **measure(poems, form, training_lines), "poems_per_s": speed,
                      "examples": poems[:3]})
     for form in FORMS:
@@ -171,7 +173,7 @@ def evaluate_checkpoint(checkpoint_dir, data_path, num: int = 100, seed: int = 0
         rows.append({"setting": f"corpus {form}", **measure(poems, form, training_lines),
                      "poems_per_s": None, "examples": poems[:3]})
     return {"checkpoint_dir": str(checkpoint_dir), "step": step, "epoch": progress["epoch"],
-            "data": str(data_path), "num": num, "seed": seed, "val_nll": nll,
+            "data": str(data_path), "num": num, "seed": seed, "sampling": sampling, "val_nll": nll,
             "val_ppl": float(np.exp(nll)) if nll is not None else None, "rows": rows}
 
 
@@ -186,7 +188,8 @@ def format_report(report: dict) -> str:
     nll = report["val_nll"]
     head = (f"validation NLL {nll:.3f} nats/char, perplexity {report['val_ppl']:.1f}" if nll is not None
             else "validation NLL: no validation poems")
-    lines = [f"{head} (step {report['step']}, epoch {report['epoch']})", "",
+    sampling = ", ".join(f"{key} {value}" for key, value in report["sampling"].items())
+    lines = [f"{head} (step {report['step']}, epoch {report['epoch']}); sampling: {sampling}", "",
              "| setting | poems | " + " | ".join(title for title, _, _ in COLUMNS) + " |",
              "|---|---:|" + "---:|" * len(COLUMNS)]
     for row in report["rows"]:
@@ -230,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plot", help="loss curve PNG (default: loss.png in the checkpoint directory)")
     parser.add_argument("--settings", default=",".join(name for name, *_ in SETTINGS),
                         help="comma-separated sampling settings to run (default: all)")
+    parser.add_argument("--temperature", type=float, default=sample.DEFAULT_TEMPERATURE)
+    parser.add_argument("--top-p", type=float, default=sample.DEFAULT_TOP_P)
+    parser.add_argument("--repetition-penalty", type=float, default=sample.DEFAULT_REPETITION_PENALTY)
     parser.add_argument("--platform", choices=PLATFORMS, default=None)
     return parser
 
@@ -248,7 +254,9 @@ def main(argv=None) -> None:
     plot_path = args.plot or str(Path(args.checkpoint_dir) / "loss.png")
     plot_losses(Path(args.checkpoint_dir) / "metrics.jsonl", plot_path)
     report = evaluate_checkpoint(args.checkpoint_dir, args.data, args.num, args.seed, settings,
-                                 log=lambda message: print(message, file=sys.stderr))
+                                 log=lambda message: print(message, file=sys.stderr),
+                                 temperature=args.temperature, top_p=args.top_p,
+                                 repetition_penalty=args.repetition_penalty)
     print(format_report(report))
     print(f"\nloss curve: {plot_path}", file=sys.stderr)
     if args.json:

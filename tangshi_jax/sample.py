@@ -25,6 +25,8 @@ from tangshi_jax.train import init_state
 
 MAX_LEN = 64            # a 七言律诗: 8 lines of 7 characters and 8 punctuation marks
 SENTENCE_END = "。！？"
+# Defaults chosen by `evaluate` over a grid of settings (README, "How the defaults were chosen").
+DEFAULT_TEMPERATURE, DEFAULT_TOP_P, DEFAULT_REPETITION_PENALTY = 0.8, 1.0, 0.0
 BLOCK = 64   # vocabulary entries per block of the two-level inverse-CDF sampler
 TOP_K_RANGE, TOP_K_ITERATIONS = 24.0, 16
 
@@ -286,8 +288,9 @@ def make_plan(vocab: list[str], max_len: int, begin: list[int], form: str | None
             "use_rhyme": np.bool_(rhyme and bool(form)), "min_len": np.int32(min_len)}
 
 
-def write_poems(params, model_config, vocab, begin: str | None = None, num: int = 1, temperature: float = 0.8,
-                top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 0.0, greedy: bool = False,
+def write_poems(params, model_config, vocab, begin: str | None = None, num: int = 1,
+                temperature: float = DEFAULT_TEMPERATURE, top_k: int = 0, top_p: float = DEFAULT_TOP_P,
+                repetition_penalty: float = DEFAULT_REPETITION_PENALTY, greedy: bool = False,
                 max_len: int = MAX_LEN, seed: int = 0, form: str | None = None, acrostic: str | None = None,
                 line_length: int = 7, rhyme: bool = False, rhyme_group: str | None = None, tones: bool = False,
                 loose_tones: bool = False, min_len: int = 0) -> list[str]:
@@ -318,11 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tangshi_jax.sample", description=__doc__.splitlines()[0])
     parser.add_argument("--begin", default=None, help="first character(s) of the poem (default: the model's choice)")
     parser.add_argument("--num", type=int, default=1, help="poems written together in one batch")
-    parser.add_argument("--temperature", type=float, default=0.8, help="below 1 is safer, above 1 wilder")
+    parser.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="below 1 is safer, above 1 wilder")
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest characters (0: all)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="sample among the likeliest characters that "
+    parser.add_argument("--top-p", type=float, default=DEFAULT_TOP_P, help="sample among the likeliest characters that "
                         "hold this share of the probability (1: all)")
-    parser.add_argument("--repetition-penalty", type=float, default=0.0,
+    parser.add_argument("--repetition-penalty", type=float, default=DEFAULT_REPETITION_PENALTY,
                         help="subtracted from the logit of every character the poem already used (0: off)")
     parser.add_argument("--greedy", action="store_true", help="always the likeliest character (the original)")
     parser.add_argument("--form", default=None, help="wujue, qijue, wulv or qilv (五绝, 七绝, 五律, 七律)")

@@ -1,0 +1,29 @@
+import json
+
+from tangshi_jax import bench
+from tangshi_jax.config import ModelConfig
+from tangshi_jax.errors import run_cli
+
+from conftest import write_poems
+
+
+def test_flops_per_token_counts_every_product_three_times():
+    config = ModelConfig(vocab_size=7179)
+    forward = 2 * (100 + 128) * 4 * 128 + 2 * (128 + 128) * 4 * 128 + 2 * 128 * 7179
+    assert bench.flops_per_token(config) == 3 * forward
+    assert round(bench.flops_per_token(config) / 1e6, 1) == 7.0       # the 7.0 MFLOP per token
+
+
+def test_bench_prints_the_table_and_writes_json(tmp_path, capsys):
+    data = write_poems(tmp_path / "poems.txt", count=200)
+    out = tmp_path / "bench.json"
+    argv = ["--data", str(data), "--batch-size", "8", "--windows", "2", "--steps", "2", "--json", str(out),
+            "--variants", "fused,plain"]
+    assert run_cli(bench.main, argv) == 0
+    table = capsys.readouterr().out
+    assert "ceiling" in table and "training, plain" in table
+    figures = json.loads(out.read_text())
+    for key in ("train_tokens_per_s", "ceiling_tokens_per_s", "compile_s_total", "sample_ms_1", "sample_ms_64",
+                "sample_ms_1024", "sample_ms_64_rules", "peak_rss_mb", "machine"):
+        assert figures[key], key
+    assert figures["train_tokens_per_s"] == figures["variants_tokens_per_s"]["fused"]
