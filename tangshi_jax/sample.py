@@ -26,7 +26,7 @@ from tangshi_jax.train import init_state
 MAX_LEN = 64            # a 七言律诗: 8 lines of 7 characters and 8 punctuation marks
 SENTENCE_END = "。！？"
 # Defaults chosen by `evaluate` over a grid of settings (README, "How the defaults were chosen").
-DEFAULT_TEMPERATURE, DEFAULT_TOP_P, DEFAULT_REPETITION_PENALTY = 0.8, 1.0, 0.0
+DEFAULT_TEMPERATURE, DEFAULT_TOP_P, DEFAULT_REPETITION_PENALTY = 0.8, 1.0, 1.5
 BLOCK = 64   # vocabulary entries per block of the two-level inverse-CDF sampler
 TOP_K_RANGE, TOP_K_ITERATIONS = 24.0, 16
 
