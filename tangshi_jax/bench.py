@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -21,7 +20,7 @@ import numpy as np
 
 from tangshi_jax import data
 from tangshi_jax.config import ModelConfig, TrainConfig
-from tangshi_jax.devices import PLATFORMS, describe_devices, use_platform
+from tangshi_jax.devices import PLATFORMS, describe_devices, peak_rss_mb, use_platform
 from tangshi_jax.errors import TangshiError, run_cli
 from tangshi_jax.model import GATES, init_params
 from tangshi_jax.sample import device_prosody, generate, make_plan
@@ -74,10 +73,6 @@ def machine_name() -> str:
     except (OSError, StopIteration):
         pass
     return f"{cpu}, {os.cpu_count()} cores; JAX {jax.__version__} on {describe_devices()}"
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def bench_training(train_config: TrainConfig, model_config: ModelConfig, poems, vocab, windows: int,

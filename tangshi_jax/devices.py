@@ -1,5 +1,7 @@
 """Choosing the JAX platform before its backend starts (JAX fixes it at first use)."""
 
+import resource
+
 import jax
 
 from tangshi_jax.errors import TangshiError
@@ -39,3 +41,8 @@ def describe_devices() -> str:
     devices = jax.local_devices()
     kinds = sorted({device.device_kind for device in devices})
     return f"{devices[0].platform} ({len(devices)} × {', '.join(kinds)})"
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

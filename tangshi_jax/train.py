@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from tangshi_jax import checkpoint, data
 from tangshi_jax.config import CELLS, DATA_ORDER_FIELDS, ModelConfig, TrainConfig, differences
-from tangshi_jax.devices import PLATFORMS, describe_devices, use_platform
+from tangshi_jax.devices import PLATFORMS, describe_devices, peak_rss_mb, use_platform
 from tangshi_jax.errors import TangshiError, run_cli
 from tangshi_jax.loss import head_nll
 from tangshi_jax.model import PoemModel, init_params, initial_carry
@@ -190,7 +190,8 @@ def train(train_config: TrainConfig, model_settings: dict, checkpoint_dir: str |
 
     train_data, val_data = data.prepare(poems, vocab, train_config.val_fraction, train_config.num_buckets)
     buckets = train_data.buckets
-    log(f"poems: {len(poems):,} kept ({train_data.num_poems:,} train, {val_data.num_poems:,} validation), "
+    used = f"{len(poems):,} of {len(corpus.poems):,} usable" if len(poems) < len(corpus.poems) else f"{len(poems):,} usable"
+    log(f"poems: {used} ({train_data.num_poems:,} train, {val_data.num_poems:,} validation), "
         f"{corpus.skipped:,} skipped by the rules, {corpus.unparsable:,} unparsable lines"
         + (f" (first at line {corpus.first_unparsable})" if corpus.unparsable else ""))
     log(f"vocabulary: {len(vocab):,} characters; model: {model_config.layers}×{model_config.hidden} "
@@ -248,12 +249,13 @@ def train(train_config: TrainConfig, model_settings: dict, checkpoint_dir: str |
                       "train_loss": nll_sum / max(tokens, 1.0), "val_loss": val_loss,
                       "val_ppl": float(np.exp(val_loss)) if val_loss is not None else None,
                       "tokens_per_s": tokens / train_seconds, "epoch_s": train_seconds,
-                      "elapsed_s": time.perf_counter() - started}
+                      "elapsed_s": time.perf_counter() - started,
+                      "peak_rss_mb": peak_rss_mb()}
             with metrics_path.open("a", encoding="utf-8") as metrics_file:
                 metrics_file.write(json.dumps(record) + "\n")
             log(f"epoch {epoch + 1}/{train_config.epochs}: train {record['train_loss']:.3f}  "
                 + (f"val {val_loss:.3f} (ppl {record['val_ppl']:.1f})  " if val_loss is not None else "")
-                + f"{record['tokens_per_s']:,.0f} tokens/s  {train_seconds:.0f} s")
+                + f"{record['tokens_per_s']:,.0f} tokens/s  {train_seconds:.0f} s  {record['peak_rss_mb']:,.0f} MB")
             if (epoch + 1) % train_config.save_every == 0 or epoch + 1 == train_config.epochs:
                 save_now()
                 log(f"saved checkpoint at epoch {epoch + 1} (step {progress['step']:,}) in {directory}")
