@@ -31,7 +31,7 @@ def use_platform(name: str | None) -> str:
     except RuntimeError as error:
         first_line = str(error).splitlines()[0] if str(error) else "no such backend"
         raise TangshiError(f"--platform {name}: JAX finds no {name} device ({first_line}); install JAX "
-                           f"for it (e.g. pip install 'jax[cuda12]' for an NVIDIA GPU) or use --platform cpu") from None
+                           f"for it (for an NVIDIA GPU: pip install 'jax[cuda13]' or 'jax[cuda12]') or use --platform cpu") from None
     if name and jax.default_backend() != name:
         jax.config.update("jax_default_device", devices[0])
     return devices[0].platform

@@ -187,7 +187,7 @@ def generate(params, plan, prosody, key, temperature, top_p=1.0, repetition_pena
         chosen_logits = jnp.take_along_axis(logits, chosen[:, None], -1)[:, 0]
         log_probs = log_probs.at[:, t].set(chosen_logits - jax.nn.logsumexp(logits, axis=-1))
         alive, required, second_end = update_rules(plan, prosody, t, chosen, alive, required, second_end)
-        used = used | (jax.nn.one_hot(chosen, vocab_size, dtype=bool) & hanzi_only)
+        used = used.at[jnp.arange(num), chosen].max(prosody["hanzi"][chosen])   # punctuation is never penalised
         return (t + 1, carry, tokens.at[:, t + 1].set(chosen), log_probs, done | (chosen == end_id),
                 alive, required, second_end, used)
 
