@@ -24,7 +24,7 @@ from tangshi_jax.devices import PLATFORMS, describe_devices, peak_rss_mb, use_pl
 from tangshi_jax.errors import TangshiError, run_cli
 from tangshi_jax.model import GATES, init_params
 from tangshi_jax.sample import device_prosody, generate, make_plan
-from tangshi_jax.train import batch_spec, evaluate, init_state, load_poems, make_steps
+from tangshi_jax.train import batch_spec, evaluate, init_state, load_poems, make_steps, require_positive
 
 
 def flops_per_token(config: ModelConfig) -> float:
@@ -101,8 +101,12 @@ def bench_training(train_config: TrainConfig, model_config: ModelConfig, poems, 
                                          eval_jit.lower(state["params"], spec).compile())
             if variant == variants[0]:
                 compile_s[length] = time.perf_counter() - started
-        for index in range(len(buckets)):        # run every program once, untimed
-            state, _ = programs[variant][buckets[plan[index][0]]][0](state, batches[index])
+        for bucket_index in range(len(buckets)):        # run every program once, untimed
+            first = next((i for i, (b, _) in enumerate(plan) if b == bucket_index), None)
+            if first is None:                            # a bucket that only validation poems reach
+                continue
+            state, _ = programs[variant][buckets[bucket_index]][0](state, batches[first])
+            programs[variant][buckets[bucket_index]][1](state["params"], batches[first])
         states[variant] = state
     log(f"compiled {2 * len(buckets)} programs in {sum(compile_s.values()):.1f} s")
 
@@ -175,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
+    require_positive(args, ("batch_size", "windows", "steps", "max_poems"))
     use_platform(args.platform)
     # Compile times are measured cold; train and sample use the on-disk cache (README).
     jax.config.update("jax_enable_compilation_cache", False)

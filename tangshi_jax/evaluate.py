@@ -159,6 +159,7 @@ def evaluate_checkpoint(checkpoint_dir, data_path, num: int = 100, seed: int = 0
     manager, step = checkpoint.require_checkpoint(checkpoint_dir)
     _, train_config, _, _ = checkpoint.restore_meta(manager, step)
     model_config, vocab, params, progress = sample.load_model(checkpoint_dir)
+    data_path = data_path or train_config.data
     train_poems, val_poems, val_data = load_split(data_path, train_config, vocab)
     training_lines = {line for poem in train_poems for line in lines_of(poem)}
     nll = validation_nll(params, model_config, train_config, val_data)
@@ -203,7 +204,8 @@ def plot_losses(metrics_path, out_path) -> None:
     metrics_path = Path(metrics_path)
     if not metrics_path.is_file():
         raise TangshiError(f"no {metrics_path}; train into that directory first with `python -m tangshi_jax.train`")
-    records = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines()
+               if train.logged_epoch(line) != float("inf")]     # skip a line cut short by a kill
     if not records:
         raise TangshiError(f"{metrics_path} holds no epoch yet; train at least one epoch first")
     import matplotlib
@@ -226,7 +228,7 @@ def plot_losses(metrics_path, out_path) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tangshi_jax.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint-dir", default="checkpoints")
-    parser.add_argument("--data", default=train.DEFAULT_DATA, help="the poems.txt the checkpoint was trained on")
+    parser.add_argument("--data", default=None, help="poems file (default: the one the checkpoint was trained on)")
     parser.add_argument("--num", type=int, default=100, help="poems per setting and per corpus form")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write every figure, and a few poems of each row, to this file")
@@ -250,15 +252,21 @@ def main(argv=None) -> None:
         raise TangshiError(f"--settings: unknown {', '.join(unknown)}; choose among {', '.join(by_name)}")
     settings = [by_name[name] for name in args.settings.split(",")]
     use_platform(args.platform)
+    sample.check_sampling(args.temperature, args.top_p)
     checkpoint.require_checkpoint(args.checkpoint_dir)     # the clearer error first, then the cheap plot
+    metrics_path = Path(args.checkpoint_dir) / "metrics.jsonl"
     plot_path = args.plot or str(Path(args.checkpoint_dir) / "loss.png")
-    plot_losses(Path(args.checkpoint_dir) / "metrics.jsonl", plot_path)
+    if args.plot or metrics_path.is_file():            # a checkpoint alone is enough for the rest
+        plot_losses(metrics_path, plot_path)
+    else:
+        plot_path = None
     report = evaluate_checkpoint(args.checkpoint_dir, args.data, args.num, args.seed, settings,
                                  log=lambda message: print(message, file=sys.stderr),
                                  temperature=args.temperature, top_p=args.top_p,
                                  repetition_penalty=args.repetition_penalty)
     print(format_report(report))
-    print(f"\nloss curve: {plot_path}", file=sys.stderr)
+    if plot_path:
+        print(f"\nloss curve: {plot_path}", file=sys.stderr)
     if args.json:
         Path(args.json).write_text(json.dumps(report, ensure_ascii=False, indent=1), encoding="utf-8")
 

@@ -246,7 +246,12 @@ def load_model(checkpoint_dir):
 
 
 def device_prosody(vocab: list[str]) -> dict:
-    prosody = rules.build_prosody(tuple(vocab))
+    return _device_prosody(tuple(vocab))
+
+
+@functools.lru_cache(maxsize=4)
+def _device_prosody(vocab: tuple[str, ...]) -> dict:
+    prosody = rules.build_prosody(vocab)
     return {"hanzi": prosody.hanzi, "level": prosody.level, "oblique": prosody.oblique,
             "rhymes": prosody.rhymes.astype(np.float32)}
 
@@ -317,6 +322,13 @@ def write_poems(params, model_config, vocab, begin: str | None = None, num: int 
     return [decode(row, vocab, end_id) for row in np.asarray(tokens)]
 
 
+def check_sampling(temperature: float, top_p: float) -> None:
+    if not temperature > 0:
+        raise TangshiError(f"--temperature must be positive, got {temperature}; use --greedy for argmax")
+    if not 0 < top_p <= 1:
+        raise TangshiError(f"--top-p must be in (0, 1], got {top_p}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tangshi_jax.sample", description=__doc__.splitlines()[0])
     parser.add_argument("--begin", default=None, help="first character(s) of the poem (default: the model's choice)")
@@ -350,10 +362,7 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     if args.num < 1 or args.max_len < 1 or args.top_k < 0:
         raise TangshiError("--num and --max-len must be at least 1 and --top-k at least 0")
-    if not args.temperature > 0:
-        raise TangshiError(f"--temperature must be positive, got {args.temperature}; use --greedy for argmax")
-    if not 0 < args.top_p <= 1:
-        raise TangshiError(f"--top-p must be in (0, 1], got {args.top_p}")
+    check_sampling(args.temperature, args.top_p)
     form = rules.parse_form(args.form) if args.form else None
     use_platform(args.platform)
     model_config, vocab, params, _ = load_model(args.checkpoint_dir)

@@ -156,12 +156,19 @@ def check_resumable(saved_model, model_config, saved_train, train_config, direct
                            "pass the same flags to resume it, or choose a new --checkpoint-dir")
 
 
+def logged_epoch(line: str) -> float:
+    """The epoch of a metrics line; a line cut short by a kill counts as past every epoch."""
+    try:
+        return json.loads(line)["epoch"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
 def trim_metrics(path: Path, epoch: int) -> None:
     """Drop epochs logged after the checkpoint being resumed: they are trained again."""
     if not path.exists():
         return
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines()
-             if line.strip() and json.loads(line)["epoch"] <= epoch]
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if logged_epoch(line) <= epoch]
     temporary = path.with_suffix(".tmp")
     temporary.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     temporary.replace(path)
@@ -189,6 +196,8 @@ def train(train_config: TrainConfig, model_settings: dict, checkpoint_dir: str |
         return {}
 
     train_data, val_data = data.prepare(poems, vocab, train_config.val_fraction, train_config.num_buckets)
+    if not train_data.num_poems:
+        raise TangshiError(f"all {len(poems)} poems fell into the validation split; use more poems (--max-poems)")
     buckets = train_data.buckets
     used = f"{len(poems):,} of {len(corpus.poems):,} usable" if len(poems) < len(corpus.poems) else f"{len(poems):,} usable"
     log(f"poems: {used} ({train_data.num_poems:,} train, {val_data.num_poems:,} validation), "
@@ -218,6 +227,14 @@ def train(train_config: TrainConfig, model_settings: dict, checkpoint_dir: str |
         def save_now():
             checkpoint.save(manager, state, model_config, train_config, vocab, dict(progress))
 
+        def stop_now():
+            if manager.latest_step() != progress["step"]:
+                save_now()
+            manager.wait_until_finished()
+            log(f"stopped: saved step {progress['step']:,} (epoch {progress['epoch'] + 1}, batch "
+                f"{progress['batch']}); run the same command to resume")
+            raise KeyboardInterrupt
+
         for epoch in range(progress["epoch"], train_config.epochs):
             plan = data.epoch_plan(train_data, train_config.batch_size, train_config.seed, epoch)
             epoch_started, sums = time.perf_counter(), []
@@ -232,13 +249,9 @@ def train(train_config: TrainConfig, model_settings: dict, checkpoint_dir: str |
                 bar.update()
                 if progress["batch"] % 20 == 0:
                     bar.set_postfix(loss=f"{float(step_metrics['nll_sum'] / step_metrics['tokens']):.3f}")
-                if stop.requested:
+                if stop.requested and progress["batch"] < len(plan):   # at the last batch, finish the epoch first
                     bar.close()
-                    save_now()
-                    manager.wait_until_finished()
-                    log(f"stopped: saved step {progress['step']:,} (epoch {epoch + 1}, batch "
-                        f"{progress['batch']}/{len(plan)}); run the same command to resume")
-                    raise KeyboardInterrupt
+                    stop_now()
             bar.close()
             nll_sum = sum(float(m["nll_sum"]) for m in sums)
             tokens = sum(float(m["tokens"]) for m in sums)
@@ -259,8 +272,18 @@ def train(train_config: TrainConfig, model_settings: dict, checkpoint_dir: str |
             if (epoch + 1) % train_config.save_every == 0 or epoch + 1 == train_config.epochs:
                 save_now()
                 log(f"saved checkpoint at epoch {epoch + 1} (step {progress['step']:,}) in {directory}")
+            if stop.requested and epoch + 1 < train_config.epochs:
+                stop_now()
     manager.wait_until_finished()
     return record
+
+
+def require_positive(args, names) -> None:
+    """Flags that count something must be at least 1 (None means: not given)."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise TangshiError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -287,10 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    for name in ("epochs", "batch_size", "layers", "hidden", "embed", "save_every", "max_poems"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise TangshiError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    require_positive(args, ("epochs", "batch_size", "layers", "hidden", "embed", "save_every", "max_poems"))
+    if args.seed < 0:
+        raise TangshiError(f"--seed must be 0 or more, got {args.seed}")
     if not args.lr > 0:
         raise TangshiError(f"--lr must be positive, got {args.lr}")
     use_platform(args.platform)

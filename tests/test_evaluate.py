@@ -149,3 +149,9 @@ def test_form_settings_write_their_form(trained_run):
     report = evaluate.evaluate_checkpoint(directory, poems_path, num=4, settings=settings, log=lambda message: None)
     for row in report["rows"][:len(settings)]:
         assert row["form_valid"] == 1.0
+
+
+def test_bad_sampling_flags_are_refused_before_any_work(tmp_path, capsys):
+    argv = ["--checkpoint-dir", str(tmp_path / "none"), "--temperature", "0"]
+    assert run_cli(evaluate.main, argv) == 2
+    assert "--temperature must be positive" in capsys.readouterr().err

@@ -109,6 +109,7 @@ def test_a_finished_run_says_so(trained_run):
     (["--data", "missing.txt"], "missing.txt: no such file"),
     (["--epochs", "0"], "--epochs must be at least 1"),
     (["--lr", "-1"], "--lr must be positive"),
+    (["--seed", "-3"], "--seed must be 0 or more"),
     (["--checkpoint-dir", "afile"], "is a file"),
 ])
 def test_bad_training_input_gives_one_clear_line(tmp_path, monkeypatch, capsys, argv, message):
@@ -118,3 +119,12 @@ def test_bad_training_input_gives_one_clear_line(tmp_path, monkeypatch, capsys, 
     assert run_cli(train_module.main, argv + ["--platform", "cpu", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+
+
+def test_a_metrics_line_cut_short_by_a_kill_is_dropped_on_resume(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"epoch": 1, "val_loss": 5.0}\n{"epoch": 2, "val_loss": 4.9}\n{"epoch": 3, "val_lo')
+    train_module.trim_metrics(path, 2)
+    assert [json.loads(line)["epoch"] for line in path.read_text().splitlines()] == [1, 2]
+    train_module.trim_metrics(path, 1)
+    assert [json.loads(line)["epoch"] for line in path.read_text().splitlines()] == [1]
