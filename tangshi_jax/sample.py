@@ -139,17 +139,18 @@ def update_rules(plan, prosody, t, chosen, alive, required, second_end):
 
 
 @functools.partial(jax.jit, static_argnames=("model_config", "num", "max_len", "top_k", "greedy",
-                                             "start_id", "end_id"))
+                                             "start_id", "end_id", "with_log_probs"))
 def generate(params, plan, prosody, key, temperature, top_p=1.0, repetition_penalty=0.0, *,
              model_config: ModelConfig, num: int, max_len: int, top_k: int, greedy: bool,
-             start_id: int, end_id: int):
+             start_id: int, end_id: int, with_log_probs: bool = False):
     """Write `num` poems of at most `max_len` characters after the start token.
 
     plan (see make_plan): per position, what stands there: anything, a Chinese character
     under the rules, or a forced token (the begin text, punctuation of a form, acrostic
     heads, the end). All of it is data, so one compiled program serves every begin text,
-    form and rule. Returns tokens (num, max_len + 1) with E after each poem's end, and the
-    model's own log-probability of every token (num, max_len).
+    form and rule. Returns tokens (num, max_len + 1) with E after each poem's end, and, with
+    with_log_probs, the model's own log-probability of every token (num, max_len; zeros
+    otherwise: it costs a pass over the vocabulary a step).
     """
     model = PoemModel(model_config)
     vocab_size = model_config.vocab_size
@@ -184,8 +185,9 @@ def generate(params, plan, prosody, key, temperature, top_p=1.0, repetition_pena
             chosen = sample_tokens(jax.random.fold_in(key, t), masked, temperature, top_k, top_p)
         chosen = jnp.where(kind == rules.FORCED, plan["forced"][t + 1], chosen)
         chosen = jnp.where(done, end_id, chosen)
-        chosen_logits = jnp.take_along_axis(logits, chosen[:, None], -1)[:, 0]
-        log_probs = log_probs.at[:, t].set(chosen_logits - jax.nn.logsumexp(logits, axis=-1))
+        if with_log_probs:
+            chosen_logits = jnp.take_along_axis(logits, chosen[:, None], -1)[:, 0]
+            log_probs = log_probs.at[:, t].set(chosen_logits - jax.nn.logsumexp(logits, axis=-1))
         alive, required, second_end = update_rules(plan, prosody, t, chosen, alive, required, second_end)
         used = used.at[jnp.arange(num), chosen].max(prosody["hanzi"][chosen])   # punctuation is never penalised
         return (t + 1, carry, tokens.at[:, t + 1].set(chosen), log_probs, done | (chosen == end_id),

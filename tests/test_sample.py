@@ -32,7 +32,8 @@ def test_step_wise_log_probs_equal_the_full_forward_pass(loaded):
     plan = sample.make_plan(vocab, len(ids), ids)
     tokens, log_probs = sample.generate(params, plan, sample.device_prosody(vocab), jax.random.key(0),
                                         jnp.float32(1.0), model_config=model_config, num=2, max_len=len(ids),
-                                        top_k=0, greedy=False, start_id=start_id, end_id=end_id)
+                                        top_k=0, greedy=False, start_id=start_id, end_id=end_id,
+                                        with_log_probs=True)
     assert np.asarray(tokens)[0].tolist() == prefix.tolist()
     _, logits = PoemModel(model_config).apply({"params": params}, prefix[None, :-1], initial_carry(model_config, 1))
     logits = np.asarray(logits[0]).copy()
