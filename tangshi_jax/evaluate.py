@@ -156,9 +156,8 @@ def sample_setting(params, model_config, vocab, form, rhyme, tones, num: int, se
 def evaluate_checkpoint(checkpoint_dir, data_path, num: int = 100, seed: int = 0, settings=SETTINGS,
                         log=print, **sampling) -> dict:
     """Every figure of the report: validation NLL, one row per setting, one per corpus form."""
-    manager, step = checkpoint.require_checkpoint(checkpoint_dir)
-    _, train_config, _, _ = checkpoint.restore_meta(manager, step)
-    model_config, vocab, params, progress = sample.load_model(checkpoint_dir)
+    model_config, train_config, vocab, params, progress = sample.load_model(checkpoint_dir)
+    step = progress["step"]
     data_path = data_path or train_config.data
     train_poems, val_poems, val_data = load_split(data_path, train_config, vocab)
     training_lines = {line for poem in train_poems for line in lines_of(poem)}

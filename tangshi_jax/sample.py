@@ -11,13 +11,14 @@ import functools
 import json
 import re
 import sys
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from tangshi_jax import checkpoint, data, rules
-from tangshi_jax.config import ModelConfig
+from tangshi_jax.config import ModelConfig, TrainConfig
 from tangshi_jax.devices import PLATFORMS, use_platform
 from tangshi_jax.errors import TangshiError, run_cli
 from tangshi_jax.model import PoemModel, initial_carry
@@ -237,13 +238,21 @@ def split_lines(poem: str) -> list[str]:
     return [line for line in re.findall(rf"[^{SENTENCE_END}]*[{SENTENCE_END}]|[^{SENTENCE_END}]+$", poem) if line]
 
 
-def load_model(checkpoint_dir):
-    """Config, vocabulary and parameters of the latest checkpoint; no poems.txt needed."""
+class Loaded(NamedTuple):
+    model_config: ModelConfig
+    train_config: TrainConfig
+    vocab: list[str]
+    params: dict
+    progress: dict
+
+
+def load_model(checkpoint_dir) -> Loaded:
+    """Configs, vocabulary and parameters of the latest checkpoint; no poems.txt needed."""
     manager, step = checkpoint.require_checkpoint(checkpoint_dir)
     model_config, train_config, vocab, progress = checkpoint.restore_meta(manager, step)
     like = jax.eval_shape(lambda: init_state(model_config, train_config.lr, 0))
     state = checkpoint.restore_state(manager, step, like)
-    return model_config, vocab, state["params"], progress
+    return Loaded(model_config, train_config, vocab, state["params"], progress)
 
 
 def device_prosody(vocab: list[str]) -> dict:
@@ -366,7 +375,7 @@ def main(argv=None) -> None:
     check_sampling(args.temperature, args.top_p)
     form = rules.parse_form(args.form) if args.form else None
     use_platform(args.platform)
-    model_config, vocab, params, _ = load_model(args.checkpoint_dir)
+    model_config, _, vocab, params, _ = load_model(args.checkpoint_dir)
     poems = write_poems(params, model_config, vocab, args.begin, num=args.num, temperature=args.temperature,
                         top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                         greedy=args.greedy, max_len=args.max_len, seed=args.seed, form=form,

@@ -13,7 +13,7 @@ from tangshi_jax.model import PoemModel, initial_carry
 @pytest.fixture(scope="module")
 def loaded(trained_run):
     directory, _, _ = trained_run
-    model_config, vocab, params, _ = sample.load_model(directory)
+    model_config, _, vocab, params, _ = sample.load_model(directory)
     return directory, model_config, vocab, params
 
 
