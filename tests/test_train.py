@@ -128,3 +128,21 @@ def test_a_metrics_line_cut_short_by_a_kill_is_dropped_on_resume(tmp_path):
     assert [json.loads(line)["epoch"] for line in path.read_text().splitlines()] == [1, 2]
     train_module.trim_metrics(path, 1)
     assert [json.loads(line)["epoch"] for line in path.read_text().splitlines()] == [1]
+
+
+def test_a_stop_on_an_epochs_last_batch_finishes_that_epoch(tmp_path):
+    data = write_poems(tmp_path / "poems.txt")
+    config = small_config(data, epochs=2, batch_size=200, num_buckets=1, save_every=2)   # one batch an epoch
+
+    def stop_after_compiling(message):
+        if message.startswith("compiled"):
+            os.kill(os.getpid(), signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, SMALL_MODEL, tmp_path / "run", log=stop_after_compiling, show_progress=False)
+    manager, step = checkpoint.require_checkpoint(tmp_path / "run")
+    assert checkpoint.restore_meta(manager, step)[3] == {"epoch": 1, "batch": 0, "step": 1}
+    train(config, SMALL_MODEL, tmp_path / "run", log=quiet, show_progress=False)
+    train(config, SMALL_MODEL, tmp_path / "straight", log=quiet, show_progress=False)
+    resumed, straight = metrics_of(tmp_path / "run"), metrics_of(tmp_path / "straight")
+    assert [(m["epoch"], m["train_loss"], m["val_loss"]) for m in resumed] == \
+        [(m["epoch"], m["train_loss"], m["val_loss"]) for m in straight]
