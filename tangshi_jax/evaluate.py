@@ -21,6 +21,7 @@ Definitions (a poem is a string like "白日依山尽，黄河入海流。欲穷
   which the tables lack, where 径 alone -> 徑). Its rhyme check knows only level-tone (平声) rhymes; its tone check accepts a
   poem matching one of the four 平起/仄起 patterns or, failing that, opposed tones within
   each couplet (对) and equal tones across couplets (粘) at the 2nd, 4th and 6th characters.
+- heads ok: for acrostic rows, line i begins with the i-th head character.
 - corpus rows: up to --num poems of the form from the validation split, a fixed draw.
 All shares are over all the row's poems (or lines); poems/s is timed after a warm-up.
 """
@@ -43,10 +44,12 @@ from tangshi_jax.rules import FORMS, is_hanzi, to_traditional
 
 PUNCTUATION = "，。！？；"
 BEGINS = "日月山风春花秋云"
-# (row name, form, rhyme, tones): free sampling, then each form plain, rhymed, rhymed and tonal.
-SETTINGS = [("free", None, False, False)] + [
-    (name + suffix, name, rhyme, tones) for name in FORMS
-    for suffix, rhyme, tones in (("", False, False), ("+rhyme", True, False), ("+rhyme+tones", True, True))]
+# (row name, form, rhyme, tones, acrostic heads): free sampling, each form plain, rhymed, rhymed
+# and tonal, then rhymed acrostic quatrains of 5 and 7 characters.
+SETTINGS = [("free", None, False, False, None)] + [
+    (name + suffix, name, rhyme, tones, None) for name in FORMS
+    for suffix, rhyme, tones in (("", False, False), ("+rhyme", True, False), ("+rhyme+tones", True, True))] + [
+    ("acrostic5+rhyme", "wujue", True, False, "春夏秋冬"), ("acrostic7+rhyme", "qijue", True, False, "明月清风")]
 
 
 def lines_of(poem: str) -> list[str]:
@@ -99,8 +102,8 @@ def tones_ok(poem: str) -> bool:
     return checker().check_poem_pingze_meter(to_traditional(poem))[0]
 
 
-def measure(poems: list[str], form: str | None, training_lines: set[str]) -> dict:
-    """The row's figures (None where a figure has nothing to count)."""
+def measure(poems: list[str], form: str | None, training_lines: set[str], heads: str | None = None) -> dict:
+    """The row's figures (None where a figure has nothing to count); heads: acrostic characters."""
     valid = [form_of(poem) is not None if form is None else form_of(poem) == form for poem in poems]
     lines = [line for poem in poems for line in lines_of(poem)]
     share = lambda flags: float(np.mean(flags)) if len(flags) else None
@@ -110,6 +113,7 @@ def measure(poems: list[str], form: str | None, training_lines: set[str]) -> dic
             "distinct_1": distinct(poems, 1), "distinct_2": distinct(poems, 2),
             "repeated_4grams": mean(repeated_share(poem) for poem in poems),
             "copied_lines": share([line in training_lines for line in lines]),
+            "heads_ok": share([[line[0] for line in lines_of(poem)] == list(heads) for poem in poems]) if heads else None,
             "mean_length": mean(len(re.sub(f"[{PUNCTUATION}]", "", poem)) for poem in poems)}
 
 
@@ -137,15 +141,17 @@ def validation_nll(params, model_config, train_config, val_data) -> float | None
                           train_config.batch_size)
 
 
-def sample_setting(params, model_config, vocab, form, rhyme, tones, num: int, seed: int, **sampling):
-    """num poems, begins cycled over BEGINS; returns (poems, poems per second after a warm-up).
-    sampling: temperature, top_p, ... as sample.write_poems takes them."""
+def sample_setting(params, model_config, vocab, form, rhyme, tones, num: int, seed: int, acrostic=None,
+                   **sampling):
+    """num poems, begins cycled over BEGINS (none for an acrostic); returns (poems, poems per
+    second after a warm-up). sampling: temperature, top_p, ... as sample.write_poems takes them."""
     begins = [char for char in BEGINS if char in vocab] or [next(c for c in vocab if c not in "GE，。")]
+    begins = [None] if acrostic else begins
     counts = [num // len(begins) + (index < num % len(begins)) for index in range(len(begins))]
     plan = [(begin, count) for begin, count in zip(begins, counts) if count]
     write = lambda begin, count, offset: sample.write_poems(params, model_config, vocab, begin, num=count,
                                                            seed=seed + offset, form=form, rhyme=rhyme, tones=tones,
-                                                           **sampling)
+                                                           acrostic=acrostic, **sampling)
     for count in {count for _, count in plan}:        # compile every batch size before timing
         write(plan[0][0], count, 0)
     started = time.perf_counter()
@@ -163,10 +169,13 @@ def evaluate_checkpoint(checkpoint_dir, data_path, num: int = 100, seed: int = 0
     training_lines = {line for poem in train_poems for line in lines_of(poem)}
     nll = validation_nll(params, model_config, train_config, val_data)
     rows = []
-    for name, form, rhyme, tones in settings:
+    for name, form, rhyme, tones, heads in settings:
+        if heads and not set(heads) <= set(vocab):
+            log(f"skipping {name}: the vocabulary lacks some of {heads}")
+            continue
         log(f"sampling {num} poems: {name}")
-        poems, speed = sample_setting(params, model_config, vocab, form, rhyme, tones, num, seed, **sampling)
-        rows.append({"setting": name, **measure(poems, form, training_lines), "poems_per_s": speed,
+        poems, speed = sample_setting(params, model_config, vocab, form, rhyme, tones, num, seed, heads, **sampling)
+        rows.append({"setting": name, **measure(poems, form, training_lines, heads), "poems_per_s": speed,
                      "examples": poems[:3]})
     for form in FORMS:
         poems = reference_poems(val_poems, form, num, seed)
@@ -177,7 +186,7 @@ def evaluate_checkpoint(checkpoint_dir, data_path, num: int = 100, seed: int = 0
             "val_ppl": float(np.exp(nll)) if nll is not None else None, "rows": rows}
 
 
-COLUMNS = [("form valid", "form_valid", "{:.0%}"), ("rhyme ok", "rhyme_ok", "{:.0%}"),
+COLUMNS = [("form valid", "form_valid", "{:.0%}"), ("heads ok", "heads_ok", "{:.0%}"), ("rhyme ok", "rhyme_ok", "{:.0%}"),
            ("tones ok", "tones_ok", "{:.0%}"), ("distinct-1", "distinct_1", "{:.3f}"),
            ("distinct-2", "distinct_2", "{:.3f}"), ("repeated 4-grams", "repeated_4grams", "{:.1%}"),
            ("copied lines", "copied_lines", "{:.1%}"), ("mean length", "mean_length", "{:.1f}"),

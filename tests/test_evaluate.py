@@ -155,3 +155,9 @@ def test_bad_sampling_flags_are_refused_before_any_work(tmp_path, capsys):
     argv = ["--checkpoint-dir", str(tmp_path / "none"), "--temperature", "0"]
     assert run_cli(evaluate.main, argv) == 2
     assert "--temperature must be positive" in capsys.readouterr().err
+
+
+def test_heads_ok_counts_acrostic_heads():
+    figures = evaluate.measure([DENGGUANQUE, JINGYESI], "wujue", set(), heads="白黄欲更")
+    assert figures["heads_ok"] == 0.5
+    assert evaluate.measure([DENGGUANQUE], "wujue", set())["heads_ok"] is None
