@@ -24,10 +24,10 @@ def _step_logits(h, kernel, bias, relu):
     return (jax.nn.relu(pre) if relu else pre), pre
 
 
-def _step_nll(logits, targets):
-    """-log softmax(logits)[target] per row, and the log-normaliser."""
+def nll_of_logits(logits, targets):
+    """-log softmax(logits)[target] at every position (any leading shape), and the log-normaliser."""
     lse = jax.nn.logsumexp(logits, axis=-1)
-    return lse - jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0], lse
+    return lse - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0], lse
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -37,7 +37,7 @@ def head_nll(features, kernel, bias, targets, mask, relu=False):
     def step(total, xs):
         h, t, m = xs
         logits, _ = _step_logits(h, kernel, bias, relu)
-        nll, _ = _step_nll(logits, t)
+        nll, _ = nll_of_logits(logits, t)
         return total + jnp.sum(nll * m), None
     total, _ = jax.lax.scan(step, jnp.zeros((), jnp.float32), _time_major(features, targets, mask))
     return total
@@ -48,7 +48,7 @@ def _head_nll_forward(features, kernel, bias, targets, mask, relu):
         total, d_kernel, d_bias = carry
         h, t, m = xs
         logits, pre = _step_logits(h, kernel, bias, relu)
-        nll, lse = _step_nll(logits, t)
+        nll, lse = nll_of_logits(logits, t)
         # d(nll)/d(logits) = softmax - onehot(target), for real positions only.
         d_logits = jnp.exp(logits - lse[:, None]) * m[:, None]
         d_logits = d_logits.at[jnp.arange(t.shape[0]), t].add(-m)

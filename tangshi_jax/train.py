@@ -22,7 +22,7 @@ from tangshi_jax import checkpoint, data
 from tangshi_jax.config import CELLS, DATA_ORDER_FIELDS, ModelConfig, TrainConfig, differences
 from tangshi_jax.devices import PLATFORMS, describe_devices, peak_rss_mb, use_platform
 from tangshi_jax.errors import TangshiError, run_cli
-from tangshi_jax.loss import head_nll
+from tangshi_jax.loss import head_nll, nll_of_logits
 from tangshi_jax.model import PoemModel, init_params, initial_carry
 
 DEFAULT_DATA = "poems.txt"
@@ -52,8 +52,7 @@ def make_steps(model_config: ModelConfig, lr: float, fused_head: bool = True):
             nll_sum = head_nll(features, head["kernel"], head["bias"], targets, mask, model_config.relu_head)
         else:
             _, logits = model.apply({"params": params}, batch["inputs"], carry)
-            nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
-            nll_sum = jnp.sum(nll * mask)
+            nll_sum = jnp.sum(nll_of_logits(logits, targets)[0] * mask)
         return nll_sum, jnp.sum(mask)
 
     def mean_nll(params, batch):
@@ -90,7 +89,8 @@ def batch_spec(batch_size: int, length: int) -> dict:
 def compile_steps(model_config, lr, state, buckets, batch_size):
     """Ahead-of-time compile both steps for every bucket: these are all the shapes a run uses.
 
-    XLA compiles outside the GIL, so the programs are built on all cores at once."""
+    They are built on a thread pool, one per core; on 2 cores that saves only ~15%, since
+    XLA's CPU compiler does most of its work on one thread (PERFORMANCE.md)."""
     train_step, eval_step = make_steps(model_config, lr)
     train_jit, eval_jit = jax.jit(train_step, donate_argnums=0), jax.jit(eval_step)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
