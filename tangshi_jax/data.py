@@ -180,9 +180,14 @@ def bucketize(encoded: list[np.ndarray], buckets: tuple[int, ...], pad_id: int) 
 
 def prepare(poems: list[str], vocab: list[str], val_fraction: float,
             num_buckets: int) -> tuple[BucketedData, BucketedData]:
-    """Training and validation sets, bucketed alike; bucket lengths come from all poems."""
-    train, val = split(poems, val_fraction)
-    buckets = choose_buckets([len(poem) - 1 for poem in poems], num_buckets)
+    """Training and validation sets, bucketed alike."""
+    return bucket_split(*split(poems, val_fraction), vocab, num_buckets)
+
+
+def bucket_split(train: list[str], val: list[str], vocab: list[str],
+                 num_buckets: int) -> tuple[BucketedData, BucketedData]:
+    """Both halves of a split bucketed alike; bucket lengths come from all their poems."""
+    buckets = choose_buckets([len(poem) - 1 for poem in train + val], num_buckets)
     end_id = vocab.index(END)
     return bucketize(encode(train, vocab), buckets, end_id), bucketize(encode(val, vocab), buckets, end_id)
 

@@ -128,7 +128,7 @@ def load_split(data_path, train_config, vocab) -> tuple[list[str], list[str], da
     """Training and validation poems (unwrapped) and the validation batches, as training made them."""
     poems = data.read_corpus(data_path).poems[:train_config.max_poems]
     train_poems, val_poems = data.split(poems, train_config.val_fraction)
-    _, val_data = data.prepare(poems, vocab, train_config.val_fraction, train_config.num_buckets)
+    _, val_data = data.bucket_split(train_poems, val_poems, vocab, train_config.num_buckets)
     unwrap = lambda wrapped: [poem[1:-1] for poem in wrapped]
     return unwrap(train_poems), unwrap(val_poems), val_data
 
