@@ -120,7 +120,6 @@ def rules_mask(plan, prosody, t, alive, required, second_end, hanzi_only):
     return jnp.where(jnp.any(allowed, axis=-1, keepdims=True), allowed, hanzi_only)
 
 
-
 def update_rules(plan, prosody, t, chosen, alive, required, second_end):
     """Narrow the tonal schemes and the rhyme groups by the character just written."""
     position = t + 1
@@ -321,6 +320,8 @@ def write_poems(params, model_config, vocab, begin: str | None = None, num: int 
                                f"give {lines} characters")
     if (rhyme or tones or rhyme_group) and not form:
         raise TangshiError("--rhyme, --rhyme-group and --tones need a --form (or --acrostic)")
+    if rhyme_group and len(rhyme_group.strip()) != 1:
+        raise TangshiError(f"--rhyme-group takes one character, got {rhyme_group!r}")
     group = begin_ids(rhyme_group, vocab, max_len, flag="--rhyme-group")[0] if rhyme_group else None
     plan = make_plan(vocab, max_len, ids, form=form, heads=heads, rhyme=rhyme or group is not None,
                      rhyme_group=group, tones=tones, loose_tones=loose_tones, min_len=min_len)

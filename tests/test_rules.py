@@ -98,6 +98,7 @@ def test_begin_with_a_form(untrained):
     (dict(form="wujue", begin="春花秋月何时"), "more than a line of wujue"),
     (dict(form="qilv", max_len=40), "--max-len 40 is too short"),
     (dict(form="wujue", rhyme_group="日"), "no level-tone"),
+    (dict(form="wujue", rhyme_group="东风"), "takes one character"),
 ])
 def test_bad_rule_requests_are_clear_errors(untrained, kwargs, message):
     config, params = untrained
