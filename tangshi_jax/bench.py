@@ -90,8 +90,8 @@ def bench_training(train_config: TrainConfig, model_config: ModelConfig, poems, 
     # alternate between variants so that the machine's drift falls on all of them alike.
     programs, states, compile_s = {}, {}, {}
     for variant in variants:
-        state = init_state(model_config, train_config.lr, train_config.seed)
-        train_step, eval_step = make_steps(model_config, train_config.lr, fused_head=variant == "fused")
+        state = init_state(model_config, train_config)
+        train_step, eval_step = make_steps(model_config, train_config, fused_head=variant == "fused")
         train_jit, eval_jit = jax.jit(train_step, donate_argnums=0), jax.jit(eval_step)
         programs[variant] = {}
         for length in buckets:

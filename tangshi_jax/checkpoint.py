@@ -7,6 +7,7 @@ intact), plus `metrics.jsonl`. Every step folder alone is enough to sample from 
 
 import logging
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import orbax.checkpoint as ocp
@@ -36,13 +37,20 @@ def save(manager, state, model_config: ModelConfig, train_config: TrainConfig, v
     ), force=True)
 
 
-def restore_meta(manager, step: int) -> tuple[ModelConfig, TrainConfig, list[str], dict]:
+class Meta(NamedTuple):
+    model_config: ModelConfig
+    train_config: TrainConfig
+    vocab: list[str]
+    progress: dict
+
+
+def restore_meta(manager, step: int) -> Meta:
     """Configs, vocabulary and progress of a checkpoint, without reading its arrays."""
     restored = manager.restore(step, args=ocp.args.Composite(
         model=ocp.args.JsonRestore(), train=ocp.args.JsonRestore(),
         vocab=ocp.args.JsonRestore(), progress=ocp.args.JsonRestore()))
-    return (from_dict(ModelConfig, restored["model"]), from_dict(TrainConfig, restored["train"]),
-            list(restored["vocab"]["chars"]), dict(restored["progress"]))
+    return Meta(from_dict(ModelConfig, restored["model"]), from_dict(TrainConfig, restored["train"]),
+                list(restored["vocab"]["chars"]), dict(restored["progress"]))
 
 
 def restore_state(manager, step: int, like):

@@ -1,9 +1,17 @@
-"""Every hyper-parameter in one place, as frozen dataclasses saved as JSON with each checkpoint."""
+"""Every hyper-parameter in one place, as frozen dataclasses saved as JSON with each checkpoint.
+
+The dataclass defaults are the original course exercise's settings (so a checkpoint written
+before a field existed reads back as what it was trained with); PRESETS name the
+configurations found by measured sweeps (tangshi_jax/RUNS.md), and `train --preset` starts
+from one of them.
+"""
 
 import dataclasses
 from dataclasses import dataclass
 
 CELLS = ("lstm", "gru", "rnn")
+OPTIMIZERS = ("rmsprop", "adam")
+SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -14,6 +22,8 @@ class ModelConfig:
     hidden: int = 128        # units per recurrent layer
     embed: int = 100         # embedding width; initialised uniform(-1, 1) as in the original
     relu_head: bool = False  # the original's ReLU on the logits; off by default (its loss stalls near 6)
+    dropout: float = 0.0     # dropped share of the embeddings, between layers and before the head (training only)
+    tied: bool = False       # the head reuses the embedding: last layer -> Dense(embed) -> embeddingᵀ
 
 
 @dataclass(frozen=True)
@@ -21,17 +31,60 @@ class TrainConfig:
     data: str = "poems.txt"            # title:content lines, as the original read them
     epochs: int = 30                   # total epochs; a resumed run continues up to this
     batch_size: int = 100              # poems per step, as the original
-    lr: float = 0.01                   # RMSprop learning rate, as the original
+    lr: float = 0.01                   # peak learning rate (RMSprop at 0.01, as the original)
+    optimizer: str = "rmsprop"         # rmsprop (PyTorch's definition) | adam; both after clipping at norm 1
+    schedule: str = "constant"         # constant | cosine: linear warm-up, cosine decay, then held at its floor
+    warmup_steps: int = 0              # steps of linear warm-up from 0 (cosine only)
+    decay_epochs: int = 0              # epochs over which the cosine falls to its floor; later epochs keep the floor
+    lr_floor: float = 0.05             # the cosine's final learning rate, as a share of lr
     save_every: int = 5                # epochs between checkpoints (and one at the end)
     max_poems: int | None = None       # keep only the first N usable poems, for a quick try
-    seed: int = 0                      # initialisation and the per-epoch data order
+    seed: int = 0                      # initialisation, dropout and the per-epoch data order
     val_fraction: float = 0.02         # share of poems held out, chosen by a hash of the text
+    split: str = "hash"                # hash: each poem by its own text (as first released) |
+                                       # grouped: near-repeats kept on one side, exact repeats trained once
     num_buckets: int = 8               # padded lengths compiled; 8 keeps ~99% of positions real
     keep: int = 3                      # checkpoints kept by the rotation
+    titles: bool = False               # read title + G + poem; the loss is on the poem only
+    max_title: int = 12                # title characters kept (the first ones; Chinese characters only)
 
 
-# Settings that decide the data order; a resumed run must keep them to replay the same batches.
-DATA_ORDER_FIELDS = ("batch_size", "max_poems", "seed", "val_fraction", "num_buckets")
+# Settings that decide the data or the optimisation path; a resumed run must keep them to
+# replay the same batches with the same learning rates.
+DATA_ORDER_FIELDS = ("batch_size", "max_poems", "seed", "val_fraction", "split", "num_buckets", "titles",
+                     "max_title", "optimizer", "schedule", "warmup_steps", "decay_epochs", "lr_floor")
+
+
+# Named configurations: fields of ModelConfig and TrainConfig that differ from the defaults.
+# How each was chosen, with every run's figures: tangshi_jax/RUNS.md.
+PRESETS = {
+    # The course exercise, exactly: 2×128 LSTM, embedding 100, RMSprop 0.01, batch 100.
+    "original": {"epochs": 5},
+    # The README's first command: at most 15 minutes of training on 2 CPU cores.
+    "quick": {"epochs": 6, "dropout": 0.1, "optimizer": "adam", "lr": 0.005, "schedule": "cosine",
+              "warmup_steps": 100, "decay_epochs": 6, "split": "grouped"},
+    # About an hour on 2 CPU cores.
+    "hour": {"epochs": 12, "hidden": 256, "embed": 128, "tied": True, "dropout": 0.25, "optimizer": "adam",
+             "lr": 0.004, "schedule": "cosine", "warmup_steps": 200, "decay_epochs": 12, "split": "grouped"},
+    # A larger model meant for a GPU (untested on one here: no device was lent).
+    "gpu": {"epochs": 30, "layers": 3, "hidden": 768, "embed": 256, "tied": True, "dropout": 0.35,
+            "optimizer": "adam", "lr": 0.002, "schedule": "cosine", "warmup_steps": 500, "decay_epochs": 30,
+            "batch_size": 128, "split": "grouped"},
+}
+DEFAULT_PRESET = "quick"
+
+
+def preset_configs(name: str, **overrides) -> tuple[dict, "TrainConfig"]:
+    """Model settings (without vocab_size) and a TrainConfig: the preset, then the overrides
+    that are not None."""
+    values = {**PRESETS[name], **{key: value for key, value in overrides.items() if value is not None}}
+    model_names = {field.name for field in dataclasses.fields(ModelConfig)} - {"vocab_size"}
+    model_settings = {field.name: values.get(field.name, field.default)
+                      for field in dataclasses.fields(ModelConfig) if field.name in model_names}
+    unknown = set(values) - model_names - {field.name for field in dataclasses.fields(TrainConfig)}
+    if unknown:
+        raise ValueError(f"unknown settings {sorted(unknown)}")
+    return model_settings, from_dict(TrainConfig, values)
 
 
 def to_dict(config) -> dict:

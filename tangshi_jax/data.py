@@ -5,7 +5,9 @@ same poems. Shapes are decided here and only here: every batch is (batch_size, b
 """
 
 import collections
+import functools
 import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,7 @@ MIN_CHARS, MAX_CHARS = 5, 80                # content length limits, after space
 @dataclass(frozen=True)
 class Corpus:
     poems: list[str]   # kept poems, each wrapped as G + content + E, in file order
+    titles: list[str]  # the title of each kept poem, Chinese characters only
     skipped: int       # parsed lines dropped by the content rules
     unparsable: int    # lines that are not exactly one 'title:content'
     first_unparsable: int | None  # its line number, to point the user at it
@@ -41,13 +44,23 @@ def parse_line(line: str) -> str | None:
     return START + content + END
 
 
+def is_hanzi(char: str) -> bool:
+    return len(char) == 1 and ("\u4e00" <= char <= "\u9fff" or "\u3400" <= char <= "\u4dbf"
+                               or "\U00020000" <= char <= "\U0002ffff")
+
+
+def clean_title(title: str) -> str:
+    """The Chinese characters of a title: brackets, punctuation, spaces and the tokens G/E go."""
+    return "".join(char for char in title if is_hanzi(char))
+
+
 def read_corpus(path: str | Path) -> Corpus:
     """Read poems.txt, tolerating a BOM and CRLF; undecodable bytes name their line."""
     path = Path(path)
     if not path.is_file():
         raise TangshiError(f"{path}: no such file; build it with `python -m tangshi_jax.corpus --out {path}`")
     raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
-    poems, skipped, unparsable, first_unparsable = [], 0, 0, None
+    poems, titles, skipped, unparsable, first_unparsable = [], [], 0, 0, None
     for number, raw_line in enumerate(raw.split(b"\n"), start=1):
         try:
             line = raw_line.decode("utf-8")
@@ -66,10 +79,11 @@ def read_corpus(path: str | Path) -> Corpus:
             skipped += 1
         else:
             poems.append(poem)
+            titles.append(clean_title(line.split(":")[0]))
     if not poems:
         raise TangshiError(f"{path}: no usable poem (need 'title:content' lines with {MIN_CHARS}-{MAX_CHARS} "
                            "characters of content); build the real one with `python -m tangshi_jax.corpus`")
-    return Corpus(poems, skipped, unparsable, first_unparsable)
+    return Corpus(poems, titles, skipped, unparsable, first_unparsable)
 
 
 def build_vocab(poems: list[str]) -> list[str]:
@@ -94,10 +108,78 @@ def is_validation(poem: str, fraction: float) -> bool:
 
 
 def split(poems: list[str], fraction: float) -> tuple[list[str], list[str]]:
-    train, val = [], []
-    for poem in poems:
-        (val if is_validation(poem, fraction) else train).append(poem)
-    return train, val
+    train, val, _ = split_indices(poems, fraction, "hash")
+    return [poems[i] for i in train], [poems[i] for i in val]
+
+
+VERSE_BREAKS = re.compile("[，。！？；：、]")
+MIN_SHARED_LINE = 4     # lines shorter than this (e.g. 3-character refrains) never make poems near-repeats
+
+
+def near_repeat_groups(poems: list[str]) -> list[int]:
+    """A group number per poem: poems that share at least half of the lines of the shorter
+    one (lines of 4+ characters) are joined, transitively. Exact repeats share all lines."""
+    lines = [{line for line in VERSE_BREAKS.split(poem.strip(START + END)) if len(line) >= MIN_SHARED_LINE}
+             for poem in poems]
+    holders = collections.defaultdict(list)
+    for index, poem_lines in enumerate(lines):
+        for line in poem_lines:
+            holders[line].append(index)
+    parent = list(range(len(poems)))
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for index, poem_lines in enumerate(lines):
+        shared = collections.Counter(other for line in poem_lines for other in holders[line] if other > index)
+        for other, count in shared.items():
+            if 2 * count >= min(len(poem_lines), len(lines[other])):
+                parent[root(index)] = root(other)
+    return [root(i) for i in range(len(poems))]
+
+
+@dataclass(frozen=True)
+class SplitCounts:
+    exact_repeats: int      # copies of an earlier poem dropped from training (grouped split)
+    near_groups: int        # groups of 2+ poems that share most lines (exact repeats included)
+    near_poems: int         # poems in those groups
+
+
+def split_indices(poems: list[str], fraction: float, method: str = "hash") -> tuple[list[int], list[int], SplitCounts]:
+    """Training and validation poem indices.
+
+    hash: each poem goes by a hash of its own text (exact repeats fall on one side, near-repeats
+    may not). grouped: a near-repeat group goes as a whole, by the hash of its smallest text,
+    and an exact repeat of an earlier poem is not trained again."""
+    if method == "hash":
+        val = [is_validation(poem, fraction) for poem in poems]
+        return ([i for i, v in enumerate(val) if not v], [i for i, v in enumerate(val) if v], SplitCounts(0, 0, 0))
+    if method != "grouped":
+        raise ValueError(f"unknown split {method!r}")
+    groups = near_repeat_groups(poems)
+    members = collections.defaultdict(list)
+    for index, group in enumerate(groups):
+        members[group].append(index)
+    side = {group: is_validation(min(poems[i] for i in indices), fraction) for group, indices in members.items()}
+    seen, train, val, repeats = set(), [], [], 0
+    for index, poem in enumerate(poems):
+        if poem in seen:
+            repeats += 1
+            continue
+        seen.add(poem)
+        (val if side[groups[index]] else train).append(index)
+    sizes = [len(indices) for indices in members.values() if len(indices) > 1]
+    return train, val, SplitCounts(repeats, len(sizes), sum(sizes))
+
+
+def sequences(corpus: Corpus, indices, titles: bool, max_title: int) -> list[str]:
+    """What the model reads for each poem: the poem (G ... E), after its title when `titles`."""
+    if not titles:
+        return [corpus.poems[i] for i in indices]
+    return [corpus.titles[i][:max_title] + corpus.poems[i] for i in indices]
 
 
 def shift(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -150,6 +232,8 @@ class BucketedData:
     buckets: tuple[int, ...]    # padded input lengths
     tokens: list[np.ndarray]    # per bucket: (poems, length + 1) token ids, padded with END
     lengths: list[np.ndarray]   # per bucket: real input length of each poem
+    starts: list[np.ndarray]    # per bucket: position of G in each row (the title's length; 0 without one)
+    is_char: np.ndarray         # per vocabulary id: a Chinese character (not punctuation, G or E)
 
     @property
     def num_poems(self) -> int:
@@ -160,7 +244,8 @@ class BucketedData:
         return int(sum(group.sum() for group in self.lengths))
 
 
-def bucketize(encoded: list[np.ndarray], buckets: tuple[int, ...], pad_id: int) -> BucketedData:
+def bucketize(encoded: list[np.ndarray], buckets: tuple[int, ...], start_id: int, end_id: int,
+              is_char: np.ndarray) -> BucketedData:
     groups = [[] for _ in buckets]
     for tokens in encoded:
         length = len(tokens) - 1
@@ -168,28 +253,52 @@ def bucketize(encoded: list[np.ndarray], buckets: tuple[int, ...], pad_id: int) 
         if index == len(buckets):
             raise ValueError(f"a poem of length {length} exceeds the largest bucket {buckets[-1]}")
         groups[index].append(tokens)
-    padded, lengths = [], []
+    padded, lengths, starts = [], [], []
     for bucket, group in zip(buckets, groups):
-        array = np.full((len(group), bucket + 1), pad_id, np.int32)
+        array = np.full((len(group), bucket + 1), end_id, np.int32)
         for row, tokens in enumerate(group):
             array[row, :len(tokens)] = tokens
         padded.append(array)
         lengths.append(np.array([len(tokens) - 1 for tokens in group], np.int32))
-    return BucketedData(tuple(buckets), padded, lengths)
+        starts.append(np.argmax(array == start_id, axis=1).astype(np.int32))
+    return BucketedData(tuple(buckets), padded, lengths, starts, is_char)
 
 
 def prepare(poems: list[str], vocab: list[str], val_fraction: float,
             num_buckets: int) -> tuple[BucketedData, BucketedData]:
-    """Training and validation sets, bucketed alike."""
+    """Training and validation sets of title-free poems, split by hash and bucketed alike."""
     return bucket_split(*split(poems, val_fraction), vocab, num_buckets)
 
 
 def bucket_split(train: list[str], val: list[str], vocab: list[str],
                  num_buckets: int) -> tuple[BucketedData, BucketedData]:
-    """Both halves of a split bucketed alike; bucket lengths come from all their poems."""
+    """Both halves of a split bucketed alike; bucket lengths come from all their sequences."""
     buckets = choose_buckets([len(poem) - 1 for poem in train + val], num_buckets)
-    end_id = vocab.index(END)
-    return bucketize(encode(train, vocab), buckets, end_id), bucketize(encode(val, vocab), buckets, end_id)
+    start_id, end_id = vocab.index(START), vocab.index(END)
+    is_char = np.array([is_hanzi(char) for char in vocab])
+    return (bucketize(encode(train, vocab), buckets, start_id, end_id, is_char),
+            bucketize(encode(val, vocab), buckets, start_id, end_id, is_char))
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A run's data as training sees it: the split, the vocabulary and the bucketed sets."""
+    train_poems: list[str]     # wrapped poems (G ... E) of the training side, without titles
+    val_poems: list[str]
+    vocab: list[str]
+    train: BucketedData
+    val: BucketedData
+    counts: SplitCounts
+
+
+def make_dataset(corpus: Corpus, train_config, vocab: list[str] | None = None) -> Dataset:
+    """Split, vocabulary (unless a checkpoint brings its own) and buckets, as train_config says."""
+    poems = corpus.poems[:train_config.max_poems]
+    train_ids, val_ids, counts = split_indices(poems, train_config.val_fraction, train_config.split)
+    read = functools.partial(sequences, corpus, titles=train_config.titles, max_title=train_config.max_title)
+    vocab = vocab or build_vocab(read(range(len(poems))))
+    train_data, val_data = bucket_split(read(train_ids), read(val_ids), vocab, train_config.num_buckets)
+    return Dataset([poems[i] for i in train_ids], [poems[i] for i in val_ids], vocab, train_data, val_data, counts)
 
 
 def epoch_plan(data: BucketedData, batch_size: int, seed: int, epoch: int,
@@ -209,15 +318,22 @@ def epoch_plan(data: BucketedData, batch_size: int, seed: int, epoch: int,
 
 
 def make_batch(data: BucketedData, bucket_index: int, rows: np.ndarray, batch_size: int) -> dict:
-    """A fixed-shape batch; a short last batch is filled with fully masked rows."""
+    """A fixed-shape batch; a short last batch is filled with fully masked rows.
+
+    mask: the targets the loss counts (the poem after G, not its title); chars: those of them
+    that are Chinese characters (punctuation and E excluded), for the character-only metrics."""
     length = data.buckets[bucket_index]
     tokens = np.zeros((batch_size, length + 1), np.int32)
     tokens[:len(rows)] = data.tokens[bucket_index][rows]
     real = np.zeros(batch_size, np.int32)
     real[:len(rows)] = data.lengths[bucket_index][rows]
+    start = np.zeros(batch_size, np.int32)
+    start[:len(rows)] = data.starts[bucket_index][rows]
     inputs, targets = shift(tokens)
-    mask = np.arange(length)[None, :] < real[:, None]
-    return {"inputs": inputs, "targets": targets, "mask": mask.astype(np.float32)}
+    positions = np.arange(length)[None, :]
+    mask = (positions < real[:, None]) & (positions >= start[:, None])
+    return {"inputs": inputs, "targets": targets, "mask": mask.astype(np.float32),
+            "chars": (mask & data.is_char[targets]).astype(np.float32)}
 
 
 def padded_share(data: BucketedData, batch_size: int) -> float:

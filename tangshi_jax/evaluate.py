@@ -124,18 +124,14 @@ def reference_poems(poems: list[str], form: str, num: int, seed: int) -> list[st
     return [matching[row] for row in sorted(rows)]
 
 
-def load_split(data_path, train_config, vocab) -> tuple[list[str], list[str], data.BucketedData]:
-    """Training and validation poems (unwrapped) and the validation batches, as training made them."""
-    poems = data.read_corpus(data_path).poems[:train_config.max_poems]
-    train_poems, val_poems = data.split(poems, train_config.val_fraction)
-    _, val_data = data.bucket_split(train_poems, val_poems, vocab, train_config.num_buckets)
-    unwrap = lambda wrapped: [poem[1:-1] for poem in wrapped]
-    return unwrap(train_poems), unwrap(val_poems), val_data
+def load_dataset(data_path, train_config, vocab) -> data.Dataset:
+    """The split and validation batches exactly as training made them."""
+    return data.make_dataset(data.read_corpus(data_path), train_config, vocab)
 
 
-def validation_nll(params, model_config, train_config, val_data) -> float | None:
-    """Mean NLL per character of the validation split (None when it is empty)."""
-    _, eval_step = train.make_steps(model_config, train_config.lr)
+def validation_nll(params, model_config, train_config, val_data) -> dict | None:
+    """Mean NLL per target and per Chinese character of the validation split (None when empty)."""
+    _, eval_step = train.make_steps(model_config, train_config)
     eval_jit = jax.jit(eval_step)
     return train.evaluate({length: eval_jit for length in val_data.buckets}, params, val_data,
                           train_config.batch_size)
@@ -165,9 +161,12 @@ def evaluate_checkpoint(checkpoint_dir, data_path, num: int = 100, seed: int = 0
     model_config, train_config, vocab, params, progress = sample.load_model(checkpoint_dir)
     step = progress["step"]
     data_path = data_path or train_config.data
-    train_poems, val_poems, val_data = load_split(data_path, train_config, vocab)
+    dataset = load_dataset(data_path, train_config, vocab)
+    unwrap = lambda wrapped: [poem[1:-1] for poem in wrapped]
+    train_poems, val_poems = unwrap(dataset.train_poems), unwrap(dataset.val_poems)
     training_lines = {line for poem in train_poems for line in lines_of(poem)}
-    nll = validation_nll(params, model_config, train_config, val_data)
+    val = validation_nll(params, model_config, train_config, dataset.val)
+    nll = val and val["nll"]
     rows = []
     for name, form, rhyme, tones, heads in settings:
         if heads and not set(heads) <= set(vocab):
@@ -183,7 +182,8 @@ def evaluate_checkpoint(checkpoint_dir, data_path, num: int = 100, seed: int = 0
                      "poems_per_s": None, "examples": poems[:3]})
     return {"checkpoint_dir": str(checkpoint_dir), "step": step, "epoch": progress["epoch"],
             "data": str(data_path), "num": num, "seed": seed, "sampling": sampling, "val_nll": nll,
-            "val_ppl": float(np.exp(nll)) if nll is not None else None, "rows": rows}
+            "val_ppl": train.perplexity(nll) if val else None, "val_char_nll": val and val["char_nll"],
+            "val_char_ppl": train.perplexity(val["char_nll"]) if val else None, "rows": rows}
 
 
 COLUMNS = [("form valid", "form_valid", "{:.0%}"), ("heads ok", "heads_ok", "{:.0%}"), ("rhyme ok", "rhyme_ok", "{:.0%}"),

@@ -30,6 +30,16 @@ def nll_of_logits(logits, targets):
     return lse - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0], lse
 
 
+def head_nll_positions(features, kernel, bias, targets, relu=False):
+    """-log p(target) at every position (B, T), one time step's logits at a time (no gradient)."""
+    def step(_, xs):
+        h, t = xs
+        logits, _ = _step_logits(h, kernel, bias, relu)
+        return None, nll_of_logits(logits, t)[0]
+    _, nll = jax.lax.scan(step, None, (jnp.swapaxes(features, 0, 1), jnp.swapaxes(targets, 0, 1)))
+    return jnp.swapaxes(nll, 0, 1)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def head_nll(features, kernel, bias, targets, mask, relu=False):
     """Sum over real positions of -log p(target), p = softmax(features @ kernel + bias)

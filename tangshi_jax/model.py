@@ -83,25 +83,43 @@ class PoemModel(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens, carry, features_only: bool = False):
+    def __call__(self, tokens, carry, features_only: bool = False, train: bool = False):
         """tokens (batch, time) -> new carry, logits (batch, time, vocab).
 
-        With features_only, the last layer's outputs instead of logits: training feeds them
-        to the fused head and loss (loss.head_nll), which never builds all logits at once."""
+        With features_only, the input of the head instead of logits: training feeds them to
+        the fused head and loss (loss.head_nll with head_weights), which never builds all
+        logits at once. With train, dropout is drawn from the 'dropout' RNG stream."""
         config = self.config
-        x = nn.Embed(config.vocab_size, config.embed, embedding_init=uniform_init(-1.0, 1.0),
-                     name="embed")(tokens)
+        embed_init = (nn.initializers.normal(config.embed ** -0.5) if config.tied   # it also makes logits
+                      else uniform_init(-1.0, 1.0))
+        embed = nn.Embed(config.vocab_size, config.embed, embedding_init=embed_init, name="embed")
+        drop = nn.Dropout(config.dropout, deterministic=not train or config.dropout == 0.0)
+        x = drop(embed(tokens))
         new_carry = []
         for index, layer_carry in enumerate(carry):
             layer_carry, x = RecurrentLayer(config.cell, config.hidden, name=f"layer_{index}")(layer_carry, x)
+            x = drop(x)
             new_carry.append(layer_carry)
+        if config.tied:
+            x = nn.Dense(config.embed, name="project")(x)
+            bias = self.param("head_bias", nn.initializers.zeros, (config.vocab_size,))
+            logits = None if features_only else embed.attend(x) + bias
+        else:
+            head = nn.Dense(config.vocab_size, kernel_init=nn.initializers.xavier_uniform(),
+                            bias_init=nn.initializers.zeros, name="head")
+            logits = None if features_only else head(x)
         if features_only:
             return tuple(new_carry), x
-        logits = nn.Dense(config.vocab_size, kernel_init=nn.initializers.xavier_uniform(),
-                          bias_init=nn.initializers.zeros, name="head")(x)
         if config.relu_head:
             logits = jax.nn.relu(logits)
         return tuple(new_carry), logits
+
+
+def head_weights(params, config: ModelConfig):
+    """The head's (kernel (features, vocab), bias) as the fused loss takes them."""
+    if config.tied:
+        return params["embed"]["embedding"].T, params["head_bias"]
+    return params["head"]["kernel"], params["head"]["bias"]
 
 
 def initial_carry(config: ModelConfig, batch_size: int):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tangshi_jax.data import is_hanzi
 from tangshi_jax.errors import TangshiError
 
 FORMS = {"wujue": (4, 5), "qijue": (4, 7), "wulv": (8, 5), "qilv": (8, 7)}   # lines, characters a line
@@ -70,11 +71,6 @@ def to_traditional(text: str) -> str:
     """Character-by-character s2t: each character as the rule arrays see it."""
     convert = opencc_converter("s2t").convert
     return "".join(convert(char) for char in text)
-
-
-def is_hanzi(char: str) -> bool:
-    return len(char) == 1 and ("\u4e00" <= char <= "\u9fff" or "\u3400" <= char <= "\u4dbf"
-                               or "\U00020000" <= char <= "\U0002ffff")
 
 
 @functools.lru_cache(maxsize=4)

@@ -249,7 +249,7 @@ def load_model(checkpoint_dir) -> Loaded:
     """Configs, vocabulary and parameters of the latest checkpoint; no poems.txt needed."""
     manager, step = checkpoint.require_checkpoint(checkpoint_dir)
     model_config, train_config, vocab, progress = checkpoint.restore_meta(manager, step)
-    like = jax.eval_shape(lambda: init_state(model_config, train_config.lr, 0))
+    like = jax.eval_shape(lambda: init_state(model_config, train_config, 0))
     state = checkpoint.restore_state(manager, step, like)
     return Loaded(model_config, train_config, vocab, state["params"], progress)
 

@@ -4,6 +4,7 @@
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -19,79 +20,110 @@ import optax
 from tqdm import tqdm
 
 from tangshi_jax import checkpoint, data
-from tangshi_jax.config import CELLS, DATA_ORDER_FIELDS, ModelConfig, TrainConfig, differences
+from tangshi_jax.config import (CELLS, DATA_ORDER_FIELDS, DEFAULT_PRESET, OPTIMIZERS, PRESETS, SCHEDULES, ModelConfig,
+                                TrainConfig, differences, preset_configs)
 from tangshi_jax.devices import PLATFORMS, describe_devices, peak_rss_mb, use_platform
 from tangshi_jax.errors import TangshiError, run_cli
-from tangshi_jax.loss import head_nll, nll_of_logits
-from tangshi_jax.model import PoemModel, init_params, initial_carry
+from tangshi_jax.loss import head_nll, head_nll_positions, nll_of_logits
+from tangshi_jax.model import PoemModel, head_weights, init_params, initial_carry
 
 DEFAULT_DATA = "poems.txt"
 
 
-def make_optimizer(lr: float) -> optax.GradientTransformation:
-    """Global-norm clipping at 1, then RMSprop as PyTorch defines it: smoothing 0.99,
-    eps 1e-8 added outside the square root, mean square starting at 0."""
-    return optax.chain(optax.clip_by_global_norm(1.0),
-                       optax.rmsprop(lr, decay=0.99, eps=1e-8, eps_in_sqrt=False))
+def learning_rate(train_config: TrainConfig, steps_per_epoch: int):
+    """The peak rate, or a schedule: linear warm-up from 0, a cosine down to lr × lr_floor at
+    the end of decay_epochs, then the floor for any epochs after (so --epochs can be raised)."""
+    if train_config.schedule == "constant":
+        return train_config.lr
+    decay_steps = max(train_config.decay_epochs * steps_per_epoch - train_config.warmup_steps, 1)
+    return optax.warmup_cosine_decay_schedule(
+        0.0, train_config.lr, train_config.warmup_steps, train_config.warmup_steps + decay_steps,
+        end_value=train_config.lr * train_config.lr_floor)
 
 
-def make_steps(model_config: ModelConfig, lr: float, fused_head: bool = True):
+def make_optimizer(train_config: TrainConfig, steps_per_epoch: int = 1) -> optax.GradientTransformation:
+    """Global-norm clipping at 1, then RMSprop as PyTorch defines it (smoothing 0.99, eps 1e-8
+    added outside the square root, mean square starting at 0) or Adam (optax's defaults)."""
+    lr = learning_rate(train_config, steps_per_epoch)
+    if train_config.optimizer == "adam":
+        update = optax.adam(lr)
+    else:
+        update = optax.rmsprop(lr, decay=0.99, eps=1e-8, eps_in_sqrt=False)
+    return optax.chain(optax.clip_by_global_norm(1.0), update)
+
+
+def make_steps(model_config: ModelConfig, train_config: TrainConfig, steps_per_epoch: int = 1,
+               fused_head: bool = True):
     """The pure train and eval steps of one model; jit them (or compile them per shape) once.
 
     fused_head=False builds all logits and a plain log-softmax: the slower reference that
     `bench --variants` measures the fused head against."""
-    model, optimizer = PoemModel(model_config), make_optimizer(lr)
+    model, optimizer = PoemModel(model_config), make_optimizer(train_config, steps_per_epoch)
 
-    def batch_nll(params, batch):
-        """Sum of -log p(target) over real positions, and their count."""
+    def batch_nll(params, batch, dropout_key=None):
+        """Sum of -log p(target) over the masked positions, and their count."""
         carry = initial_carry(model_config, batch["inputs"].shape[0])
         targets, mask = batch["targets"], batch["mask"]
+        train = dropout_key is not None
+        rngs = {"dropout": dropout_key} if train else {}
         if fused_head:
-            _, features = model.apply({"params": params}, batch["inputs"], carry, features_only=True)
-            head = params["head"]
-            nll_sum = head_nll(features, head["kernel"], head["bias"], targets, mask, model_config.relu_head)
+            _, features = model.apply({"params": params}, batch["inputs"], carry, features_only=True,
+                                      train=train, rngs=rngs)
+            kernel, bias = head_weights(params, model_config)
+            nll_sum = head_nll(features, kernel, bias, targets, mask, model_config.relu_head)
         else:
-            _, logits = model.apply({"params": params}, batch["inputs"], carry)
+            _, logits = model.apply({"params": params}, batch["inputs"], carry, train=train, rngs=rngs)
             nll_sum = jnp.sum(nll_of_logits(logits, targets)[0] * mask)
         return nll_sum, jnp.sum(mask)
 
-    def mean_nll(params, batch):
-        nll_sum, tokens = batch_nll(params, batch)
+    def mean_nll(params, batch, dropout_key):
+        nll_sum, tokens = batch_nll(params, batch, dropout_key)
         return nll_sum / jnp.maximum(tokens, 1.0), (nll_sum, tokens)
 
     def train_step(state, batch):
-        (_, (nll_sum, tokens)), grads = jax.value_and_grad(mean_nll, has_aux=True)(state["params"], batch)
+        # A key of its own for every step, so a resumed run draws what an uninterrupted one would.
+        dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+        (_, (nll_sum, tokens)), grads = jax.value_and_grad(mean_nll, has_aux=True)(
+            state["params"], batch, dropout_key)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         new_state = dict(state, params=optax.apply_updates(state["params"], updates),
                          opt_state=opt_state, step=state["step"] + 1)
         return new_state, {"nll_sum": nll_sum, "tokens": tokens}
 
     def eval_step(params, batch):
-        nll_sum, tokens = batch_nll(params, batch)
-        return {"nll_sum": nll_sum, "tokens": tokens}
+        """Sums over all loss targets and over Chinese characters only (no punctuation, no E)."""
+        carry = initial_carry(model_config, batch["inputs"].shape[0])
+        _, features = model.apply({"params": params}, batch["inputs"], carry, features_only=True)
+        kernel, bias = head_weights(params, model_config)
+        nll = head_nll_positions(features, kernel, bias, batch["targets"], model_config.relu_head)
+        return {"nll_sum": jnp.sum(nll * batch["mask"]), "tokens": jnp.sum(batch["mask"]),
+                "char_nll_sum": jnp.sum(nll * batch["chars"]), "chars": jnp.sum(batch["chars"])}
 
     return train_step, eval_step
 
 
-def init_state(model_config: ModelConfig, lr: float, seed: int) -> dict:
+def init_state(model_config: ModelConfig, train_config: TrainConfig, seed: int | None = None) -> dict:
     """Everything that changes during training; the data position lives in `progress`."""
+    seed = train_config.seed if seed is None else seed
     init_key, rng = jax.random.split(jax.random.key(seed))
     params = init_params(model_config, init_key)
-    return {"params": params, "opt_state": make_optimizer(lr).init(params),
+    return {"params": params, "opt_state": make_optimizer(train_config).init(params),
             "step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(rng)}
 
 
 def batch_spec(batch_size: int, length: int) -> dict:
     ints = jax.ShapeDtypeStruct((batch_size, length), jnp.int32)
-    return {"inputs": ints, "targets": ints, "mask": jax.ShapeDtypeStruct((batch_size, length), jnp.float32)}
+    floats = jax.ShapeDtypeStruct((batch_size, length), jnp.float32)
+    return {"inputs": ints, "targets": ints, "mask": floats, "chars": floats}
 
 
-def compile_steps(model_config, lr, state, buckets, batch_size):
+def compile_steps(model_config, train_config, steps_per_epoch, state, buckets):
     """Ahead-of-time compile both steps for every bucket: these are all the shapes a run uses.
 
     They are built on a thread pool, one per core; on 2 cores that saves only ~15%, since
     XLA's CPU compiler does most of its work on one thread (PERFORMANCE.md)."""
-    train_step, eval_step = make_steps(model_config, lr)
+    train_step, eval_step = make_steps(model_config, train_config, steps_per_epoch)
+    batch_size = train_config.batch_size
     train_jit, eval_jit = jax.jit(train_step, donate_argnums=0), jax.jit(eval_step)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         train_programs = {length: pool.submit(lambda n: train_jit.lower(state, batch_spec(batch_size, n)).compile(), length)
@@ -102,17 +134,21 @@ def compile_steps(model_config, lr, state, buckets, batch_size):
             {length: future.result() for length, future in eval_programs.items()})
 
 
-def evaluate(eval_programs, params, bucketed: data.BucketedData, batch_size: int) -> float | None:
-    """Mean NLL per real character over a whole bucketed set (None when it is empty)."""
+def evaluate(eval_programs, params, bucketed: data.BucketedData, batch_size: int) -> dict | None:
+    """Mean NLL per target over a whole bucketed set, and per Chinese character (None when empty)."""
     totals = []
     for bucket_index, rows in data.epoch_plan(bucketed, batch_size, 0, 0, shuffle=False):
         batch = data.make_batch(bucketed, bucket_index, rows, batch_size)
         totals.append(eval_programs[bucketed.buckets[bucket_index]](params, batch))
     if not totals:
         return None
-    nll_sum = sum(float(total["nll_sum"]) for total in totals)
-    tokens = sum(float(total["tokens"]) for total in totals)
-    return nll_sum / tokens
+    total = {key: sum(float(part[key]) for part in totals) for key in totals[0]}
+    return {"nll": total["nll_sum"] / total["tokens"], "char_nll": total["char_nll_sum"] / max(total["chars"], 1.0)}
+
+
+def perplexity(nll: float) -> float:
+    """exp(nll), or inf where that overflows a float."""
+    return float(np.exp(nll)) if nll < 700 else float("inf")
 
 
 class StopRequest:
@@ -149,11 +185,13 @@ def check_resumable(saved_model, model_config, saved_train, train_config, direct
     changed = differences(saved_model, model_config)
     if changed:
         raise TangshiError(f"{directory} holds a run with another model ({'; '.join(changed)}); "
-                           "pass the same model flags to resume it, or choose a new --checkpoint-dir")
+                           "pass the same --preset and model flags to resume it (a run made before presets existed: "
+                           "--preset original), or choose a new --checkpoint-dir")
     changed = differences(saved_train, train_config, DATA_ORDER_FIELDS)
     if changed:
-        raise TangshiError(f"{directory} holds a run with another data order ({'; '.join(changed)}); "
-                           "pass the same flags to resume it, or choose a new --checkpoint-dir")
+        raise TangshiError(f"{directory} holds a run with another data order or schedule ({'; '.join(changed)}); "
+                           f"pass the same flags to resume it (--decay-epochs {saved_train.decay_epochs} keeps its "
+                           "schedule when raising --epochs), or choose a new --checkpoint-dir")
 
 
 def logged_epoch(line: str) -> float:
@@ -185,31 +223,43 @@ def train(train_config: TrainConfig, model_settings: dict, checkpoint_dir: str |
     saved = checkpoint.restore_meta(manager, saved_step) if saved_step is not None else None
 
     corpus = load_poems(train_config, log)
-    poems = corpus.poems[:train_config.max_poems]
-    vocab = saved[2] if saved else data.build_vocab(poems)
+    dataset = data.make_dataset(corpus, train_config, saved.vocab if saved else None)
+    vocab, train_data, val_data = dataset.vocab, dataset.train, dataset.val
     model_config = ModelConfig(vocab_size=len(vocab), **model_settings)
     if saved:
-        check_resumable(saved[0], model_config, saved[1], train_config, directory)
-    progress = saved[3] if saved else {"epoch": 0, "batch": 0, "step": 0}
+        check_resumable(saved.model_config, model_config, saved.train_config, train_config, directory)
+    progress = saved.progress if saved else {"epoch": 0, "batch": 0, "step": 0}
     if progress["epoch"] >= train_config.epochs:
         log(f"{directory} is already trained for {progress['epoch']} epochs; raise --epochs to train on")
         return {}
 
-    train_data, val_data = data.prepare(poems, vocab, train_config.val_fraction, train_config.num_buckets)
     if not train_data.num_poems:
-        raise TangshiError(f"all {len(poems)} poems fell into the validation split; use more poems (--max-poems)")
+        raise TangshiError(f"all {len(dataset.val_poems)} poems fell into the validation split; use more poems (--max-poems)")
     buckets = train_data.buckets
-    used = f"{len(poems):,} of {len(corpus.poems):,} usable" if len(poems) < len(corpus.poems) else f"{len(poems):,} usable"
+    kept = len(corpus.poems[:train_config.max_poems])
+    used = f"{kept:,} of {len(corpus.poems):,} usable" if kept < len(corpus.poems) else f"{kept:,} usable"
     log(f"poems: {used} ({train_data.num_poems:,} train, {val_data.num_poems:,} validation), "
         f"{corpus.skipped:,} skipped by the rules, {corpus.unparsable:,} unparsable lines"
         + (f" (first at line {corpus.first_unparsable})" if corpus.unparsable else ""))
+    if train_config.split == "grouped":
+        counts = dataset.counts
+        log(f"split: {counts.near_poems:,} poems in {counts.near_groups:,} groups of near-repeats kept on one side; "
+            f"{counts.exact_repeats:,} exact repeats not trained again")
     log(f"vocabulary: {len(vocab):,} characters; model: {model_config.layers}×{model_config.hidden} "
-        f"{model_config.cell}, embed {model_config.embed}{', relu head' if model_config.relu_head else ''}")
+        f"{model_config.cell}, embed {model_config.embed}{', tied head' if model_config.tied else ''}"
+        f"{', relu head' if model_config.relu_head else ''}{f', dropout {model_config.dropout}' if model_config.dropout else ''}"
+        f"{', titles' if train_config.titles else ''}")
+    steps_per_epoch = len(data.epoch_plan(train_data, train_config.batch_size, train_config.seed, 0))
+    schedule = (f"peak {train_config.lr}, warm-up {train_config.warmup_steps} steps, cosine to "
+                f"{train_config.lr * train_config.lr_floor:.2g} by epoch {train_config.decay_epochs}"
+                if train_config.schedule == "cosine" else f"{train_config.lr} constant")
+    log(f"optimizer: {train_config.optimizer}, learning rate {schedule}, batch {train_config.batch_size}, "
+        f"{steps_per_epoch:,} steps an epoch")
     log(f"buckets: {len(buckets)} lengths {list(buckets)}, "
         f"{data.padded_share(train_data, train_config.batch_size):.1%} of trained positions are padding")
     log(f"platform: {describe_devices()}")
 
-    state = init_state(model_config, train_config.lr, train_config.seed)
+    state = init_state(model_config, train_config)
     if saved:
         state = checkpoint.restore_state(manager, saved_step, state)
         log(f"resuming from step {progress['step']:,}: epoch {progress['epoch'] + 1}, batch {progress['batch']}")
@@ -217,8 +267,7 @@ def train(train_config: TrainConfig, model_settings: dict, checkpoint_dir: str |
     # From here on Ctrl-C or SIGTERM means: finish the step, save, stop.
     with StopRequest() as stop:
         started = time.perf_counter()
-        train_programs, eval_programs = compile_steps(model_config, train_config.lr, state, buckets,
-                                                      train_config.batch_size)
+        train_programs, eval_programs = compile_steps(model_config, train_config, steps_per_epoch, state, buckets)
         log(f"compiled {2 * len(buckets)} programs in {time.perf_counter() - started:.1f} s")
 
         metrics_path = directory / "metrics.jsonl"
@@ -256,18 +305,20 @@ def train(train_config: TrainConfig, model_settings: dict, checkpoint_dir: str |
             nll_sum = sum(float(m["nll_sum"]) for m in sums)
             tokens = sum(float(m["tokens"]) for m in sums)
             train_seconds = time.perf_counter() - epoch_started
-            val_loss = evaluate(eval_programs, state["params"], val_data, train_config.batch_size)
+            val = evaluate(eval_programs, state["params"], val_data, train_config.batch_size)
             progress.update(epoch=epoch + 1, batch=0)
             record = {"epoch": epoch + 1, "step": progress["step"],
-                      "train_loss": nll_sum / max(tokens, 1.0), "val_loss": val_loss,
-                      "val_ppl": float(np.exp(val_loss)) if val_loss is not None else None,
+                      "train_loss": nll_sum / max(tokens, 1.0),
+                      "val_loss": val and val["nll"], "val_ppl": val and perplexity(val["nll"]),
+                      "val_char_loss": val and val["char_nll"], "val_char_ppl": val and perplexity(val["char_nll"]),
                       "tokens_per_s": tokens / train_seconds, "epoch_s": train_seconds,
                       "elapsed_s": time.perf_counter() - started,
                       "peak_rss_mb": peak_rss_mb()}
             with metrics_path.open("a", encoding="utf-8") as metrics_file:
                 metrics_file.write(json.dumps(record) + "\n")
             log(f"epoch {epoch + 1}/{train_config.epochs}: train {record['train_loss']:.3f}  "
-                + (f"val {val_loss:.3f} (ppl {record['val_ppl']:.1f})  " if val_loss is not None else "")
+                + (f"val {val['nll']:.3f} (ppl {record['val_ppl']:.1f}; characters {val['char_nll']:.3f}, "
+                   f"ppl {record['val_char_ppl']:.1f})  " if val else "")
                 + f"{record['tokens_per_s']:,.0f} tokens/s  {train_seconds:.0f} s  {record['peak_rss_mb']:,.0f} MB")
             if (epoch + 1) % train_config.save_every == 0 or epoch + 1 == train_config.epochs:
                 save_now()
@@ -287,39 +338,65 @@ def require_positive(args, names) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    defaults = TrainConfig()
+    """Flags default to None: the preset decides, and the preset's gaps are the dataclass defaults."""
     parser = argparse.ArgumentParser(prog="python -m tangshi_jax.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=PRESETS, default=DEFAULT_PRESET,
+                        help=f"a named configuration (default {DEFAULT_PRESET}; original: the course exercise's)")
     parser.add_argument("--data", default=DEFAULT_DATA,
                         help="poems file of title:content lines (built from the corpus package if the default is missing)")
     parser.add_argument("--checkpoint-dir", default="checkpoints", help="where checkpoints and metrics.jsonl go")
-    parser.add_argument("--epochs", type=int, default=defaults.epochs)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--cell", choices=CELLS, default="lstm")
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--embed", type=int, default=100)
-    parser.add_argument("--relu-head", action="store_true", help="the original's ReLU on the logits")
-    parser.add_argument("--save-every", type=int, default=defaults.save_every, help="epochs between checkpoints")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--lr", type=float, help="peak learning rate")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS)
+    parser.add_argument("--schedule", choices=SCHEDULES)
+    parser.add_argument("--warmup-steps", type=int)
+    parser.add_argument("--decay-epochs", type=int, help="epochs of the cosine decay (cosine schedule)")
+    parser.add_argument("--cell", choices=CELLS)
+    parser.add_argument("--layers", type=int)
+    parser.add_argument("--hidden", type=int)
+    parser.add_argument("--embed", type=int)
+    parser.add_argument("--dropout", type=float, help="share dropped at the embeddings, between layers and before the head")
+    parser.add_argument("--tied", action=argparse.BooleanOptionalAction, default=None,
+                        help="the head reuses the embedding through a projection")
+    parser.add_argument("--titles", action=argparse.BooleanOptionalAction, default=None,
+                        help="read each poem after its title, so that `sample --title` can steer it")
+    parser.add_argument("--split", choices=("hash", "grouped"), help="grouped keeps near-repeat poems on one side")
+    parser.add_argument("--relu-head", action="store_true", default=None, help="the original's ReLU on the logits")
+    parser.add_argument("--save-every", type=int, help="epochs between checkpoints")
     parser.add_argument("--max-poems", type=int, default=None, help="train on the first N poems only")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--seed", type=int)
     parser.add_argument("--platform", choices=PLATFORMS, default=None, help="default: the best JAX finds")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar within epochs")
     return parser
 
 
+def configs_from_args(args) -> tuple[dict, TrainConfig]:
+    """The preset with the flags given on top, checked."""
+    require_positive(args, ("epochs", "batch_size", "layers", "hidden", "embed", "save_every", "max_poems",
+                            "decay_epochs"))
+    if args.seed is not None and args.seed < 0:
+        raise TangshiError(f"--seed must be 0 or more, got {args.seed}")
+    if args.lr is not None and not args.lr > 0:
+        raise TangshiError(f"--lr must be positive, got {args.lr}")
+    if args.dropout is not None and not 0 <= args.dropout < 1:
+        raise TangshiError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.warmup_steps is not None and args.warmup_steps < 0:
+        raise TangshiError(f"--warmup-steps must be 0 or more, got {args.warmup_steps}")
+    flags = {name: getattr(args, name) for name in (
+        "epochs", "batch_size", "lr", "optimizer", "schedule", "warmup_steps", "decay_epochs", "cell", "layers",
+        "hidden", "embed", "dropout", "tied", "titles", "split", "relu_head", "save_every", "max_poems", "seed")}
+    model_settings, train_config = preset_configs(args.preset, data=args.data, **flags)
+    if args.epochs is not None and args.decay_epochs is None and train_config.schedule == "cosine":
+        # A new run's learning rate decays over the epochs asked for (a resumed run keeps its own).
+        train_config = dataclasses.replace(train_config, decay_epochs=args.epochs)
+    return model_settings, train_config
+
+
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    require_positive(args, ("epochs", "batch_size", "layers", "hidden", "embed", "save_every", "max_poems"))
-    if args.seed < 0:
-        raise TangshiError(f"--seed must be 0 or more, got {args.seed}")
-    if not args.lr > 0:
-        raise TangshiError(f"--lr must be positive, got {args.lr}")
+    model_settings, train_config = configs_from_args(args)
     use_platform(args.platform)
-    train_config = TrainConfig(data=args.data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                               save_every=args.save_every, max_poems=args.max_poems, seed=args.seed)
-    model_settings = dict(cell=args.cell, layers=args.layers, hidden=args.hidden, embed=args.embed,
-                          relu_head=args.relu_head)
     train(train_config, model_settings, args.checkpoint_dir, show_progress=not args.no_progress)
 
 

@@ -138,7 +138,7 @@ def test_batches_cover_every_poem_once_with_fixed_shapes():
     rng = np.random.default_rng(0)
     encoded = [rng.integers(0, 9, size=n) for n in rng.integers(6, 30, size=103)]
     buckets = data.choose_buckets([len(t) - 1 for t in encoded], 3)
-    bucketed = data.bucketize(encoded, buckets, pad_id=0)
+    bucketed = data.bucketize(encoded, buckets, start_id=99, end_id=0, is_char=np.ones(9, bool))
     plan = data.epoch_plan(bucketed, 10, seed=1, epoch=0)
 
     def listed(plan):

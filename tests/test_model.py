@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tangshi_jax.config import ModelConfig
+from tangshi_jax.config import ModelConfig, TrainConfig
 from tangshi_jax.model import PoemModel, RecurrentLayer, init_params, initial_carry
 from tangshi_jax.train import make_optimizer, make_steps
 
@@ -74,17 +74,17 @@ def test_relu_head_makes_logits_non_negative():
 def test_padding_changes_neither_loss_nor_gradients():
     config = ModelConfig(vocab_size=12, hidden=8, embed=4)
     params = init_params(config, jax.random.key(0))
-    train_step, eval_step = make_steps(config, lr=0.01)
+    train_step, eval_step = make_steps(config, TrainConfig())
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 12, size=(2, 7)).astype(np.int32)
     mask = np.array([[1] * 6, [1] * 4 + [0] * 2], np.float32)
-    tight = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": mask}
+    tight = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": mask, "chars": mask}
     # The same two poems in a longer bucket, with two empty rows and garbage in the padding.
     loose_tokens = rng.integers(0, 12, size=(4, 11)).astype(np.int32)
     loose_tokens[:2, :7] = tokens
     loose_mask = np.zeros((4, 10), np.float32)
     loose_mask[:2, :6] = mask
-    loose = {"inputs": loose_tokens[:, :-1], "targets": loose_tokens[:, 1:], "mask": loose_mask}
+    loose = {"inputs": loose_tokens[:, :-1], "targets": loose_tokens[:, 1:], "mask": loose_mask, "chars": loose_mask}
 
     def loss_and_grads(batch):
         def loss(p):
@@ -96,7 +96,8 @@ def test_padding_changes_neither_loss_nor_gradients():
     assert float(tight_loss) == pytest.approx(float(loose_loss), rel=1e-6)
     for a, b in zip(jax.tree_util.tree_leaves(tight_grads), jax.tree_util.tree_leaves(loose_grads)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
-    state = {"params": params, "opt_state": make_optimizer(0.01).init(params), "step": jnp.zeros((), jnp.int32)}
+    state = {"params": params, "opt_state": make_optimizer(TrainConfig()).init(params), "step": jnp.zeros((), jnp.int32),
+             "rng": jax.random.key_data(jax.random.key(0))}
     tight_state, tight_metrics = train_step(state, tight)
     loose_state, loose_metrics = train_step(state, loose)
     assert float(tight_metrics["tokens"]) == float(loose_metrics["tokens"]) == 10
@@ -107,11 +108,11 @@ def test_padding_changes_neither_loss_nor_gradients():
 def test_loss_is_the_masked_mean_nll_of_a_numpy_log_softmax():
     config = ModelConfig(vocab_size=9, hidden=4, embed=3)
     params = init_params(config, jax.random.key(3))
-    _, eval_step = make_steps(config, lr=0.01)
+    _, eval_step = make_steps(config, TrainConfig())
     rng = np.random.default_rng(1)
     tokens = rng.integers(0, 9, size=(3, 6)).astype(np.int32)
     mask = (rng.random((3, 5)) < 0.7).astype(np.float32)
-    metrics = eval_step(params, {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": mask})
+    metrics = eval_step(params, {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": mask, "chars": mask})
     _, logits = PoemModel(config).apply({"params": params}, tokens[:, :-1], initial_carry(config, 3))
     logits = np.asarray(logits, np.float64)
     log_softmax = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
@@ -125,7 +126,7 @@ def test_optimizer_follows_pytorch_rmsprop_with_clipping():
     after clip_grad_norm_(1.0), in numpy, against the optax chain over 200 steps."""
     rng = np.random.default_rng(0)
     params = {"a": rng.normal(size=(4, 3)).astype(np.float32), "b": rng.normal(size=5).astype(np.float32)}
-    optimizer = make_optimizer(0.01)
+    optimizer = make_optimizer(TrainConfig())
     state = optimizer.init(params)
     reference = {key: value.astype(np.float64) for key, value in params.items()}
     square_avg = {key: np.zeros_like(value) for key, value in reference.items()}

@@ -47,7 +47,7 @@ def test_orbax_round_trip_restores_every_array(tmp_path, trained_run):
     directory, _, _ = trained_run
     manager, step = checkpoint.require_checkpoint(directory)
     model_config, train_config, vocab, progress = checkpoint.restore_meta(manager, step)
-    like = init_state(model_config, train_config.lr, seed=123)
+    like = init_state(model_config, train_config, seed=123)
     restored = checkpoint.restore_state(manager, step, like)
     copy = checkpoint.open_manager(tmp_path / "copy")
     checkpoint.save(copy, restored, model_config, train_config, vocab, progress)
@@ -83,7 +83,7 @@ def test_resume_replays_an_uninterrupted_run(tmp_path):
     for key in ("train_loss", "val_loss", "step"):
         assert first[0][key] == second[0][key] and first[2][key] == second[2][key]
     states = [checkpoint.restore_state(*checkpoint.require_checkpoint(d), init_state(
-        checkpoint.restore_meta(*checkpoint.require_checkpoint(d))[0], 0.01, 0)) for d in (straight, resumed)]
+        *checkpoint.restore_meta(*checkpoint.require_checkpoint(d))[:2], seed=0)) for d in (straight, resumed)]
     for a, b in zip(jax.tree_util.tree_leaves(states[0]), jax.tree_util.tree_leaves(states[1])):
         np.testing.assert_array_equal(a, b)
 
