@@ -113,6 +113,11 @@ def split(poems: list[str], fraction: float) -> tuple[list[str], list[str]]:
 
 
 VERSE_BREAKS = re.compile("[，。！？；：、]")
+
+
+def lines_of(poem: str) -> list[str]:
+    """The verse lines of a poem (without G/E), without their punctuation."""
+    return [line for line in VERSE_BREAKS.split(poem.strip(START + END)) if line]
 MIN_SHARED_LINE = 4     # lines shorter than this (e.g. 3-character refrains) never make poems near-repeats
 
 
@@ -285,6 +290,7 @@ class Dataset:
     """A run's data as training sees it: the split, the vocabulary and the bucketed sets."""
     train_poems: list[str]     # wrapped poems (G ... E) of the training side, without titles
     val_poems: list[str]
+    val_sequences: list[str]   # what the model reads of each validation poem (title + poem with titles)
     vocab: list[str]
     train: BucketedData
     val: BucketedData
@@ -297,8 +303,10 @@ def make_dataset(corpus: Corpus, train_config, vocab: list[str] | None = None) -
     train_ids, val_ids, counts = split_indices(poems, train_config.val_fraction, train_config.split)
     read = functools.partial(sequences, corpus, titles=train_config.titles, max_title=train_config.max_title)
     vocab = vocab or build_vocab(read(range(len(poems))))
-    train_data, val_data = bucket_split(read(train_ids), read(val_ids), vocab, train_config.num_buckets)
-    return Dataset([poems[i] for i in train_ids], [poems[i] for i in val_ids], vocab, train_data, val_data, counts)
+    val_sequences = read(val_ids)
+    train_data, val_data = bucket_split(read(train_ids), val_sequences, vocab, train_config.num_buckets)
+    return Dataset([poems[i] for i in train_ids], [poems[i] for i in val_ids], val_sequences, vocab, train_data,
+                   val_data, counts)
 
 
 def epoch_plan(data: BucketedData, batch_size: int, seed: int, epoch: int,

@@ -7,7 +7,7 @@ corpus form: form validity, 押韵 (rhyme) and 平仄 (tones) by the Pingshui rh
 diversity, repetition, lines copied from the training poems, length and speed.
 
 Definitions (a poem is a string like "白日依山尽，黄河入海流。欲穷千里目，更上一层楼。"):
-- lines: the verse lines, split on ，。！？； and without them. n-grams never span two lines.
+- lines: the verse lines, split on ，。！？；：、 and without them (data.lines_of). n-grams never span two lines.
 - distinct-n: unique n-grams / all n-grams, over every line of every poem of a row.
 - repeated 4-grams: per poem, the 4-grams (in line order) equal to an earlier 4-gram of the
   same poem, over all its 4-grams; averaged over the poems that have a 4-gram.
@@ -27,7 +27,9 @@ All shares are over all the row's poems (or lines); poems/s is timed after a war
 """
 
 import argparse
+import dataclasses
 import functools
+from dataclasses import dataclass
 import json
 import re
 import sys
@@ -40,20 +42,42 @@ import numpy as np
 from tangshi_jax import checkpoint, data, sample, train
 from tangshi_jax.devices import PLATFORMS, use_platform
 from tangshi_jax.errors import TangshiError, run_cli
+from tangshi_jax.loss import head_nll_positions
+from tangshi_jax.model import PoemModel, head_weights, initial_carry
+from tangshi_jax.data import lines_of
 from tangshi_jax.rules import FORMS, is_hanzi, to_traditional
 
 PUNCTUATION = "，。！？；"
 BEGINS = "日月山风春花秋云"
-# (row name, form, rhyme, tones, acrostic heads): free sampling, each form plain, rhymed, rhymed
-# and tonal, then rhymed acrostic quatrains of 5 and 7 characters.
-SETTINGS = [("free", None, False, False, None)] + [
-    (name + suffix, name, rhyme, tones, None) for name in FORMS
+# Keyword requests of the keyword rows, cycled over the poems of a row.
+KEYWORDS = [("春", "雨", "夜"), ("秋", "月"), ("山", "水"), ("江", "舟"), ("花", "酒"), ("风", "雪"), ("边", "塞"),
+            ("离", "别")]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row of sampled poems: how they are asked for."""
+    name: str
+    form: str | None = None
+    rhyme: bool = False
+    tones: bool = False
+    heads: str | None = None      # acrostic characters
+    candidates: int = 1           # drafts per poem, the best by sample.score_poem kept
+    topic: str | None = None      # "title" (validation titles) or "keywords" (KEYWORDS): given to the model
+    baseline: bool = False        # with a topic: the same topics measured, but not given to the model
+
+
+# Free sampling, each form plain, rhymed, rhymed and tonal, then rhymed acrostic quatrains of 5
+# and 7 characters; then the best of 8 drafts against one; then poems on a title or keywords
+# (models trained with --titles) beside the same topics not given.
+SETTINGS = [Setting("free")] + [
+    Setting(name + suffix, name, rhyme, tones) for name in FORMS
     for suffix, rhyme, tones in (("", False, False), ("+rhyme", True, False), ("+rhyme+tones", True, True))] + [
-    ("acrostic5+rhyme", "wujue", True, False, "春夏秋冬"), ("acrostic7+rhyme", "qijue", True, False, "明月清风")]
-
-
-def lines_of(poem: str) -> list[str]:
-    return [line for line in re.split(f"[{PUNCTUATION}]", poem) if line]
+    Setting("acrostic5+rhyme", "wujue", True, heads="春夏秋冬"), Setting("acrostic7+rhyme", "qijue", True, heads="明月清风"),
+    Setting("free/best8", candidates=8), Setting("qijue+rhyme+tones/best8", "qijue", True, True, candidates=8),
+    Setting("title", topic="title"), Setting("title-baseline", topic="title", baseline=True),
+    Setting("keywords", topic="keywords"), Setting("keywords-baseline", topic="keywords", baseline=True),
+    Setting("qijue+rhyme+tones+keywords", "qijue", True, True, topic="keywords")]
 
 
 def form_of(poem: str) -> str | None:
@@ -102,8 +126,10 @@ def tones_ok(poem: str) -> bool:
     return checker().check_poem_pingze_meter(to_traditional(poem))[0]
 
 
-def measure(poems: list[str], form: str | None, training_lines: set[str], heads: str | None = None) -> dict:
-    """The row's figures (None where a figure has nothing to count); heads: acrostic characters."""
+def measure(poems: list[str], form: str | None, training_lines: set[str], heads: str | None = None,
+            topics: list[str] | None = None, scores: list[float] | None = None) -> dict:
+    """The row's figures (None where a figure has nothing to count); heads: acrostic characters;
+    topics: each poem's title or keywords; scores: sample.score_poem of each poem."""
     valid = [form_of(poem) is not None if form is None else form_of(poem) == form for poem in poems]
     lines = [line for poem in poems for line in lines_of(poem)]
     share = lambda flags: float(np.mean(flags)) if len(flags) else None
@@ -114,6 +140,8 @@ def measure(poems: list[str], form: str | None, training_lines: set[str], heads:
             "repeated_4grams": mean(repeated_share(poem) for poem in poems),
             "copied_lines": share([line in training_lines for line in lines]),
             "heads_ok": share([[line[0] for line in lines_of(poem)] == list(heads) for poem in poems]) if heads else None,
+            "on_topic": share([bool(set(topic) & set(poem)) for topic, poem in zip(topics, poems)]) if topics else None,
+            "score": mean(scores) if scores else None,
             "mean_length": mean(len(re.sub(f"[{PUNCTUATION}]", "", poem)) for poem in poems)}
 
 
@@ -137,59 +165,137 @@ def validation_nll(params, model_config, train_config, val_data) -> dict | None:
                           train_config.batch_size)
 
 
-def sample_setting(params, model_config, vocab, form, rhyme, tones, num: int, seed: int, acrostic=None,
-                   **sampling):
-    """num poems, begins cycled over BEGINS (none for an acrostic); returns (poems, poems per
-    second after a warm-up). sampling: temperature, top_p, ... as sample.write_poems takes them."""
+def setting_topics(setting: Setting, num: int, val_titles: list[str], vocab: list[str]) -> list[str] | None:
+    """The title or keywords of each poem of a row (None for rows without a topic); keywords
+    outside the vocabulary are left out."""
+    fallback = "".join([char for char in vocab if is_hanzi(char)][:2])     # the two commonest characters
+    if setting.topic == "title":
+        titles = [title for title in val_titles if title] or [fallback]
+        return [titles[index % len(titles)] for index in range(num)]
+    if setting.topic == "keywords":
+        known = set(vocab)
+        requests = ["".join(word for word in words if word in known) for words in KEYWORDS]
+        requests = [words for words in requests if words] or [fallback]
+        return [requests[index % len(requests)] for index in range(num)]
+    return None
+
+
+def sample_setting(params, model_config, vocab, setting: Setting, num: int, seed: int, topics=None, max_title: int = 0,
+                   corpus_lines=None, **sampling):
+    """num poems, begins cycled over BEGINS (none for an acrostic or a topic); returns (poems,
+    their scores, poems per second after a warm-up). sampling: temperature, top_p, ... as
+    sample.write_poems takes them."""
     begins = [char for char in BEGINS if char in vocab] or [next(c for c in vocab if c not in "GE，。")]
-    begins = [None] if acrostic else begins
+    begins = [None] if setting.heads or topics else begins
     counts = [num // len(begins) + (index < num % len(begins)) for index in range(len(begins))]
-    plan = [(begin, count) for begin, count in zip(begins, counts) if count]
-    write = lambda begin, count, offset: sample.write_poems(params, model_config, vocab, begin, num=count,
-                                                           seed=seed + offset, form=form, rhyme=rhyme, tones=tones,
-                                                           acrostic=acrostic, **sampling)
-    for count in {count for _, count in plan}:        # compile every batch size before timing
-        write(plan[0][0], count, 0)
+    plan = [(begin, count, sum(counts[:index])) for index, (begin, count) in enumerate(zip(begins, counts)) if count]
+    given = topics if topics and not setting.baseline else None
+
+    def write(begin, count, first, offset):
+        return sample.write_poems(params, model_config, vocab, begin, num=count, seed=seed + offset, form=setting.form,
+                                  rhyme=setting.rhyme, tones=setting.tones, acrostic=setting.heads,
+                                  title=given[first:first + count] if given else None, max_title=max_title,
+                                  candidates=setting.candidates, corpus_lines=corpus_lines, with_scores=True,
+                                  **sampling)
+    for count in {count for _, count, _ in plan}:        # compile every batch size before timing
+        write(plan[0][0], count, 0, 0)
     started = time.perf_counter()
-    poems = [poem for offset, (begin, count) in enumerate(plan) for poem in write(begin, count, offset)]
-    return poems, len(poems) / (time.perf_counter() - started)
+    written = [write(begin, count, first, offset) for offset, (begin, count, first) in enumerate(plan)]
+    seconds = time.perf_counter() - started
+    return ([poem for poems, _ in written for poem in poems], [score for _, scores in written for score in scores],
+            num / seconds)
+
+
+def quatrain_perplexity(params, model_config, dataset: data.Dataset, batch_size: int) -> dict:
+    """Per form of quatrain (五绝, 七绝) among the validation poems: NLL and perplexity over the
+    Chinese characters of lines 2-4 (the protocol of Zhang & Lapata 2014), each poem read
+    after its title when the model reads titles."""
+    nll_of = position_nll(model_config)
+    result = {}
+    for form in ("wujue", "qijue"):
+        chars = FORMS[form][1]
+        rows = [seq for seq in dataset.val_sequences if form_of(seq[seq.index(data.START) + 1:-1]) == form]
+        if not rows:
+            continue
+        bucketed = data.bucket_split(rows, [], dataset.vocab, 1)[0]
+        total, count = 0.0, 0
+        for bucket_index, picked in data.epoch_plan(bucketed, batch_size, 0, 0, shuffle=False):
+            batch = data.make_batch(bucketed, bucket_index, picked, batch_size)
+            nll = np.asarray(nll_of(params, batch["inputs"], batch["targets"]))
+            # Content character j is the target at position start + j; lines 2-4 begin at j = chars + 1.
+            content = np.arange(nll.shape[1])[None, :] - bucketed.starts[0][picked][:, None]
+            lines_2_to_4 = batch["chars"][:len(picked)] * (content >= chars + 1)
+            total += float((nll[:len(picked)] * lines_2_to_4).sum())
+            count += int(lines_2_to_4.sum())
+        result[form] = {"poems": len(rows), "nll": total / count, "ppl": train.perplexity(total / count)}
+    return result
+
+
+@functools.cache
+def position_nll(model_config):
+    """A jitted -log p(target) at every position, for inputs and targets (batch, time)."""
+    model = PoemModel(model_config)
+
+    @jax.jit
+    def nll(params, inputs, targets):
+        _, features = model.apply({"params": params}, inputs, initial_carry(model_config, inputs.shape[0]),
+                                  features_only=True)
+        kernel, bias = head_weights(params, model_config)
+        return head_nll_positions(features, kernel, bias, targets, model_config.relu_head)
+    return nll
 
 
 def evaluate_checkpoint(checkpoint_dir, data_path, num: int = 100, seed: int = 0, settings=SETTINGS,
                         log=print, **sampling) -> dict:
-    """Every figure of the report: validation NLL, one row per setting, one per corpus form."""
+    """Every figure of the report: validation NLL (all targets, characters only, quatrain lines
+    2-4, and without titles for a model that reads them), one row per setting, one per corpus form."""
     model_config, train_config, vocab, params, progress = sample.load_model(checkpoint_dir)
     step = progress["step"]
     data_path = data_path or train_config.data
-    dataset = load_dataset(data_path, train_config, vocab)
+    corpus = data.read_corpus(data_path)
+    dataset = data.make_dataset(corpus, train_config, vocab)
     unwrap = lambda wrapped: [poem[1:-1] for poem in wrapped]
     train_poems, val_poems = unwrap(dataset.train_poems), unwrap(dataset.val_poems)
     training_lines = {line for poem in train_poems for line in lines_of(poem)}
     val = validation_nll(params, model_config, train_config, dataset.val)
-    nll = val and val["nll"]
+    quatrains = quatrain_perplexity(params, model_config, dataset, train_config.batch_size)
+    untitled = None
+    if train_config.titles:      # the same model on the same poems, their titles withheld
+        plain = data.make_dataset(corpus, dataclasses.replace(train_config, titles=False), vocab)
+        untitled = validation_nll(params, model_config, train_config, plain.val)
+    val_titles = [seq[:seq.index(data.START)] for seq in dataset.val_sequences]
+    max_title = train_config.max_title if train_config.titles else 0
     rows = []
-    for name, form, rhyme, tones, heads in settings:
-        if heads and not set(heads) <= set(vocab):
-            log(f"skipping {name}: the vocabulary lacks some of {heads}")
+    for setting in settings:
+        if setting.heads and not set(setting.heads) <= set(vocab):
+            log(f"skipping {setting.name}: the vocabulary lacks some of {setting.heads}")
             continue
-        log(f"sampling {num} poems: {name}")
-        poems, speed = sample_setting(params, model_config, vocab, form, rhyme, tones, num, seed, heads, **sampling)
-        rows.append({"setting": name, **measure(poems, form, training_lines, heads), "poems_per_s": speed,
-                     "examples": poems[:3]})
+        if setting.topic and not setting.baseline and not max_title:
+            log(f"skipping {setting.name}: the model was trained without titles")
+            continue
+        topics = setting_topics(setting, num, val_titles, vocab)
+        log(f"sampling {num} poems: {setting.name}")
+        poems, scores, speed = sample_setting(params, model_config, vocab, setting, num, seed, topics, max_title,
+                                              training_lines, **sampling)
+        rows.append({"setting": setting.name, **measure(poems, setting.form, training_lines, setting.heads, topics, scores),
+                     "poems_per_s": speed, "examples": poems[:3]})
     for form in FORMS:
         poems = reference_poems(val_poems, form, num, seed)
         rows.append({"setting": f"corpus {form}", **measure(poems, form, training_lines),
                      "poems_per_s": None, "examples": poems[:3]})
+    figures = lambda result, key: (result and result[key], train.perplexity(result[key]) if result else None)
+    (nll, ppl), (char_nll, char_ppl) = figures(val, "nll"), figures(val, "char_nll")
     return {"checkpoint_dir": str(checkpoint_dir), "step": step, "epoch": progress["epoch"],
             "data": str(data_path), "num": num, "seed": seed, "sampling": sampling, "val_nll": nll,
-            "val_ppl": train.perplexity(nll) if val else None, "val_char_nll": val and val["char_nll"],
-            "val_char_ppl": train.perplexity(val["char_nll"]) if val else None, "rows": rows}
+            "val_ppl": ppl, "val_char_nll": char_nll, "val_char_ppl": char_ppl, "quatrains": quatrains,
+            "untitled_char_nll": untitled and untitled["char_nll"], "rows": rows}
 
 
 COLUMNS = [("form valid", "form_valid", "{:.0%}"), ("heads ok", "heads_ok", "{:.0%}"), ("rhyme ok", "rhyme_ok", "{:.0%}"),
            ("tones ok", "tones_ok", "{:.0%}"), ("distinct-1", "distinct_1", "{:.3f}"),
            ("distinct-2", "distinct_2", "{:.3f}"), ("repeated 4-grams", "repeated_4grams", "{:.1%}"),
-           ("copied lines", "copied_lines", "{:.1%}"), ("mean length", "mean_length", "{:.1f}"),
+           ("copied lines", "copied_lines", "{:.1%}"), ("on topic", "on_topic", "{:.0%}"), ("score", "score", "{:.2f}"),
+           ("mean length", "mean_length", "{:.1f}"),
            ("poems/s", "poems_per_s", "{:.1f}")]
 
 
@@ -198,7 +304,17 @@ def format_report(report: dict) -> str:
     head = (f"validation NLL {nll:.3f} nats/char, perplexity {report['val_ppl']:.1f}" if nll is not None
             else "validation NLL: no validation poems")
     sampling = ", ".join(f"{key} {value}" for key, value in report["sampling"].items())
-    lines = [f"{head} (step {report['step']}, epoch {report['epoch']}); sampling: {sampling}", "",
+    lines = [f"{head} (step {report['step']}, epoch {report['epoch']}); sampling: {sampling}"]
+    if report["val_char_nll"] is not None:
+        lines.append(f"Chinese characters only: NLL {report['val_char_nll']:.3f}, perplexity {report['val_char_ppl']:.1f}")
+    if report["untitled_char_nll"] is not None:
+        untitled = report["untitled_char_nll"]
+        lines.append(f"the same poems with their titles withheld: NLL {untitled:.3f}, perplexity "
+                     f"{train.perplexity(untitled):.1f} (the titles are worth {untitled - report['val_char_nll']:.3f} nats a character)")
+    for form, figures in report["quatrains"].items():
+        lines.append(f"{form} of the validation split ({figures['poems']}), lines 2-4, characters only: "
+                     f"NLL {figures['nll']:.3f}, perplexity {figures['ppl']:.1f}")
+    lines += ["",
              "| setting | poems | " + " | ".join(title for title, _, _ in COLUMNS) + " |",
              "|---|---:|" + "---:|" * len(COLUMNS)]
     for row in report["rows"]:
@@ -241,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write every figure, and a few poems of each row, to this file")
     parser.add_argument("--plot", help="loss curve PNG (default: loss.png in the checkpoint directory)")
-    parser.add_argument("--settings", default=",".join(name for name, *_ in SETTINGS),
+    parser.add_argument("--settings", default=",".join(setting.name for setting in SETTINGS),
                         help="comma-separated sampling settings to run (default: all)")
     parser.add_argument("--temperature", type=float, default=sample.DEFAULT_TEMPERATURE)
     parser.add_argument("--top-p", type=float, default=sample.DEFAULT_TOP_P)
@@ -254,7 +370,7 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     if args.num < 1:
         raise TangshiError(f"--num must be at least 1, got {args.num}")
-    by_name = {setting[0]: setting for setting in SETTINGS}
+    by_name = {setting.name: setting for setting in SETTINGS}
     unknown = [name for name in args.settings.split(",") if name not in by_name]
     if unknown:
         raise TangshiError(f"--settings: unknown {', '.join(unknown)}; choose among {', '.join(by_name)}")

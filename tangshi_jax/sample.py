@@ -28,6 +28,7 @@ MAX_LEN = 64            # a 七言律诗: 8 lines of 7 characters and 8 punctuat
 SENTENCE_END = "。！？"
 # Defaults chosen by `evaluate` over a grid of settings (README, "How the defaults were chosen").
 DEFAULT_TEMPERATURE, DEFAULT_TOP_P, DEFAULT_REPETITION_PENALTY = 0.8, 1.0, 1.5
+DEFAULT_CANDIDATES = 1
 BLOCK = 64   # vocabulary entries per block of the two-level inverse-CDF sampler
 TOP_K_RANGE, TOP_K_ITERATIONS = 24.0, 16
 
@@ -139,7 +140,7 @@ def update_rules(plan, prosody, t, chosen, alive, required, second_end):
 
 @functools.partial(jax.jit, static_argnames=("model_config", "num", "max_len", "top_k", "greedy",
                                              "start_id", "end_id", "with_log_probs"))
-def generate(params, plan, prosody, key, temperature, top_p=1.0, repetition_penalty=0.0, *,
+def generate(params, plan, prosody, key, temperature, top_p=1.0, repetition_penalty=0.0, carry=None, *,
              model_config: ModelConfig, num: int, max_len: int, top_k: int, greedy: bool,
              start_id: int, end_id: int, with_log_probs: bool = False):
     """Write `num` poems of at most `max_len` characters after the start token.
@@ -147,7 +148,8 @@ def generate(params, plan, prosody, key, temperature, top_p=1.0, repetition_pena
     plan (see make_plan): per position, what stands there: anything, a Chinese character
     under the rules, or a forced token (the begin text, punctuation of a form, acrostic
     heads, the end). All of it is data, so one compiled program serves every begin text,
-    form and rule. Returns tokens (num, max_len + 1) with E after each poem's end, and, with
+    form and rule. carry: the state after reading each poem's title (read_titles), or None
+    for a zero state. Returns tokens (num, max_len + 1) with E after each poem's end, and, with
     with_log_probs, the model's own log-probability of every token (num, max_len; zeros
     otherwise: it costs a pass over the vocabulary a step).
     """
@@ -159,7 +161,8 @@ def generate(params, plan, prosody, key, temperature, top_p=1.0, repetition_pena
     required = jnp.broadcast_to(plan["rhyme_groups"], (num, prosody["rhymes"].shape[1]))
     second_end = jnp.zeros_like(required)
     used = jnp.zeros((num, vocab_size), bool)
-    state = (0, initial_carry(model_config, num), tokens, log_probs, jnp.zeros(num, bool),
+    carry = initial_carry(model_config, num) if carry is None else carry
+    state = (0, carry, tokens, log_probs, jnp.zeros(num, bool),
              alive, required, second_end, used)
     bar_start = jnp.zeros(vocab_size).at[start_id].set(-jnp.inf)
     bar_end = bar_start.at[end_id].set(-jnp.inf)
@@ -196,6 +199,49 @@ def generate(params, plan, prosody, key, temperature, top_p=1.0, repetition_pena
     return final[2], final[3]
 
 
+@functools.partial(jax.jit, static_argnames=("model_config",))
+def read_titles(params, titles, lengths, *, model_config: ModelConfig):
+    """The recurrent state after reading each row's title: titles (rows, max_title) of ids,
+    lengths (rows,); positions past a row's length leave its state as it was."""
+    model = PoemModel(model_config)
+
+    def step(carry, xs):
+        tokens, t = xs
+        new, _ = model.apply({"params": params}, tokens[:, None], carry)
+        keep = (t < lengths)[:, None]
+        return jax.tree_util.tree_map(lambda n, o: jnp.where(keep, n, o), new, carry), None
+
+    carry, _ = jax.lax.scan(step, initial_carry(model_config, titles.shape[0]),
+                            (titles.T, jnp.arange(titles.shape[1])))
+    return carry
+
+
+def title_ids(title: str, vocab: list[str], max_title: int, flag: str = "--title") -> list[int]:
+    """Ids of a title as training read titles: Chinese characters only, the first max_title."""
+    kept = data.clean_title(title)
+    if not kept:
+        raise TangshiError(f"{flag} {title!r} has no Chinese character; give a title such as 春夜喜雨")
+    return begin_ids(kept[:max_title], vocab, max_title, flag=flag)
+
+
+def keywords_title(keywords: list[str]) -> str:
+    """Keywords are read the way titles are: joined in the order given."""
+    if not keywords or not all(word.strip() for word in keywords):
+        raise TangshiError("--keywords needs one or more words, e.g. --keywords 春 雨 夜")
+    return "".join(word.strip() for word in keywords)
+
+
+def title_carry(params, model_config, vocab, titles: list[str | None], max_title: int):
+    """The initial state of each poem: after its title, or zero where the title is None."""
+    ids = np.zeros((len(titles), max_title), np.int32)
+    lengths = np.zeros(len(titles), np.int32)
+    for row, title in enumerate(titles):
+        if title is not None:
+            row_ids = title_ids(title, vocab, max_title)
+            ids[row, :len(row_ids)], lengths[row] = row_ids, len(row_ids)
+    return read_titles(params, ids, lengths, model_config=model_config)
+
+
 def begin_ids(begin: str, vocab: list[str], max_len: int, flag: str = "--begin") -> list[int]:
     """Ids of the begin text; a character missing from the vocabulary is tried in simplified form."""
     begin = begin.strip()
@@ -212,7 +258,7 @@ def begin_ids(begin: str, vocab: list[str], max_len: int, flag: str = "--begin")
             simplified = to_simplified(char)
             if simplified not in ids:
                 raise TangshiError(f"{flag} character {char!r} is not in the model's vocabulary of "
-                                   f"{len(vocab):,} characters; begin with another character")
+                                   f"{len(vocab):,} characters; use another character")
             char = simplified
         result.append(ids[char])
     return result
@@ -307,8 +353,18 @@ def write_poems(params, model_config, vocab, begin: str | None = None, num: int 
                 repetition_penalty: float = DEFAULT_REPETITION_PENALTY, greedy: bool = False,
                 max_len: int = MAX_LEN, seed: int = 0, form: str | None = None, acrostic: str | None = None,
                 line_length: int = 7, rhyme: bool = False, rhyme_group: str | None = None, tones: bool = False,
-                loose_tones: bool = False, min_len: int = 0) -> list[str]:
-    """Poems as strings (without G/E); see the command's flags for the meaning of each option."""
+                loose_tones: bool = False, min_len: int = 0, title: str | list[str] | None = None,
+                max_title: int = 0, candidates: int = 1, corpus_lines: set[str] | None = None,
+                with_scores: bool = False) -> list[str] | tuple[list[str], list[float]]:
+    """Poems as strings (without G/E); see the command's flags for the meaning of each option.
+
+    title: one title for every poem, or a title per poem; max_title: the title length the
+    model was trained with (0: it reads no titles, and a title is an error). candidates: drafts
+    written per poem in the same batch, the best by `score_poem` kept; corpus_lines: lines of
+    the training poems, which the score penalises copying. with_scores: also the kept poems' scores."""
+    if title is not None and not max_title:
+        raise TangshiError("this model was trained without titles, so --title and --keywords cannot steer it; "
+                           "train one with `python -m tangshi_jax.train --titles --checkpoint-dir checkpoints-titles`")
     ids = begin_ids(begin, vocab, max_len) if begin is not None else []
     heads = None
     if acrostic is not None:
@@ -326,11 +382,54 @@ def write_poems(params, model_config, vocab, begin: str | None = None, num: int 
     plan = make_plan(vocab, max_len, ids, form=form, heads=heads, rhyme=rhyme or group is not None,
                      rhyme_group=group, tones=tones, loose_tones=loose_tones, min_len=min_len)
     start_id, end_id = vocab.index(data.START), vocab.index(data.END)
-    tokens, _ = generate(params, plan, device_prosody(vocab), jax.random.key(seed), jnp.float32(temperature),
-                         jnp.float32(top_p), jnp.float32(repetition_penalty), model_config=model_config,
-                         num=num, max_len=max_len, top_k=min(top_k, len(vocab)), greedy=greedy,
-                         start_id=start_id, end_id=end_id)
-    return [decode(row, vocab, end_id) for row in np.asarray(tokens)]
+    carry = None
+    if title is not None:
+        titles = [title] * num if isinstance(title, str) else list(title)
+        # Drafts of poem i are rows i*candidates ... (i+1)*candidates - 1.
+        carry = title_carry(params, model_config, vocab, [t for t in titles for _ in range(candidates)], max_title)
+    scoring = candidates > 1 or with_scores
+    tokens, log_probs = generate(params, plan, device_prosody(vocab), jax.random.key(seed), jnp.float32(temperature),
+                                 jnp.float32(top_p), jnp.float32(repetition_penalty), carry, model_config=model_config,
+                                 num=num * candidates, max_len=max_len, top_k=min(top_k, len(vocab)), greedy=greedy,
+                                 start_id=start_id, end_id=end_id, with_log_probs=scoring)
+    drafts = [decode(row, vocab, end_id) for row in np.asarray(tokens)]
+    if not scoring:
+        return drafts
+    written = plan["kind"][1:] != rules.FORCED             # positions the model chose (not begin, heads, marks)
+    scores = [score_poem(poem, row_log_probs, written, corpus_lines) for poem, row_log_probs in
+              zip(drafts, np.asarray(log_probs))]
+    best = [max(range(i * candidates, (i + 1) * candidates), key=scores.__getitem__) for i in range(num)]
+    poems = [drafts[row] for row in best]
+    return (poems, [scores[row] for row in best]) if with_scores else poems
+
+
+# The reranking score's weights: nats taken off per share of copied lines and of repeated characters.
+COPY_WEIGHT, REPEAT_WEIGHT = 2.0, 1.0
+
+
+def score_poem(poem: str, log_probs: np.ndarray, written: np.ndarray, corpus_lines: set[str] | None) -> float:
+    """The mean log-probability the model gave the Chinese characters it chose (begin text,
+    acrostic heads and punctuation excluded), minus COPY_WEIGHT × the share of lines found in
+    corpus_lines and REPEAT_WEIGHT × the share of characters that repeat an earlier one."""
+    chars = [i for i, char in enumerate(poem) if data.is_hanzi(char) and written[i]]
+    if not chars:
+        return -np.inf
+    mean_log_prob = float(np.mean(log_probs[chars]))
+    hanzi = [char for char in poem if data.is_hanzi(char)]
+    repeated = 1 - len(set(hanzi)) / len(hanzi)
+    lines = data.lines_of(poem)
+    copied = sum(line in corpus_lines for line in lines) / len(lines) if corpus_lines and lines else 0.0
+    return mean_log_prob - COPY_WEIGHT * copied - REPEAT_WEIGHT * repeated
+
+
+def corpus_lines(path) -> set[str] | None:
+    """Every line of the poems file a model was trained on, for the score's copy penalty; None
+    (no penalty, and a note) when that file is not at hand: sampling never needs it otherwise."""
+    try:
+        return {line for poem in data.read_corpus(path).poems for line in data.lines_of(poem)}
+    except TangshiError:
+        print(f"note: {path} is not at hand, so the drafts' score cannot penalise copied lines", file=sys.stderr)
+        return None
 
 
 def check_sampling(temperature: float, top_p: float) -> None:
@@ -343,7 +442,11 @@ def check_sampling(temperature: float, top_p: float) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tangshi_jax.sample", description=__doc__.splitlines()[0])
     parser.add_argument("--begin", default=None, help="first character(s) of the poem (default: the model's choice)")
+    parser.add_argument("--title", default=None, help="a title to write on (models trained with --titles)")
+    parser.add_argument("--keywords", nargs="+", default=None, help="words to write on, read as a title, e.g. 春 雨 夜")
     parser.add_argument("--num", type=int, default=1, help="poems written together in one batch")
+    parser.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES,
+                        help="drafts written per poem, the best kept (mean log-probability, less copied lines and repeats)")
     parser.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="below 1 is safer, above 1 wilder")
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest characters (0: all)")
     parser.add_argument("--top-p", type=float, default=DEFAULT_TOP_P, help="sample among the likeliest characters that "
@@ -371,13 +474,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    if args.num < 1 or args.max_len < 1 or args.top_k < 0:
-        raise TangshiError("--num and --max-len must be at least 1 and --top-k at least 0")
+    if args.num < 1 or args.max_len < 1 or args.top_k < 0 or args.candidates < 1:
+        raise TangshiError("--num, --candidates and --max-len must be at least 1 and --top-k at least 0")
     check_sampling(args.temperature, args.top_p)
     form = rules.parse_form(args.form) if args.form else None
     use_platform(args.platform)
-    model_config, _, vocab, params, _ = load_model(args.checkpoint_dir)
+    if args.title is not None and args.keywords is not None:
+        raise TangshiError("give --title or --keywords, not both")
+    title = keywords_title(args.keywords) if args.keywords is not None else args.title
+    model_config, train_config, vocab, params, _ = load_model(args.checkpoint_dir)
     poems = write_poems(params, model_config, vocab, args.begin, num=args.num, temperature=args.temperature,
+                        title=title, max_title=train_config.max_title if train_config.titles else 0,
+                        candidates=args.candidates,
+                        corpus_lines=corpus_lines(train_config.data) if args.candidates > 1 else None,
                         top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                         greedy=args.greedy, max_len=args.max_len, seed=args.seed, form=form,
                         acrostic=args.acrostic, line_length=args.line_length, rhyme=args.rhyme,
@@ -386,8 +495,8 @@ def main(argv=None) -> None:
         poems = [rules.opencc_converter("s2t").convert(poem) for poem in poems]
     for index, poem in enumerate(poems):
         if args.json:
-            print(json.dumps({"begin": args.begin or "", "poem": poem, "lines": split_lines(poem)},
-                             ensure_ascii=False))
+            print(json.dumps({"begin": args.begin or "", "title": title or "", "poem": poem,
+                              "lines": split_lines(poem)}, ensure_ascii=False))
         else:
             print(("\n" if index else "") + "\n".join(split_lines(poem)))
 

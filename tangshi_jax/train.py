@@ -222,12 +222,13 @@ def train(train_config: TrainConfig, model_settings: dict, checkpoint_dir: str |
     saved_step = manager.latest_step()
     saved = checkpoint.restore_meta(manager, saved_step) if saved_step is not None else None
 
+    if saved:     # before reading any data: a mismatch is named, not met as an odd character later
+        check_resumable(saved.model_config, ModelConfig(vocab_size=len(saved.vocab), **model_settings),
+                        saved.train_config, train_config, directory)
     corpus = load_poems(train_config, log)
     dataset = data.make_dataset(corpus, train_config, saved.vocab if saved else None)
     vocab, train_data, val_data = dataset.vocab, dataset.train, dataset.val
     model_config = ModelConfig(vocab_size=len(vocab), **model_settings)
-    if saved:
-        check_resumable(saved.model_config, model_config, saved.train_config, train_config, directory)
     progress = saved.progress if saved else {"epoch": 0, "batch": 0, "step": 0}
     if progress["epoch"] >= train_config.epochs:
         log(f"{directory} is already trained for {progress['epoch']} epochs; raise --epochs to train on")

@@ -162,3 +162,48 @@ def test_batches_cover_every_poem_once_with_fixed_shapes():
     assert real == bucketed.num_tokens == sum(len(t) - 1 for t in encoded)
     computed = sum(buckets[b] * 10 for b, _ in plan)
     assert data.padded_share(bucketed, 10) == pytest.approx(1 - real / computed)
+
+
+def test_titles_are_kept_beside_their_poems_with_chinese_characters_only(tmp_path):
+    path = tmp_path / "poems.txt"
+    path.write_text("春夜喜雨 (其一):好雨知时节，当春乃发生。\n短:四个字啊\n《静夜思》:床前明月光，疑是地上霜。\n",
+                    encoding="utf-8")
+    corpus = data.read_corpus(path)
+    assert corpus.poems == ["G好雨知时节，当春乃发生。E", "G床前明月光，疑是地上霜。E"]
+    assert corpus.titles == ["春夜喜雨其一", "静夜思"]
+    assert data.sequences(corpus, [1, 0], titles=True, max_title=3) == ["静夜思G床前明月光，疑是地上霜。E",
+                                                                        "春夜喜G好雨知时节，当春乃发生。E"]
+    assert data.sequences(corpus, [1], titles=False, max_title=3) == ["G床前明月光，疑是地上霜。E"]
+
+
+def test_a_title_is_read_but_not_trained_and_chars_exclude_punctuation_and_end():
+    vocab = ["E", "G", "，", "。", "春", "夜", "雨", "好", "知"]
+    poems = ["春夜G好雨，知。E", "G好雨。E"]
+    bucketed, _ = data.bucket_split(poems, [], vocab, 1)
+    batch = data.make_batch(bucketed, 0, np.arange(2), 3)
+    # Row 0 reads 春 夜 G 好 雨 ， 知 。 ; targets 夜 G 好 雨 ， 知 。 E: the loss starts at the target after G.
+    assert batch["mask"][0].tolist() == [0, 0, 1, 1, 1, 1, 1, 1]
+    assert batch["chars"][0].tolist() == [0, 0, 1, 1, 0, 1, 0, 0]
+    assert batch["mask"][1].tolist() == [1, 1, 1, 1, 0, 0, 0, 0]   # 好 雨 。 E, then padding
+    assert batch["chars"][1].tolist() == [1, 1, 0, 0, 0, 0, 0, 0]
+    assert not batch["mask"][2].any()                                 # the fill of a short batch
+
+
+def test_near_repeats_fall_on_one_side_and_exact_repeats_are_trained_once():
+    base = "白日依山尽，黄河入海流。欲穷千里目，更上一层楼。"
+    variant = "白日依山尽，黄河入海流。欲穷千里目，更上二层楼。"      # one line changed: 3 of 4 shared
+    distant = "白日依山尽，春风不度关。明月何时照，我还故乡来。"       # 1 of 4 shared: not a near-repeat
+    others = [f"G{'春夏秋冬'[i % 4]}江{i:03d}水，花月{i:03d}明。E".replace("0", "零").replace("1", "一")
+              for i in range(200)]
+    poems = ["G" + base + "E", "G" + variant + "E", "G" + distant + "E", "G" + base + "E"] + others
+    groups = data.near_repeat_groups(poems)
+    assert groups[0] == groups[1] == groups[3] and groups[2] != groups[0]
+    for fraction in (0.0, 1.0, 0.3):
+        train, val, counts = data.split_indices(poems, fraction, "grouped")
+        assert 3 not in train + val and counts.exact_repeats == 1        # the second copy of base
+        assert (0 in val) == (1 in val)                                  # the group stays together
+        assert sorted(train + val) == [i for i in range(len(poems)) if i != 3]
+    assert counts.near_groups == 1 and counts.near_poems == 3
+    hashed_train, hashed_val, _ = data.split_indices(poems, 0.3, "hash")
+    assert (hashed_train, hashed_val) == tuple(
+        [[i for i, p in enumerate(poems) if data.is_validation(p, 0.3) == side] for side in (False, True)])

@@ -145,7 +145,7 @@ def test_unknown_setting_is_a_clear_error(trained_run, capsys):
 
 def test_form_settings_write_their_form(trained_run):
     directory, poems_path, _ = trained_run
-    settings = [setting for setting in evaluate.SETTINGS if setting[1] == "wujue"]
+    settings = [setting for setting in evaluate.SETTINGS if setting.form == "wujue" and not setting.topic]
     report = evaluate.evaluate_checkpoint(directory, poems_path, num=4, settings=settings, log=lambda message: None)
     for row in report["rows"][:len(settings)]:
         assert row["form_valid"] == 1.0
@@ -161,3 +161,48 @@ def test_heads_ok_counts_acrostic_heads():
     figures = evaluate.measure([DENGGUANQUE, JINGYESI], "wujue", set(), heads="白黄欲更")
     assert figures["heads_ok"] == 0.5
     assert evaluate.measure([DENGGUANQUE], "wujue", set())["heads_ok"] is None
+
+
+def test_quatrain_perplexity_counts_the_characters_of_lines_2_to_4():
+    import types
+
+    import jax
+    import numpy as np
+
+    from tangshi_jax.config import ModelConfig
+    from tangshi_jax.model import PoemModel, init_params, initial_carry
+
+    quatrain5 = "G白日依山尽，黄河入海流。欲穷千里目，更上一层楼。E"
+    titled7 = "早发G朝辞白帝彩云间，千里江陵一日还。两岸猿声啼不住，轻舟已过万重山。E"
+    vocab = sorted(set(quatrain5 + titled7 + "春"))
+    config = ModelConfig(vocab_size=len(vocab), hidden=8, embed=4)
+    params = init_params(config, jax.random.key(0))
+    dataset = types.SimpleNamespace(vocab=vocab, val_sequences=[quatrain5, titled7, "G春春春春春E"])
+    result = evaluate.quatrain_perplexity(params, config, dataset, batch_size=4)
+
+    def reference(sequence, chars):
+        ids = np.array([vocab.index(c) for c in sequence])
+        _, logits = PoemModel(config).apply({"params": params}, ids[None, :-1], initial_carry(config, 1))
+        logits = np.asarray(logits[0], np.float64)
+        nll = np.log(np.exp(logits).sum(-1)) - logits[np.arange(len(ids) - 1), ids[1:]]
+        start = sequence.index("G")
+        # Targets are the characters after G: line 1 and its comma are skipped, punctuation and E too.
+        picked = [p for p in range(start + chars + 1, len(ids) - 1) if sequence[p + 1] not in "，。E"]
+        assert len(picked) == 3 * chars
+        return nll[picked].mean()
+    assert set(result) == {"wujue", "qijue"} and result["wujue"]["poems"] == result["qijue"]["poems"] == 1
+    assert result["wujue"]["nll"] == pytest.approx(reference(quatrain5, 5), rel=1e-5)
+    assert result["qijue"]["nll"] == pytest.approx(reference(titled7, 7), rel=1e-5)
+    assert result["qijue"]["ppl"] == pytest.approx(np.exp(result["qijue"]["nll"]))
+
+
+def test_title_and_keyword_rows_measure_the_topic(titles_run):
+    directory, poems_path = titles_run
+    names = ["title", "title-baseline", "keywords", "qijue+rhyme+tones/best8"]
+    settings = [setting for setting in evaluate.SETTINGS if setting.name in names]
+    report = evaluate.evaluate_checkpoint(directory, poems_path, num=4, settings=settings, log=lambda message: None)
+    rows = {row["setting"]: row for row in report["rows"]}
+    assert all(0 <= rows[name]["on_topic"] <= 1 for name in names[:3]) and rows[names[3]]["on_topic"] is None
+    assert rows[names[3]]["form_valid"] == rows[names[3]]["rhyme_ok"] == rows[names[3]]["tones_ok"] == 1.0
+    assert report["untitled_char_nll"] is not None and report["val_char_nll"] is not None
+    assert evaluate.measure(["春花，秋月。", "白日。"], None, set(), topics=["春雨", "夜"])["on_topic"] == 0.5

@@ -105,20 +105,56 @@ def test_padding_changes_neither_loss_nor_gradients():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_loss_is_the_masked_mean_nll_of_a_numpy_log_softmax():
-    config = ModelConfig(vocab_size=9, hidden=4, embed=3)
+@pytest.mark.parametrize("tied", [False, True])
+def test_loss_is_the_masked_mean_nll_of_a_numpy_log_softmax(tied):
+    config = ModelConfig(vocab_size=9, hidden=4, embed=3, tied=tied)
     params = init_params(config, jax.random.key(3))
     _, eval_step = make_steps(config, TrainConfig())
     rng = np.random.default_rng(1)
     tokens = rng.integers(0, 9, size=(3, 6)).astype(np.int32)
     mask = (rng.random((3, 5)) < 0.7).astype(np.float32)
-    metrics = eval_step(params, {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": mask, "chars": mask})
+    chars = mask * (rng.random((3, 5)) < 0.6)
+    metrics = eval_step(params, {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": mask, "chars": chars})
     _, logits = PoemModel(config).apply({"params": params}, tokens[:, :-1], initial_carry(config, 3))
     logits = np.asarray(logits, np.float64)
+    if tied:    # the head is the embedding, read through a projection of the last layer
+        assert set(params) == {"embed", "layer_0", "layer_1", "project", "head_bias"}
     log_softmax = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     nll = -np.take_along_axis(log_softmax, tokens[:, 1:, None], -1)[..., 0]
     assert float(metrics["nll_sum"]) == pytest.approx((nll * mask).sum(), rel=1e-5)
     assert float(metrics["tokens"]) == mask.sum()
+    assert float(metrics["char_nll_sum"]) == pytest.approx((nll * chars).sum(), rel=1e-5)
+    assert float(metrics["chars"]) == chars.sum()
+
+
+def test_tied_training_gradients_match_the_plain_head():
+    config = ModelConfig(vocab_size=11, hidden=6, embed=5, tied=True)
+    params = init_params(config, jax.random.key(1))
+    rng = np.random.default_rng(2)
+    tokens = rng.integers(0, 11, size=(2, 7)).astype(np.int32)
+    mask = np.ones((2, 6), np.float32)
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": mask, "chars": mask}
+    state = {"params": params, "opt_state": make_optimizer(TrainConfig()).init(params),
+             "step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(jax.random.key(0))}
+    fused, _ = make_steps(config, TrainConfig())
+    plain, _ = make_steps(config, TrainConfig(), fused_head=False)
+    (fused_state, fused_metrics), (plain_state, plain_metrics) = fused(state, batch), plain(state, batch)
+    assert float(fused_metrics["nll_sum"]) == pytest.approx(float(plain_metrics["nll_sum"]), rel=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(fused_state["params"]), jax.tree_util.tree_leaves(plain_state["params"])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_dropout_acts_in_training_only_and_follows_its_key():
+    config = ModelConfig(vocab_size=12, hidden=8, embed=6, dropout=0.5)
+    params = init_params(config, jax.random.key(0))
+    model, tokens, carry = PoemModel(config), jnp.array([[1, 2, 3, 4]]), initial_carry(config, 1)
+    apply = lambda **kwargs: np.asarray(model.apply({"params": params}, tokens, carry, **kwargs)[1])
+    plain = ModelConfig(vocab_size=12, hidden=8, embed=6)
+    np.testing.assert_array_equal(apply(), PoemModel(plain).apply({"params": params}, tokens, carry)[1])
+    first = apply(train=True, rngs={"dropout": jax.random.key(1)})
+    assert not np.allclose(first, apply())
+    np.testing.assert_array_equal(first, apply(train=True, rngs={"dropout": jax.random.key(1)}))
+    assert not np.allclose(first, apply(train=True, rngs={"dropout": jax.random.key(2)}))
 
 
 def test_optimizer_follows_pytorch_rmsprop_with_clipping():

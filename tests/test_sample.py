@@ -1,4 +1,5 @@
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -129,3 +130,85 @@ def test_top_p_keeps_the_smallest_set_holding_that_mass():
     logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 20000))
     draws = np.asarray(sample.sample_tokens(jax.random.key(5), logits, 1.0, 0, 0.75))
     np.testing.assert_allclose(np.bincount(draws, minlength=4) / len(draws), [0.625, 0.375, 0, 0], atol=0.015)
+
+
+@pytest.fixture(scope="module")
+def titled(titles_run):
+    directory, _ = titles_run
+    loaded = sample.load_model(directory)
+    return directory, loaded
+
+
+def test_reading_a_title_in_a_padded_batch_equals_reading_it_alone(titled):
+    _, (model_config, _, vocab, params, _) = titled
+    title = [vocab.index(char) for char in "题" + words(vocab, 2)]
+    ids = np.zeros((2, 5), np.int32)
+    ids[0, :3], ids[1, :2] = title, title[:2]
+    carry = sample.read_titles(params, ids, np.array([3, 2]), model_config=model_config)
+    for row, length in ((0, 3), (1, 2)):
+        alone, _ = PoemModel(model_config).apply({"params": params}, np.array([title[:length]]),
+                                                 initial_carry(model_config, 1))
+        for got, expected in zip(jax.tree_util.tree_leaves(carry), jax.tree_util.tree_leaves(alone)):
+            np.testing.assert_allclose(np.asarray(got)[row], np.asarray(expected)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_a_title_steers_the_poems_and_keeps_every_rule(titled):
+    _, (model_config, train_config, vocab, params, _) = titled
+    write = lambda **kwargs: sample.write_poems(params, model_config, vocab, num=6, seed=3,
+                                                max_title=train_config.max_title, **kwargs)
+    first, second = "题" + words(vocab, 2), "题" + words(vocab, 4)[2:]
+    untitled, titled_poems = write(), write(title=first)
+    assert untitled != titled_poems and titled_poems == write(title=first)
+    assert write(title=first) != write(title=second)
+    heads = words(vocab, 4)
+    for poem in write(title=[first, second] * 3, form="qijue", rhyme=True, acrostic=heads):
+        assert [line[0] for line in re.split("[，。]", poem) if line] == list(heads)
+        assert re.fullmatch("([^，。]{7}，[^，。]{7}。){2}", poem)
+
+
+def test_title_errors_are_one_clear_line(trained_run, titled, capsys):
+    plain_directory, _, _ = trained_run
+    titled_directory, _ = titled
+    cases = [([plain_directory, "--title", "春夜喜雨"], "trained without titles"),
+             ([plain_directory, "--keywords", "春", "雨"], "trained without titles"),
+             ([titled_directory, "--title", "(ab)"], "has no Chinese character"),
+             ([titled_directory, "--title", "春", "--keywords", "雨"], "--title or --keywords, not both"),
+             ([titled_directory, "--keywords", " "], "--keywords needs one or more words"),
+             ([titled_directory, "--title", "龘"], "not in the model's vocabulary")]
+    for (directory, *flags), message in cases:
+        assert run_cli(sample.main, ["--checkpoint-dir", str(directory), *flags]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+
+
+def test_keywords_are_read_as_a_title(titled, capsys):
+    directory, (_, _, vocab, _, _) = titled
+    argv = ["--checkpoint-dir", str(directory), "--num", "2", "--seed", "4", "--json"]
+    one, two = words(vocab, 2)
+    assert run_cli(sample.main, argv + ["--keywords", one, two]) == 0
+    from_keywords = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert run_cli(sample.main, argv + ["--title", one + two]) == 0
+    from_title = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [p["poem"] for p in from_keywords] == [p["poem"] for p in from_title]
+    assert from_keywords[0]["title"] == one + two
+
+
+def test_the_best_draft_has_the_best_score_and_keeps_the_rules(loaded):
+    _, model_config, vocab, params = loaded
+    options = dict(seed=2, form="wujue", rhyme=True, tones=True, with_scores=True)
+    drafts, draft_scores = sample.write_poems(params, model_config, vocab, num=6, **options)
+    best, best_scores = sample.write_poems(params, model_config, vocab, num=2, candidates=3, **options)
+    for i in range(2):
+        pick = int(np.argmax(draft_scores[3 * i:3 * i + 3])) + 3 * i
+        assert best[i] == drafts[pick] and best_scores[i] == draft_scores[pick]
+    assert all(re.fullmatch("([^，。]{5}，[^，。]{5}。){2}", poem) for poem in best)
+
+
+def test_score_is_mean_log_prob_less_copies_and_repeats():
+    poem = "春花春月，秋风。"
+    log_probs = np.array([-1.0, -2.0, -3.0, -4.0, 0.0, -5.0, -6.0, 0.0, 0.0])
+    written = np.array([False, True, True, True, True, True, True, True, True])   # 春 was the begin text
+    # Chosen characters 花 春 月 风 秋: mean -4; 春 repeats (1 of 7 characters); 秋风 is a copied line (1 of 2).
+    expected = -4.0 - sample.COPY_WEIGHT * 0.5 - sample.REPEAT_WEIGHT * (1 / 6)
+    assert sample.score_poem(poem, log_probs, written, {"秋风"}) == pytest.approx(expected)
+    assert sample.score_poem(poem, log_probs, written, None) == pytest.approx(-4.0 - sample.REPEAT_WEIGHT / 6)

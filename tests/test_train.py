@@ -61,31 +61,55 @@ def test_orbax_round_trip_restores_every_array(tmp_path, trained_run):
     assert checkpoint.restore_meta(copy, step) == (model_config, train_config, vocab, progress)
 
 
-def test_resume_replays_an_uninterrupted_run(tmp_path):
+# The original's run, and one with dropout drawn from the saved RNG, a warm-up and a cosine.
+RESUMED_RUNS = {"original": (SMALL_MODEL, {}),
+                "dropout+cosine": (dict(SMALL_MODEL, dropout=0.3, tied=True),
+                                   dict(schedule="cosine", warmup_steps=3, decay_epochs=3, split="grouped"))}
+
+
+@pytest.mark.parametrize("run", RESUMED_RUNS)
+def test_resume_replays_an_uninterrupted_run(tmp_path, run):
+    model, settings = RESUMED_RUNS[run]
     data = write_poems(tmp_path / "poems.txt")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train(small_config(data, epochs=3), SMALL_MODEL, straight, log=quiet, show_progress=False)
-    train(small_config(data, epochs=1), SMALL_MODEL, resumed, log=quiet, show_progress=False)
+    config = lambda epochs: small_config(data, epochs=epochs, **settings)
+    train(config(3), model, straight, log=quiet, show_progress=False)
+    train(config(1), model, resumed, log=quiet, show_progress=False)
 
     # Stop the second leg after its first step of epoch 2 with a real SIGTERM, then resume.
     def stop_after_compiling(message):
         if message.startswith("compiled"):
             os.kill(os.getpid(), signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt):
-        train(small_config(data, epochs=3), SMALL_MODEL, resumed, log=stop_after_compiling, show_progress=False)
+        train(config(3), model, resumed, log=stop_after_compiling, show_progress=False)
     manager, step = checkpoint.require_checkpoint(resumed)
     assert checkpoint.restore_meta(manager, step)[3]["batch"] == 1
-    train(small_config(data, epochs=3), SMALL_MODEL, resumed, log=quiet, show_progress=False)
+    train(config(3), model, resumed, log=quiet, show_progress=False)
 
     # Epoch 2's mean covers only the batches after the stop; epochs 1 and 3 must agree exactly.
     first, second = metrics_of(straight), metrics_of(resumed)
     assert [m["epoch"] for m in second] == [1, 2, 3]
-    for key in ("train_loss", "val_loss", "step"):
+    for key in ("train_loss", "val_loss", "val_char_loss", "step"):
         assert first[0][key] == second[0][key] and first[2][key] == second[2][key]
     states = [checkpoint.restore_state(*checkpoint.require_checkpoint(d), init_state(
         *checkpoint.restore_meta(*checkpoint.require_checkpoint(d))[:2], seed=0)) for d in (straight, resumed)]
     for a, b in zip(jax.tree_util.tree_leaves(states[0]), jax.tree_util.tree_leaves(states[1])):
         np.testing.assert_array_equal(a, b)
+
+
+def test_char_loss_is_logged_and_lies_above_the_all_target_loss(trained_run):
+    directory, _, _ = trained_run
+    for record in metrics_of(directory):
+        # Punctuation and E are nearly free, so the characters alone cost more than all targets.
+        assert record["val_char_loss"] > record["val_loss"]
+        assert record["val_char_ppl"] == pytest.approx(np.exp(record["val_char_loss"]))
+
+
+def test_a_titles_run_records_how_it_was_trained(titles_run):
+    directory, _ = titles_run
+    manager, step = checkpoint.require_checkpoint(directory)
+    meta = checkpoint.restore_meta(manager, step)
+    assert meta.train_config.titles and "题" in meta.vocab
 
 
 def test_another_model_or_data_order_in_the_directory_is_refused(tmp_path, trained_run):
@@ -95,6 +119,8 @@ def test_another_model_or_data_order_in_the_directory_is_refused(tmp_path, train
         train(small_config(data, epochs=5), dict(SMALL_MODEL, cell="gru"), directory, log=quiet)
     with pytest.raises(TangshiError, match="another data order .*batch_size: 16 -> 8"):
         train(small_config(data, epochs=5, batch_size=8), SMALL_MODEL, directory, log=quiet)
+    with pytest.raises(TangshiError, match="another data order or schedule .*titles: False -> True"):
+        train(small_config(data, epochs=5, titles=True), SMALL_MODEL, directory, log=quiet)
     assert sorted(p.name for p in directory.iterdir()) == before
 
 

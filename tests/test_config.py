@@ -1,0 +1,47 @@
+import jax
+import numpy as np
+import optax
+import pytest
+
+from tangshi_jax.config import PRESETS, ModelConfig, TrainConfig, preset_configs
+from tangshi_jax.model import init_params
+from tangshi_jax.train import build_parser, configs_from_args, learning_rate
+
+
+def test_the_original_preset_is_the_course_exercise():
+    model_settings, train_config = preset_configs("original")
+    assert ModelConfig(vocab_size=10, **model_settings) == ModelConfig(
+        vocab_size=10, cell="lstm", layers=2, hidden=128, embed=100, relu_head=False, dropout=0.0, tied=False)
+    assert (train_config.optimizer, train_config.lr, train_config.schedule, train_config.batch_size,
+            train_config.split, train_config.titles) == ("rmsprop", 0.01, "constant", 100, "hash", False)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_builds_a_model(name):
+    model_settings, train_config = preset_configs(name)
+    config = ModelConfig(vocab_size=30, **model_settings)
+    params = init_params(config, jax.random.key(0))
+    assert params["layer_0"]["cell"]["recurrent"]["kernel"].shape[0] == config.hidden
+    assert ("project" in params) == config.tied and ("head" in params) == (not config.tied)
+    assert train_config.epochs >= 1 and 0 <= config.dropout < 1
+
+
+def test_flags_override_the_preset_and_epochs_set_a_new_runs_decay():
+    args = build_parser().parse_args(["--preset", "quick", "--hidden", "64", "--epochs", "2", "--no-tied"])
+    model_settings, train_config = configs_from_args(args)
+    assert model_settings["hidden"] == 64 and model_settings["tied"] is False
+    assert train_config.epochs == 2 and train_config.decay_epochs == 2
+    assert model_settings["dropout"] == PRESETS["quick"]["dropout"]
+
+
+def test_cosine_schedule_warms_up_decays_and_holds_its_floor():
+    config = TrainConfig(lr=0.01, schedule="cosine", warmup_steps=10, decay_epochs=2, lr_floor=0.1)
+    schedule = learning_rate(config, steps_per_epoch=55)
+    values = np.array([float(schedule(step)) for step in range(0, 200)])
+    assert values[0] == 0.0 and values[5] == pytest.approx(0.005) and values[10] == pytest.approx(0.01)
+    middle = 10 + (110 - 10) // 2                             # half way through the cosine: the mean of peak and floor
+    assert values[middle] == pytest.approx((0.01 + 0.001) / 2, rel=1e-4)
+    assert np.all(np.diff(values[10:111]) <= 1e-9)
+    assert values[110:] == pytest.approx(0.001)              # later epochs keep the floor
+    assert learning_rate(TrainConfig(), 55) == 0.01          # the original's constant rate
+    assert isinstance(optax.rmsprop(learning_rate(TrainConfig(), 55)), optax.GradientTransformation)
