@@ -190,8 +190,7 @@ def check_resumable(saved_model, model_config, saved_train, train_config, direct
     changed = differences(saved_train, train_config, DATA_ORDER_FIELDS)
     if changed:
         raise TangshiError(f"{directory} holds a run with another data order or schedule ({'; '.join(changed)}); "
-                           f"pass the same flags to resume it (--decay-epochs {saved_train.decay_epochs} keeps its "
-                           "schedule when raising --epochs), or choose a new --checkpoint-dir")
+                           "pass the same flags to resume it, or choose a new --checkpoint-dir")
 
 
 def logged_epoch(line: str) -> float:
@@ -222,6 +221,10 @@ def train(train_config: TrainConfig, model_settings: dict, checkpoint_dir: str |
     saved_step = manager.latest_step()
     saved = checkpoint.restore_meta(manager, saved_step) if saved_step is not None else None
 
+    if train_config.schedule == "cosine" and not train_config.decay_epochs:
+        # Unset: a new run decays over the epochs it is asked for; a resumed run keeps its own.
+        decay_epochs = saved.train_config.decay_epochs if saved else train_config.epochs
+        train_config = dataclasses.replace(train_config, decay_epochs=decay_epochs)
     if saved:     # before reading any data: a mismatch is named, not met as an odd character later
         check_resumable(saved.model_config, ModelConfig(vocab_size=len(saved.vocab), **model_settings),
                         saved.train_config, train_config, directory)
@@ -352,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--optimizer", choices=OPTIMIZERS)
     parser.add_argument("--schedule", choices=SCHEDULES)
     parser.add_argument("--warmup-steps", type=int)
-    parser.add_argument("--decay-epochs", type=int, help="epochs of the cosine decay (cosine schedule)")
+    parser.add_argument("--decay-epochs", type=int, help="epochs of the cosine decay (default: the epochs of a new run)")
     parser.add_argument("--cell", choices=CELLS)
     parser.add_argument("--layers", type=int)
     parser.add_argument("--hidden", type=int)
@@ -387,11 +390,7 @@ def configs_from_args(args) -> tuple[dict, TrainConfig]:
     flags = {name: getattr(args, name) for name in (
         "epochs", "batch_size", "lr", "optimizer", "schedule", "warmup_steps", "decay_epochs", "cell", "layers",
         "hidden", "embed", "dropout", "tied", "titles", "split", "relu_head", "save_every", "max_poems", "seed")}
-    model_settings, train_config = preset_configs(args.preset, data=args.data, **flags)
-    if args.epochs is not None and args.decay_epochs is None and train_config.schedule == "cosine":
-        # A new run's learning rate decays over the epochs asked for (a resumed run keeps its own).
-        train_config = dataclasses.replace(train_config, decay_epochs=args.epochs)
-    return model_settings, train_config
+    return preset_configs(args.preset, data=args.data, **flags)
 
 
 def main(argv=None) -> None:

@@ -67,6 +67,16 @@ RESUMED_RUNS = {"original": (SMALL_MODEL, {}),
                                    dict(schedule="cosine", warmup_steps=3, decay_epochs=3, split="grouped"))}
 
 
+def test_a_cosine_decays_over_the_first_starts_epochs_and_a_resume_keeps_it(tmp_path):
+    data = write_poems(tmp_path / "poems.txt", count=40)
+    config = lambda epochs: small_config(data, epochs=epochs, schedule="cosine", num_buckets=1)
+    train(config(1), SMALL_MODEL, tmp_path / "run", log=quiet, show_progress=False)
+    train(config(2), SMALL_MODEL, tmp_path / "run", log=quiet, show_progress=False)   # raised: no refusal
+    manager, step = checkpoint.require_checkpoint(tmp_path / "run")
+    meta = checkpoint.restore_meta(manager, step)
+    assert meta.train_config.decay_epochs == 1 and meta.progress["epoch"] == 2
+
+
 @pytest.mark.parametrize("run", RESUMED_RUNS)
 def test_resume_replays_an_uninterrupted_run(tmp_path, run):
     model, settings = RESUMED_RUNS[run]
@@ -137,6 +147,9 @@ def test_a_finished_run_says_so(trained_run):
     (["--lr", "-1"], "--lr must be positive"),
     (["--seed", "-3"], "--seed must be 0 or more"),
     (["--checkpoint-dir", "afile"], "is a file"),
+    (["--dropout", "1"], "--dropout must be in [0, 1)"),
+    (["--warmup-steps", "-1"], "--warmup-steps must be 0 or more"),
+    (["--decay-epochs", "0"], "--decay-epochs must be at least 1"),
 ])
 def test_bad_training_input_gives_one_clear_line(tmp_path, monkeypatch, capsys, argv, message):
     monkeypatch.chdir(tmp_path)
