@@ -22,6 +22,11 @@ Definitions (a poem is a string like "白日依山尽，黄河入海流。欲穷
   poem matching one of the four 平起/仄起 patterns or, failing that, opposed tones within
   each couplet (对) and equal tones across couplets (粘) at the 2nd, 4th and 6th characters.
 - heads ok: for acrostic rows, line i begins with the i-th head character.
+- on topic: for title and keyword rows, poems that use at least one character of their title
+  or keywords; a baseline row measures the same topics in poems that were not given them.
+- score: the mean of sample.score_poem over the row's poems (for best-of-K rows, of the kept ones).
+- character NLL: over targets that are Chinese characters (not punctuation, not E); quatrain
+  lines 2-4: those characters in lines 2-4 of the validation 五绝 / 七绝 (Zhang & Lapata 2014).
 - corpus rows: up to --num poems of the form from the validation split, a fixed draw.
 All shares are over all the row's poems (or lines); poems/s is timed after a warm-up.
 """

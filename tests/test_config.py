@@ -30,7 +30,7 @@ def test_flags_override_the_preset():
     args = build_parser().parse_args(["--preset", "quick", "--hidden", "64", "--epochs", "2", "--no-tied"])
     model_settings, train_config = configs_from_args(args)
     assert model_settings["hidden"] == 64 and model_settings["tied"] is False and train_config.epochs == 2
-    assert model_settings["dropout"] == PRESETS["quick"]["dropout"]
+    assert train_config.titles == PRESETS["quick"]["titles"] and train_config.schedule == "cosine"
 
 
 def test_cosine_schedule_warms_up_decays_and_holds_its_floor():
