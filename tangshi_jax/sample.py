@@ -8,9 +8,12 @@ every begin text of up to --max-len characters; the prefix is never re-run.
 
 import argparse
 import functools
+import hashlib
 import json
+import os
 import re
 import sys
+from pathlib import Path
 from typing import NamedTuple
 
 import jax
@@ -19,6 +22,7 @@ import numpy as np
 
 from tangshi_jax import checkpoint, data, rules
 from tangshi_jax.config import ModelConfig, TrainConfig
+from tangshi_jax.corpus import default_cache_dir
 from tangshi_jax.devices import PLATFORMS, use_platform
 from tangshi_jax.errors import TangshiError, run_cli
 from tangshi_jax.model import PoemModel, initial_carry
@@ -424,12 +428,29 @@ def score_poem(poem: str, log_probs: np.ndarray, written: np.ndarray, corpus_lin
 
 def corpus_lines(path) -> set[str] | None:
     """Every line of the poems file a model was trained on, for the score's copy penalty; None
-    (no penalty, and a note) when that file is not at hand: sampling never needs it otherwise."""
+    (no penalty, and a note) when that file is not at hand: sampling never needs it otherwise.
+
+    Parsing the corpus takes a second or two, so the lines are kept in the cache directory,
+    under a name made from the file's path, size and modification time."""
     try:
-        return {line for poem in data.read_corpus(path).poems for line in data.lines_of(poem)}
-    except TangshiError:
+        stat = Path(path).stat()
+        key = hashlib.blake2b(f"{Path(path).resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode(),
+                              digest_size=8).hexdigest()
+        cached = default_cache_dir() / f"lines-{key}.txt"
+        if cached.is_file():
+            return set(cached.read_text(encoding="utf-8").split("\n"))
+        lines = {line for poem in data.read_corpus(path).poems for line in data.lines_of(poem)}
+    except (OSError, TangshiError):
         print(f"note: {path} is not at hand, so the drafts' score cannot penalise copied lines", file=sys.stderr)
         return None
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        temporary = cached.with_suffix(f".{os.getpid()}.tmp")
+        temporary.write_text("\n".join(sorted(lines)), encoding="utf-8")
+        temporary.replace(cached)
+    except OSError:
+        pass            # a read-only cache only costs the next call the same second or two
+    return lines
 
 
 def check_sampling(temperature: float, top_p: float) -> None:

@@ -212,3 +212,17 @@ def test_score_is_mean_log_prob_less_copies_and_repeats():
     expected = -4.0 - sample.COPY_WEIGHT * 0.5 - sample.REPEAT_WEIGHT * (1 / 6)
     assert sample.score_poem(poem, log_probs, written, {"秋风"}) == pytest.approx(expected)
     assert sample.score_poem(poem, log_probs, written, None) == pytest.approx(-4.0 - sample.REPEAT_WEIGHT / 6)
+
+
+def test_corpus_lines_are_read_once_then_from_the_cache(tmp_path, capsys):
+    path = tmp_path / "poems.txt"
+    path.write_text("t:白日依山尽，黄河入海流。\nu:床前明月光，疑是地上霜。\n", encoding="utf-8")
+    expected = {"白日依山尽", "黄河入海流", "床前明月光", "疑是地上霜"}
+    assert sample.corpus_lines(path) == expected
+    cached = list(sample.default_cache_dir().glob("lines-*.txt"))
+    assert cached and any(set(c.read_text(encoding="utf-8").split("\n")) == expected for c in cached)
+    assert sample.corpus_lines(path) == expected
+    path.write_text("t:春眠不觉晓，处处闻啼鸟。\n", encoding="utf-8")      # a new file is read anew
+    assert sample.corpus_lines(path) == {"春眠不觉晓", "处处闻啼鸟"}
+    assert sample.corpus_lines(tmp_path / "missing.txt") is None
+    assert "cannot penalise copied lines" in capsys.readouterr().err
