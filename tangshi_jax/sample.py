@@ -32,7 +32,7 @@ MAX_LEN = 64            # a 七言律诗: 8 lines of 7 characters and 8 punctuat
 SENTENCE_END = "。！？"
 # Defaults chosen by `evaluate` over a grid of settings (README, "How the defaults were chosen").
 DEFAULT_TEMPERATURE, DEFAULT_TOP_P, DEFAULT_REPETITION_PENALTY = 0.8, 1.0, 1.5
-DEFAULT_CANDIDATES = 1
+DEFAULT_CANDIDATES = 8   # chosen by evaluate's best-of-8 rows (README, "The best of several drafts")
 BLOCK = 64   # vocabulary entries per block of the two-level inverse-CDF sampler
 TOP_K_RANGE, TOP_K_ITERATIONS = 24.0, 16
 
@@ -407,14 +407,17 @@ def write_poems(params, model_config, vocab, begin: str | None = None, num: int 
     return (poems, [scores[row] for row in best]) if with_scores else poems
 
 
-# The reranking score's weights: nats taken off per share of copied lines and of repeated characters.
-COPY_WEIGHT, REPEAT_WEIGHT = 2.0, 1.0
+# The reranking score's weights: nats taken off per share of copied lines and of repeated
+# characters, and for a poem that stops mid-sentence (a few likely characters then E would
+# otherwise have the best mean).
+COPY_WEIGHT, REPEAT_WEIGHT, UNFINISHED_PENALTY = 2.0, 1.0, 10.0
 
 
 def score_poem(poem: str, log_probs: np.ndarray, written: np.ndarray, corpus_lines: set[str] | None) -> float:
     """The mean log-probability the model gave the Chinese characters it chose (begin text,
     acrostic heads and punctuation excluded), minus COPY_WEIGHT × the share of lines found in
-    corpus_lines and REPEAT_WEIGHT × the share of characters that repeat an earlier one."""
+    corpus_lines, REPEAT_WEIGHT × the share of characters that repeat an earlier one, and
+    UNFINISHED_PENALTY when the poem does not end a sentence (。！？)."""
     chars = [i for i, char in enumerate(poem) if data.is_hanzi(char) and written[i]]
     if not chars:
         return -np.inf
@@ -423,7 +426,8 @@ def score_poem(poem: str, log_probs: np.ndarray, written: np.ndarray, corpus_lin
     repeated = 1 - len(set(hanzi)) / len(hanzi)
     lines = data.lines_of(poem)
     copied = sum(line in corpus_lines for line in lines) / len(lines) if corpus_lines and lines else 0.0
-    return mean_log_prob - COPY_WEIGHT * copied - REPEAT_WEIGHT * repeated
+    unfinished = UNFINISHED_PENALTY * (poem[-1] not in SENTENCE_END)
+    return mean_log_prob - COPY_WEIGHT * copied - REPEAT_WEIGHT * repeated - unfinished
 
 
 def corpus_lines(path) -> set[str] | None:

@@ -3,7 +3,7 @@ import numpy as np
 import optax
 import pytest
 
-from tangshi_jax.config import PRESETS, ModelConfig, TrainConfig, preset_configs
+from tangshi_jax.config import DATA_ORDER_FIELDS, PRESETS, ModelConfig, TrainConfig, preset_configs
 from tangshi_jax.model import init_params
 from tangshi_jax.train import build_parser, configs_from_args, learning_rate
 
@@ -44,3 +44,12 @@ def test_cosine_schedule_warms_up_decays_and_holds_its_floor():
     assert values[110:] == pytest.approx(0.001)              # later epochs keep the floor
     assert learning_rate(TrainConfig(), 55) == 0.01          # the original's constant rate
     assert isinstance(optax.rmsprop(learning_rate(TrainConfig(), 55)), optax.GradientTransformation)
+
+
+def test_the_hour_preset_resumes_a_quick_run():
+    """quick is the first epochs of hour: every setting that fixes the trajectory is shared."""
+    quick, hour = preset_configs("quick"), preset_configs("hour")
+    assert quick[0] == hour[0]
+    assert [(name, getattr(quick[1], name)) for name in DATA_ORDER_FIELDS] == \
+        [(name, getattr(hour[1], name)) for name in DATA_ORDER_FIELDS]
+    assert quick[1].lr == hour[1].lr and quick[1].epochs < hour[1].epochs

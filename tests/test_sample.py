@@ -212,6 +212,9 @@ def test_score_is_mean_log_prob_less_copies_and_repeats():
     expected = -4.0 - sample.COPY_WEIGHT * 0.5 - sample.REPEAT_WEIGHT * (1 / 6)
     assert sample.score_poem(poem, log_probs, written, {"秋风"}) == pytest.approx(expected)
     assert sample.score_poem(poem, log_probs, written, None) == pytest.approx(-4.0 - sample.REPEAT_WEIGHT / 6)
+    # Stopped mid-sentence: the same characters without the final 。 are penalised.
+    assert sample.score_poem(poem[:-1], log_probs, written, None) == \
+        pytest.approx(-4.0 - sample.REPEAT_WEIGHT / 6 - sample.UNFINISHED_PENALTY)
 
 
 def test_corpus_lines_are_read_once_then_from_the_cache(tmp_path, capsys):
