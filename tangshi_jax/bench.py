@@ -33,7 +33,10 @@ def flops_per_token(config: ModelConfig) -> float:
     for _ in range(config.layers):
         forward += 2 * (width + config.hidden) * GATES[config.cell] * config.hidden
         width = config.hidden
-    forward += 2 * config.hidden * config.vocab_size
+    if config.tied:                  # the projection to the embedding's width, which the head reads
+        forward += 2 * config.hidden * config.embed
+        width = config.embed
+    forward += 2 * width * config.vocab_size
     return 3.0 * forward
 
 
