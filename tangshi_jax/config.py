@@ -41,7 +41,7 @@ class TrainConfig:
     save_every: int = 5                # epochs between checkpoints (and one at the end)
     max_poems: int | None = None       # keep only the first N usable poems, for a quick try
     seed: int = 0                      # initialisation, dropout and the per-epoch data order
-    val_fraction: float = 0.02         # share of poems held out, chosen by a hash of the text
+    val_fraction: float = 0.02         # share of poems held out, chosen by a hash (see split)
     split: str = "hash"                # hash: each poem by its own text (as first released) |
                                        # grouped: near-repeats kept on one side, exact repeats trained once
     num_buckets: int = 8               # padded lengths compiled; 8 keeps ~99% of positions real

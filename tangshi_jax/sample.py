@@ -220,11 +220,12 @@ def read_titles(params, titles, lengths, *, model_config: ModelConfig):
     return carry
 
 
-def title_ids(title: str, vocab: list[str], max_title: int, flag: str = "--title") -> list[int]:
+def title_ids(title: str, vocab: list[str], max_title: int, flag: str = "--title/--keywords") -> list[int]:
     """Ids of a title as training read titles: Chinese characters only, the first max_title."""
     kept = data.clean_title(title)
     if not kept:
-        raise TangshiError(f"{flag} {title!r} has no Chinese character; give a title such as 春夜喜雨")
+        raise TangshiError(f"{flag} {title!r} has no Chinese character; give a title such as 春夜喜雨 "
+                           "or keywords such as 春 雨")
     return begin_ids(kept[:max_title], vocab, max_title, flag=flag)
 
 
@@ -386,6 +387,7 @@ def write_poems(params, model_config, vocab, begin: str | None = None, num: int 
     plan = make_plan(vocab, max_len, ids, form=form, heads=heads, rhyme=rhyme or group is not None,
                      rhyme_group=group, tones=tones, loose_tones=loose_tones, min_len=min_len)
     start_id, end_id = vocab.index(data.START), vocab.index(data.END)
+    candidates = 1 if greedy else candidates       # greedy drafts would all be the same
     carry = None
     if title is not None:
         titles = [title] * num if isinstance(title, str) else list(title)

@@ -186,7 +186,7 @@ def check_resumable(saved_model, model_config, saved_train, train_config, direct
     if changed:
         raise TangshiError(f"{directory} holds a run with another model ({'; '.join(changed)}); "
                            "pass the same --preset and model flags to resume it (a run made before presets existed: "
-                           "--preset original), or choose a new --checkpoint-dir")
+                           "--preset original with --epochs N for the total you want), or choose a new --checkpoint-dir")
     changed = differences(saved_train, train_config, DATA_ORDER_FIELDS)
     if changed:
         raise TangshiError(f"{directory} holds a run with another data order or schedule ({'; '.join(changed)}); "
