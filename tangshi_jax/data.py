@@ -118,14 +118,15 @@ VERSE_BREAKS = re.compile("[，。！？；：、]")
 def lines_of(poem: str) -> list[str]:
     """The verse lines of a poem (without G/E), without their punctuation."""
     return [line for line in VERSE_BREAKS.split(poem.strip(START + END)) if line]
+
+
 MIN_SHARED_LINE = 4     # lines shorter than this (e.g. 3-character refrains) never make poems near-repeats
 
 
 def near_repeat_groups(poems: list[str]) -> list[int]:
     """A group number per poem: poems that share at least half of the lines of the shorter
     one (lines of 4+ characters) are joined, transitively. Exact repeats share all lines."""
-    lines = [{line for line in VERSE_BREAKS.split(poem.strip(START + END)) if len(line) >= MIN_SHARED_LINE}
-             for poem in poems]
+    lines = [{line for line in lines_of(poem) if len(line) >= MIN_SHARED_LINE} for poem in poems]
     holders = collections.defaultdict(list)
     for index, poem_lines in enumerate(lines):
         for line in poem_lines:

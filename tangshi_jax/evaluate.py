@@ -47,8 +47,6 @@ import numpy as np
 from tangshi_jax import checkpoint, data, sample, train
 from tangshi_jax.devices import PLATFORMS, use_platform
 from tangshi_jax.errors import TangshiError, run_cli
-from tangshi_jax.loss import head_nll_positions
-from tangshi_jax.model import PoemModel, head_weights, initial_carry
 from tangshi_jax.data import lines_of
 from tangshi_jax.rules import FORMS, is_hanzi, to_traditional
 
@@ -238,16 +236,8 @@ def quatrain_perplexity(params, model_config, dataset: data.Dataset, batch_size:
 
 @functools.cache
 def position_nll(model_config):
-    """A jitted -log p(target) at every position, for inputs and targets (batch, time)."""
-    model = PoemModel(model_config)
-
-    @jax.jit
-    def nll(params, inputs, targets):
-        _, features = model.apply({"params": params}, inputs, initial_carry(model_config, inputs.shape[0]),
-                                  features_only=True)
-        kernel, bias = head_weights(params, model_config)
-        return head_nll_positions(features, kernel, bias, targets, model_config.relu_head)
-    return nll
+    """train.position_nll of one model, jitted once."""
+    return jax.jit(functools.partial(train.position_nll, model_config))
 
 
 def evaluate_checkpoint(checkpoint_dir, data_path, num: int = 100, seed: int = 0, settings=SETTINGS,

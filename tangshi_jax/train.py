@@ -92,14 +92,19 @@ def make_steps(model_config: ModelConfig, train_config: TrainConfig, steps_per_e
 
     def eval_step(params, batch):
         """Sums over all loss targets and over Chinese characters only (no punctuation, no E)."""
-        carry = initial_carry(model_config, batch["inputs"].shape[0])
-        _, features = model.apply({"params": params}, batch["inputs"], carry, features_only=True)
-        kernel, bias = head_weights(params, model_config)
-        nll = head_nll_positions(features, kernel, bias, batch["targets"], model_config.relu_head)
+        nll = position_nll(model_config, params, batch["inputs"], batch["targets"])
         return {"nll_sum": jnp.sum(nll * batch["mask"]), "tokens": jnp.sum(batch["mask"]),
                 "char_nll_sum": jnp.sum(nll * batch["chars"]), "chars": jnp.sum(batch["chars"])}
 
     return train_step, eval_step
+
+
+def position_nll(model_config: ModelConfig, params, inputs, targets):
+    """-log p(target) at every position (batch, time), no dropout, one time step's logits at a time."""
+    _, features = PoemModel(model_config).apply({"params": params}, inputs,
+                                                initial_carry(model_config, inputs.shape[0]), features_only=True)
+    kernel, bias = head_weights(params, model_config)
+    return head_nll_positions(features, kernel, bias, targets, model_config.relu_head)
 
 
 def init_state(model_config: ModelConfig, train_config: TrainConfig, seed: int | None = None) -> dict:
