@@ -12,6 +12,7 @@ from dataclasses import dataclass
 CELLS = ("lstm", "gru", "rnn")
 OPTIMIZERS = ("rmsprop", "adam")
 SCHEDULES = ("constant", "cosine")
+DTYPES = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,8 @@ class TrainConfig:
     keep: int = 3                      # checkpoints kept by the rotation
     titles: bool = False               # read title + G + poem; the loss is on the poem only
     max_title: int = 12                # title characters kept (the first ones; Chinese characters only)
+    dtype: str = "float32"             # training's activations and matrix products: float32 | bfloat16
+                                       # (parameters, optimizer state and the loss stay float32)
 
 
 # Settings that decide the data or the optimisation path; a resumed run must keep them to

@@ -24,6 +24,7 @@ from pathlib import Path
 import opencc
 from tqdm import tqdm
 
+from tangshi_jax.cache import default_cache_dir
 from tangshi_jax.errors import TangshiError, run_cli
 
 PACKAGE_SPEC = "chinese-poetry@2.0.1"
@@ -37,14 +38,6 @@ DEFAULT_OUT = "poems.txt"
 
 _STRIP_TITLE = str.maketrans("", "", ":\r\n")  # ':' separates title from content in a line
 _STRIP_CONTENT = str.maketrans("", "", "\r\n")  # a newline would split one poem in two
-
-
-def default_cache_dir() -> Path:
-    """$TANGSHI_CACHE_DIR, else $XDG_CACHE_HOME/tangshi-jax, else ~/.cache/tangshi-jax."""
-    if os.environ.get("TANGSHI_CACHE_DIR"):
-        return Path(os.environ["TANGSHI_CACHE_DIR"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "tangshi-jax"
 
 
 def integrity_of(path, algorithm="sha512") -> str:

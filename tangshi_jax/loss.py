@@ -19,8 +19,13 @@ def _time_major(features, targets, mask):
     return jnp.swapaxes(features, 0, 1), jnp.swapaxes(targets, 0, 1), jnp.swapaxes(mask, 0, 1)
 
 
+def _product(a, b):
+    """a @ b in a's dtype (bfloat16 under mixed precision), accumulated and returned in float32."""
+    return jnp.dot(a, b.astype(a.dtype), preferred_element_type=jnp.float32)
+
+
 def _step_logits(h, kernel, bias, relu):
-    pre = h @ kernel + bias
+    pre = _product(h, kernel) + bias
     return (jax.nn.relu(pre) if relu else pre), pre
 
 
@@ -64,8 +69,8 @@ def _head_nll_forward(features, kernel, bias, targets, mask, relu):
         d_logits = d_logits.at[jnp.arange(t.shape[0]), t].add(-m)
         if relu:
             d_logits = jnp.where(pre > 0, d_logits, 0.0)
-        carry = (total + jnp.sum(nll * m), d_kernel + h.T @ d_logits, d_bias + jnp.sum(d_logits, axis=0))
-        return carry, d_logits @ kernel.T
+        carry = (total + jnp.sum(nll * m), d_kernel + _product(h.T, d_logits), d_bias + jnp.sum(d_logits, axis=0))
+        return carry, _product(d_logits.astype(h.dtype), kernel.T).astype(h.dtype)
     init = (jnp.zeros((), jnp.float32), jnp.zeros_like(kernel), jnp.zeros_like(bias))
     (total, d_kernel, d_bias), d_features = jax.lax.scan(step, init, _time_major(features, targets, mask))
     return total, (jnp.swapaxes(d_features, 0, 1), d_kernel, d_bias)
@@ -73,7 +78,7 @@ def _head_nll_forward(features, kernel, bias, targets, mask, relu):
 
 def _head_nll_backward(relu, residuals, cotangent):
     d_features, d_kernel, d_bias = residuals
-    return cotangent * d_features, cotangent * d_kernel, cotangent * d_bias, None, None
+    return (cotangent * d_features).astype(d_features.dtype), cotangent * d_kernel, cotangent * d_bias, None, None
 
 
 head_nll.defvjp(_head_nll_forward, _head_nll_backward)

@@ -5,6 +5,8 @@ and scans only the recurrent part over time with `nn.scan`. The same call with a
 sequence and the carry is one sampling step, so training and sampling share one code path.
 """
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
@@ -20,15 +22,20 @@ def uniform_init(low: float, high: float):
     return init
 
 
+# Under a narrower compute dtype the products run in it, while the gates' element-wise
+# arithmetic and the carry stay float32 (a bfloat16 cell state loses the slow memory).
+
+
 class LSTMCell(nn.Module):
     """i, f, g, o = σ, σ, tanh, σ of (x W + b + h U); c' = f⊙c + i⊙g; h' = o⊙tanh(c')."""
     hidden: int
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, carry, x_proj):
         h, c = carry
-        z = x_proj + nn.Dense(4 * self.hidden, use_bias=False, name="recurrent",
-                              kernel_init=nn.initializers.orthogonal())(h)
+        z = (x_proj + nn.Dense(4 * self.hidden, use_bias=False, name="recurrent", dtype=self.dtype,
+                               kernel_init=nn.initializers.orthogonal())(h)).astype(jnp.float32)
         i, f, g, o = jnp.split(z, 4, axis=-1)
         c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
         h = jax.nn.sigmoid(o) * jnp.tanh(c)
@@ -39,15 +46,17 @@ class GRUCell(nn.Module):
     """The seed's GRU: z, r = σ(x W + b + h U); h̃ = tanh(x W_h + b_h + (r⊙h) U_h);
     h' = (1−z)⊙h + z⊙h̃. (Flax's GRUCell gives z the opposite role.)"""
     hidden: int
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, h, x_proj):
         x_gates, x_candidate = jnp.split(x_proj, [2 * self.hidden], axis=-1)
-        gates = x_gates + nn.Dense(2 * self.hidden, use_bias=False, name="recurrent_gates",
-                                   kernel_init=nn.initializers.orthogonal())(h)
+        gates = (x_gates + nn.Dense(2 * self.hidden, use_bias=False, name="recurrent_gates", dtype=self.dtype,
+                                    kernel_init=nn.initializers.orthogonal())(h)).astype(jnp.float32)
         z, r = jnp.split(jax.nn.sigmoid(gates), 2, axis=-1)
-        candidate = jnp.tanh(x_candidate + nn.Dense(self.hidden, use_bias=False, name="recurrent_candidate",
-                                                    kernel_init=nn.initializers.orthogonal())(r * h))
+        candidate = jnp.tanh((x_candidate + nn.Dense(self.hidden, use_bias=False, name="recurrent_candidate",
+                                                     dtype=self.dtype, kernel_init=nn.initializers.orthogonal())(r * h)
+                              ).astype(jnp.float32))
         h = (1 - z) * h + z * candidate
         return h, h
 
@@ -55,11 +64,12 @@ class GRUCell(nn.Module):
 class RNNCell(nn.Module):
     """The original's plain cell: h' = tanh(x W + b + h U)."""
     hidden: int
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, h, x_proj):
-        h = jnp.tanh(x_proj + nn.Dense(self.hidden, use_bias=False, name="recurrent",
-                                       kernel_init=nn.initializers.orthogonal())(h))
+        h = jnp.tanh((x_proj + nn.Dense(self.hidden, use_bias=False, name="recurrent", dtype=self.dtype,
+                                        kernel_init=nn.initializers.orthogonal())(h)).astype(jnp.float32))
         return h, h
 
 
@@ -69,18 +79,20 @@ CELLS = {"lstm": LSTMCell, "gru": GRUCell, "rnn": RNNCell}
 class RecurrentLayer(nn.Module):
     cell: str
     hidden: int
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, carry, inputs):
         # The input half of every gate, for all steps in one product: only h @ U stays in the loop.
-        x_proj = nn.Dense(GATES[self.cell] * self.hidden, name="input")(inputs)
+        x_proj = nn.Dense(GATES[self.cell] * self.hidden, name="input", dtype=self.dtype)(inputs)
         scan = nn.scan(CELLS[self.cell], variable_broadcast="params", split_rngs={"params": False},
                        in_axes=1, out_axes=1)
-        return scan(self.hidden, name="cell")(carry, x_proj)
+        return scan(self.hidden, self.dtype, name="cell")(carry, x_proj)
 
 
 class PoemModel(nn.Module):
     config: ModelConfig
+    dtype: Any = jnp.float32    # of activations and products; parameters are always float32
 
     @nn.compact
     def __call__(self, tokens, carry, features_only: bool = False, train: bool = False):
@@ -92,21 +104,21 @@ class PoemModel(nn.Module):
         config = self.config
         embed_init = (nn.initializers.normal(config.embed ** -0.5) if config.tied   # it also makes logits
                       else uniform_init(-1.0, 1.0))
-        embed = nn.Embed(config.vocab_size, config.embed, embedding_init=embed_init, name="embed")
+        embed = nn.Embed(config.vocab_size, config.embed, embedding_init=embed_init, name="embed", dtype=self.dtype)
         drop = nn.Dropout(config.dropout, deterministic=not train or config.dropout == 0.0)
         x = drop(embed(tokens))
         new_carry = []
         for index, layer_carry in enumerate(carry):
-            layer_carry, x = RecurrentLayer(config.cell, config.hidden, name=f"layer_{index}")(layer_carry, x)
+            layer_carry, x = RecurrentLayer(config.cell, config.hidden, self.dtype, name=f"layer_{index}")(layer_carry, x)
             x = drop(x)
             new_carry.append(layer_carry)
         if config.tied:
-            x = nn.Dense(config.embed, name="project")(x)
+            x = nn.Dense(config.embed, name="project", dtype=self.dtype)(x)
             bias = self.param("head_bias", nn.initializers.zeros, (config.vocab_size,))
             logits = None if features_only else embed.attend(x) + bias
         else:
             head = nn.Dense(config.vocab_size, kernel_init=nn.initializers.xavier_uniform(),
-                            bias_init=nn.initializers.zeros, name="head")
+                            bias_init=nn.initializers.zeros, name="head", dtype=self.dtype)
             logits = None if features_only else head(x)
         if features_only:
             return tuple(new_carry), x

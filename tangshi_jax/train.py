@@ -1,6 +1,11 @@
 """Training: pure jitted steps, a loop over bucketed batches, Orbax checkpoints, resume.
 
     python -m tangshi_jax.train [--epochs 30] [--cell lstm|gru|rnn] [--platform cpu|gpu|tpu] ...
+    python -m tangshi_jax.train --coordinator HOST:PORT --num-processes N --process-id I ...   (one per host)
+
+Every run is data-parallel over a mesh of devices (one device is a mesh of one): each batch's rows
+are split across the devices, parameters and optimizer state are replicated, and XLA adds the
+gradient reduction. Several processes share one global batch; each feeds only its own rows.
 """
 
 import argparse
@@ -12,22 +17,27 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from tangshi_jax import checkpoint, data
-from tangshi_jax.config import (CELLS, DATA_ORDER_FIELDS, DEFAULT_PRESET, OPTIMIZERS, PRESETS, SCHEDULES, ModelConfig,
-                                TrainConfig, differences, preset_configs)
-from tangshi_jax.devices import PLATFORMS, describe_devices, peak_rss_mb, use_platform
+from tangshi_jax.config import (CELLS, DATA_ORDER_FIELDS, DEFAULT_PRESET, DTYPES, OPTIMIZERS, PRESETS, SCHEDULES,
+                                ModelConfig, TrainConfig, differences, preset_configs)
+from tangshi_jax.devices import (PLATFORMS, Cluster, describe_devices, describe_mesh, make_mesh, peak_rss_mb, replicated,
+                                 split_rows, use_platform)
 from tangshi_jax.errors import TangshiError, run_cli
 from tangshi_jax.loss import head_nll, head_nll_positions, nll_of_logits
 from tangshi_jax.model import PoemModel, head_weights, init_params, initial_carry
 
 DEFAULT_DATA = "poems.txt"
+STOP_CHECK_EVERY = 10   # batches between the processes' agreement on whether to stop
 
 
 def learning_rate(train_config: TrainConfig, steps_per_epoch: int):
@@ -58,7 +68,8 @@ def make_steps(model_config: ModelConfig, train_config: TrainConfig, steps_per_e
 
     fused_head=False builds all logits and a plain log-softmax: the slower reference that
     `bench --variants` measures the fused head against."""
-    model, optimizer = PoemModel(model_config), make_optimizer(train_config, steps_per_epoch)
+    dtype = jnp.dtype(train_config.dtype)
+    model, optimizer = PoemModel(model_config, dtype), make_optimizer(train_config, steps_per_epoch)
 
     def batch_nll(params, batch, dropout_key=None):
         """Sum of -log p(target) over the masked positions, and their count."""
@@ -70,7 +81,7 @@ def make_steps(model_config: ModelConfig, train_config: TrainConfig, steps_per_e
             _, features = model.apply({"params": params}, batch["inputs"], carry, features_only=True,
                                       train=train, rngs=rngs)
             kernel, bias = head_weights(params, model_config)
-            nll_sum = head_nll(features, kernel, bias, targets, mask, model_config.relu_head)
+            nll_sum = head_nll(features.astype(dtype), kernel, bias, targets, mask, model_config.relu_head)
         else:
             _, logits = model.apply({"params": params}, batch["inputs"], carry, train=train, rngs=rngs)
             nll_sum = jnp.sum(nll_of_logits(logits, targets)[0] * mask)
@@ -116,34 +127,72 @@ def init_state(model_config: ModelConfig, train_config: TrainConfig, seed: int |
             "step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(rng)}
 
 
-def batch_spec(batch_size: int, length: int) -> dict:
-    ints = jax.ShapeDtypeStruct((batch_size, length), jnp.int32)
-    floats = jax.ShapeDtypeStruct((batch_size, length), jnp.float32)
+def batch_spec(batch_size: int, length: int, sharding=None) -> dict:
+    ints = jax.ShapeDtypeStruct((batch_size, length), jnp.int32, sharding=sharding)
+    floats = jax.ShapeDtypeStruct((batch_size, length), jnp.float32, sharding=sharding)
     return {"inputs": ints, "targets": ints, "mask": floats, "chars": floats}
 
 
-def compile_steps(model_config, train_config, steps_per_epoch, state, buckets):
+class Feed(NamedTuple):
+    """How batches reach a mesh: `rows` per global batch (the batch size rounded up to a multiple
+    of the devices; the extra rows are masked) and the block of them this process feeds."""
+    mesh: Mesh
+    rows: int
+    local: slice
+
+    def batch(self, bucketed: data.BucketedData, bucket_index: int, poems: np.ndarray) -> dict:
+        """The global batch of `poems` (rows of one bucket), built from this process's rows only."""
+        local = data.make_batch(bucketed, bucket_index, poems[self.local], self.local.stop - self.local.start)
+        shape = (self.rows, bucketed.buckets[bucket_index])
+        return {key: jax.make_array_from_process_local_data(split_rows(self.mesh), value, shape)
+                for key, value in local.items()}
+
+
+def make_feed(mesh: Mesh, batch_size: int) -> Feed:
+    rows = -(-batch_size // mesh.size) * mesh.size
+    blocks = split_rows(mesh).addressable_devices_indices_map((rows,)).values()
+    local = slice(min(block[0].start or 0 for block in blocks), max(block[0].stop or rows for block in blocks))
+    return Feed(mesh, rows, local)
+
+
+def place_state(state, mesh: Mesh):
+    """The state replicated on every device of the mesh (in every process, from its own copy)."""
+    sharding = replicated(mesh)
+
+    def place(leaf):
+        value = np.asarray(leaf)
+        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+    return jax.tree_util.tree_map(place, state)
+
+
+def compile_steps(model_config, train_config, steps_per_epoch, state, buckets, feed: Feed):
     """Ahead-of-time compile both steps for every bucket: these are all the shapes a run uses.
 
-    They are built on a thread pool, one per core; on 2 cores that saves only ~15%, since
-    XLA's CPU compiler does most of its work on one thread (PERFORMANCE.md)."""
+    Batches come split along the mesh's data axis, state and metrics replicated; XLA partitions
+    the step and sums the gradients across devices. Programs are built on a thread pool; on 2
+    cores that saves only ~15%, since XLA's CPU compiler does most of its work on one thread
+    (PERFORMANCE.md)."""
     train_step, eval_step = make_steps(model_config, train_config, steps_per_epoch)
-    batch_size = train_config.batch_size
-    train_jit, eval_jit = jax.jit(train_step, donate_argnums=0), jax.jit(eval_step)
+    whole, rows = replicated(feed.mesh), split_rows(feed.mesh)
+    train_jit = jax.jit(train_step, in_shardings=(whole, rows), out_shardings=(whole, whole), donate_argnums=0)
+    eval_jit = jax.jit(eval_step, in_shardings=(whole, rows), out_shardings=whole)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        train_programs = {length: pool.submit(lambda n: train_jit.lower(state, batch_spec(batch_size, n)).compile(), length)
-                          for length in buckets}
-        eval_programs = {length: pool.submit(lambda n: eval_jit.lower(state["params"], batch_spec(batch_size, n)).compile(), length)
-                         for length in buckets}
+        train_programs = {length: pool.submit(lambda n: train_jit.lower(state, batch_spec(feed.rows, n, rows)).compile(),
+                                              length) for length in buckets}
+        eval_programs = {length: pool.submit(lambda n: eval_jit.lower(state["params"], batch_spec(feed.rows, n, rows)
+                                                                      ).compile(), length) for length in buckets}
     return ({length: future.result() for length, future in train_programs.items()},
             {length: future.result() for length, future in eval_programs.items()})
 
 
-def evaluate(eval_programs, params, bucketed: data.BucketedData, batch_size: int) -> dict | None:
-    """Mean NLL per target over a whole bucketed set, and per Chinese character (None when empty)."""
+def evaluate(eval_programs, params, bucketed: data.BucketedData, batch_size: int, feed: Feed | None = None) -> dict | None:
+    """Mean NLL per target over a whole bucketed set, and per Chinese character (None when empty).
+
+    Without a feed, batches are plain host arrays for programs compiled for one device."""
     totals = []
     for bucket_index, rows in data.epoch_plan(bucketed, batch_size, 0, 0, shuffle=False):
-        batch = data.make_batch(bucketed, bucket_index, rows, batch_size)
+        batch = (feed.batch(bucketed, bucket_index, rows) if feed
+                 else data.make_batch(bucketed, bucket_index, rows, batch_size))
         totals.append(eval_programs[bucketed.buckets[bucket_index]](params, batch))
     if not totals:
         return None
@@ -158,7 +207,12 @@ def perplexity(nll: float) -> float:
 
 class StopRequest:
     """Ctrl-C or SIGTERM asks the loop to save and stop after the current step; a second
-    Ctrl-C stops at once."""
+    Ctrl-C stops at once.
+
+    Under several processes a request reaches one of them, and all must stop at the same step.
+    JAX's distributed runtime takes SIGTERM itself (a scheduler's preemption notice) and names
+    a step for every process to stop at; a Ctrl-C is shared every STOP_CHECK_EVERY batches and
+    at each epoch's end."""
 
     def __init__(self):
         self.requested = False
@@ -176,9 +230,23 @@ class StopRequest:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
+    def agreed(self, step: int, batch: int, epoch_end: bool = False) -> bool:
+        """Whether every process stops now; all processes call it at the same steps."""
+        if jax.process_count() == 1:
+            return self.requested
+        if not epoch_end and multihost_utils.reached_preemption_sync_point(step):
+            self.requested = True   # kept for the epoch's end, should this be its last batch
+            return True
+        if batch % STOP_CHECK_EVERY and not epoch_end:
+            return False
+        return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
+
 
 def load_poems(train_config: TrainConfig, log) -> data.Corpus:
     path = Path(train_config.data)
+    if not path.exists() and train_config.data == DEFAULT_DATA and jax.process_count() > 1:
+        raise TangshiError(f"{path} not found; build it once before a run of several processes: "
+                           "python -m tangshi_jax.corpus (on a filesystem every host reads)")
     if not path.exists() and train_config.data == DEFAULT_DATA:
         from tangshi_jax import corpus
         log(f"{path} not found: building it from the chinese-poetry package (downloaded once)")
@@ -217,9 +285,12 @@ def trim_metrics(path: Path, epoch: int) -> None:
 
 
 def train(train_config: TrainConfig, model_settings: dict, checkpoint_dir: str | Path,
-          log=print, show_progress: bool = True) -> dict:
-    """Train (or resume) into checkpoint_dir; returns the last epoch's metrics."""
+          log=print, show_progress: bool = True, mesh: Mesh | None = None) -> dict:
+    """Train (or resume) into checkpoint_dir on `mesh` (default: every local device of the
+    default platform, in every process); returns the last epoch's metrics."""
     directory = Path(checkpoint_dir)
+    mesh = mesh or make_mesh()
+    lead = jax.process_index() == 0   # the process that writes metrics.jsonl
     if directory.exists() and not directory.is_dir():
         raise TangshiError(f"--checkpoint-dir {directory} is a file; give a directory")
     manager = checkpoint.open_manager(directory, keep=train_config.keep)
@@ -267,8 +338,13 @@ def train(train_config: TrainConfig, model_settings: dict, checkpoint_dir: str |
     log(f"buckets: {len(buckets)} lengths {list(buckets)}, "
         f"{data.padded_share(train_data, train_config.batch_size):.1%} of trained positions are padding")
     log(f"platform: {describe_devices()}")
+    feed = make_feed(mesh, train_config.batch_size)
+    padding = feed.rows - train_config.batch_size
+    log(describe_mesh(mesh, feed.rows) + (f" (each batch padded with {padding} masked row{'s' * (padding != 1)} "
+                                          f"to split evenly)" if padding else "")
+        + (f"; {train_config.dtype} activations and products" if train_config.dtype != "float32" else ""))
 
-    state = init_state(model_config, train_config)
+    state = place_state(init_state(model_config, train_config), mesh)
     if saved:
         state = checkpoint.restore_state(manager, saved_step, state)
         log(f"resuming from step {progress['step']:,}: epoch {progress['epoch'] + 1}, batch {progress['batch']}")
@@ -276,11 +352,12 @@ def train(train_config: TrainConfig, model_settings: dict, checkpoint_dir: str |
     # From here on Ctrl-C or SIGTERM means: finish the step, save, stop.
     with StopRequest() as stop:
         started = time.perf_counter()
-        train_programs, eval_programs = compile_steps(model_config, train_config, steps_per_epoch, state, buckets)
+        train_programs, eval_programs = compile_steps(model_config, train_config, steps_per_epoch, state, buckets, feed)
         log(f"compiled {2 * len(buckets)} programs in {time.perf_counter() - started:.1f} s")
 
         metrics_path = directory / "metrics.jsonl"
-        trim_metrics(metrics_path, progress["epoch"])
+        if lead:
+            trim_metrics(metrics_path, progress["epoch"])
 
         def save_now():
             checkpoint.save(manager, state, model_config, train_config, vocab, dict(progress))
@@ -289,8 +366,12 @@ def train(train_config: TrainConfig, model_settings: dict, checkpoint_dir: str |
             if manager.latest_step() != progress["step"]:
                 save_now()
             manager.wait_until_finished()
-            log(f"stopped: saved step {progress['step']:,} (epoch {progress['epoch'] + 1}, batch "
-                f"{progress['batch']}); run the same command to resume")
+            message = (f"stopped: saved step {progress['step']:,} (epoch {progress['epoch'] + 1}, batch "
+                       f"{progress['batch']}); run the same command to resume")
+            if lead:
+                log(message)
+            else:   # every process says where it stopped: the one that was signalled may be any
+                print(f"process {jax.process_index()}: {message}", file=sys.stderr)
             raise KeyboardInterrupt
 
         for epoch in range(progress["epoch"], train_config.epochs):
@@ -299,7 +380,7 @@ def train(train_config: TrainConfig, model_settings: dict, checkpoint_dir: str |
             bar = tqdm(total=len(plan), initial=progress["batch"], desc=f"epoch {epoch + 1}/{train_config.epochs}",
                        unit="batch", disable=not show_progress, leave=False, file=sys.stderr)
             for bucket_index, rows in plan[progress["batch"]:]:
-                batch = data.make_batch(train_data, bucket_index, rows, train_config.batch_size)
+                batch = feed.batch(train_data, bucket_index, rows)
                 state, step_metrics = train_programs[train_data.buckets[bucket_index]](state, batch)
                 sums.append(step_metrics)
                 progress["batch"] += 1
@@ -307,14 +388,14 @@ def train(train_config: TrainConfig, model_settings: dict, checkpoint_dir: str |
                 bar.update()
                 if progress["batch"] % 20 == 0:
                     bar.set_postfix(loss=f"{float(step_metrics['nll_sum'] / step_metrics['tokens']):.3f}")
-                if stop.requested and progress["batch"] < len(plan):   # at the last batch, finish the epoch first
+                if stop.agreed(progress["step"], progress["batch"]) and progress["batch"] < len(plan):   # at the last batch, finish the epoch
                     bar.close()
                     stop_now()
             bar.close()
             nll_sum = sum(float(m["nll_sum"]) for m in sums)
             tokens = sum(float(m["tokens"]) for m in sums)
             train_seconds = time.perf_counter() - epoch_started
-            val = evaluate(eval_programs, state["params"], val_data, train_config.batch_size)
+            val = evaluate(eval_programs, state["params"], val_data, train_config.batch_size, feed)
             progress.update(epoch=epoch + 1, batch=0)
             record = {"epoch": epoch + 1, "step": progress["step"],
                       "train_loss": nll_sum / max(tokens, 1.0),
@@ -323,8 +404,9 @@ def train(train_config: TrainConfig, model_settings: dict, checkpoint_dir: str |
                       "tokens_per_s": tokens / train_seconds, "epoch_s": train_seconds,
                       "elapsed_s": time.perf_counter() - started,
                       "peak_rss_mb": peak_rss_mb()}
-            with metrics_path.open("a", encoding="utf-8") as metrics_file:
-                metrics_file.write(json.dumps(record) + "\n")
+            if lead:
+                with metrics_path.open("a", encoding="utf-8") as metrics_file:
+                    metrics_file.write(json.dumps(record) + "\n")
             log(f"epoch {epoch + 1}/{train_config.epochs}: train {record['train_loss']:.3f}  "
                 + (f"val {val['nll']:.3f} (ppl {record['val_ppl']:.1f}; characters {val['char_nll']:.3f}, "
                    f"ppl {record['val_char_ppl']:.1f})  " if val else "")
@@ -332,7 +414,7 @@ def train(train_config: TrainConfig, model_settings: dict, checkpoint_dir: str |
             if (epoch + 1) % train_config.save_every == 0 or epoch + 1 == train_config.epochs:
                 save_now()
                 log(f"saved checkpoint at epoch {epoch + 1} (step {progress['step']:,}) in {directory}")
-            if stop.requested and epoch + 1 < train_config.epochs:
+            if stop.agreed(progress["step"], progress["batch"], epoch_end=True) and epoch + 1 < train_config.epochs:
                 stop_now()
     manager.wait_until_finished()
     return record
@@ -375,7 +457,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save-every", type=int, help="epochs between checkpoints")
     parser.add_argument("--max-poems", type=int, default=None, help="train on the first N poems only")
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--dtype", choices=DTYPES,
+                        help="activations and matrix products (parameters and optimizer state stay float32)")
     parser.add_argument("--platform", choices=PLATFORMS, default=None, help="default: the best JAX finds")
+    parser.add_argument("--devices", type=int, help="use the first N local devices of each process (default: all)")
+    parser.add_argument("--coordinator", metavar="HOST:PORT",
+                        help="several processes make one run: process 0's address, the same for all")
+    parser.add_argument("--num-processes", type=int, help="processes in the run (with --coordinator)")
+    parser.add_argument("--process-id", type=int, help="this process's number, 0 to N-1 (with --coordinator)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar within epochs")
     return parser
 
@@ -383,7 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
 def configs_from_args(args) -> tuple[dict, TrainConfig]:
     """The preset with the flags given on top, checked."""
     require_positive(args, ("epochs", "batch_size", "layers", "hidden", "embed", "save_every", "max_poems",
-                            "decay_epochs"))
+                            "decay_epochs", "devices"))
     if args.seed is not None and args.seed < 0:
         raise TangshiError(f"--seed must be 0 or more, got {args.seed}")
     if args.lr is not None and not args.lr > 0:
@@ -394,15 +483,19 @@ def configs_from_args(args) -> tuple[dict, TrainConfig]:
         raise TangshiError(f"--warmup-steps must be 0 or more, got {args.warmup_steps}")
     flags = {name: getattr(args, name) for name in (
         "epochs", "batch_size", "lr", "optimizer", "schedule", "warmup_steps", "decay_epochs", "cell", "layers",
-        "hidden", "embed", "dropout", "tied", "titles", "split", "relu_head", "save_every", "max_poems", "seed")}
+        "hidden", "embed", "dropout", "tied", "titles", "split", "relu_head", "save_every", "max_poems", "seed",
+        "dtype")}
     return preset_configs(args.preset, data=args.data, **flags)
 
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     model_settings, train_config = configs_from_args(args)
-    use_platform(args.platform)
-    train(train_config, model_settings, args.checkpoint_dir, show_progress=not args.no_progress)
+    use_platform(args.platform, Cluster(args.coordinator, args.num_processes, args.process_id))
+    mesh = make_mesh(args.devices, args.platform)
+    lead = jax.process_index() == 0   # only process 0 speaks
+    train(train_config, model_settings, args.checkpoint_dir, log=print if lead else (lambda message: None),
+          show_progress=lead and not args.no_progress, mesh=mesh)
 
 
 if __name__ == "__main__":

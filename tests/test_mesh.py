@@ -1,0 +1,123 @@
+"""Data-parallel training on meshes of forced CPU devices and across two processes.
+
+Each run is a process of its own (tests/mesh_worker.py): JAX fixes the device count, and joins
+a distributed run, when it starts.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import write_poems
+
+WORKER = Path(__file__).parent / "mesh_worker.py"
+TIMEOUT_S = 50   # every process; a hang in a collective fails the test instead of the suite
+
+
+def start_worker(*args, log: Path) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, str(WORKER), *map(str, args)], stdout=out, stderr=subprocess.STDOUT,
+                                env=env)
+
+
+def finish(process: subprocess.Popen) -> int:
+    try:
+        return process.wait(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail(f"{process.args} did not finish within {TIMEOUT_S} s")
+
+
+def result_of(log: Path) -> dict:
+    return json.loads(log.read_text().splitlines()[-1])
+
+
+def metrics(directory: Path) -> list[dict]:
+    return [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(records: list[dict]) -> np.ndarray:
+    return np.array([[record["train_loss"], record["val_loss"]] for record in records])
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def two_processes(root: Path, name: str) -> list[subprocess.Popen]:
+    coordinator = f"127.0.0.1:{free_port()}"
+    return [start_worker("run", root, "--host-devices", 2, "--coordinator", coordinator, "--process-id", index,
+                         log=root / f"{name}{index}.log") for index in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    """1 and 4 devices with the same global batch, and checkpoints resumed across them."""
+    root = tmp_path_factory.mktemp("mesh")
+    write_poems(root / "poems.txt")
+    log = root / "compare.log"
+    assert finish(start_worker("compare", root, log=log)) == 0, log.read_text()
+    return result_of(log)
+
+
+def test_four_devices_give_the_losses_of_one(compared):
+    assert len(compared["one"]) == 2
+    np.testing.assert_allclose(losses(compared["four"]), losses(compared["one"]), rtol=1e-5)
+
+
+def test_the_step_receives_the_batch_split_across_the_devices(compared):
+    batch = compared["batch"]
+    assert batch["program_takes_split_batch"]
+    assert batch["batch_devices"] == 4 and batch["shard_rows"] == [2]   # 8 rows, 2 on each device
+
+
+def test_checkpoints_resume_on_another_device_count(compared):
+    for resumed in ("four_then_one", "one_then_four"):
+        assert [record["epoch"] for record in compared[resumed]] == [1, 2]
+        np.testing.assert_allclose(losses(compared[resumed]), losses(compared["one"]), rtol=1e-5)
+
+
+def test_two_processes_train_as_one_and_stop_together(compared, tmp_path):
+    # An uninterrupted run of two processes with two devices each.
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    write_poems(whole / "poems.txt")
+    processes = two_processes(whole, "whole")
+    assert [finish(process) for process in processes] == [0, 0], (whole / "whole1.log").read_text()[-2000:]
+    np.testing.assert_allclose(losses(metrics(whole / "checkpoints")), losses(compared["one"]), rtol=1e-5)
+    assert sorted(path.name for path in (whole / "checkpoints").iterdir()) == ["15", "30", "metrics.jsonl"]
+
+    # SIGTERM to process 1 once training has started: both save one step and exit as interrupted.
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    write_poems(stopped / "poems.txt")
+    processes = two_processes(stopped, "first")
+    deadline = time.monotonic() + TIMEOUT_S
+    while "compiled" not in (stopped / "first0.log").read_text():
+        assert processes[0].poll() is None and time.monotonic() < deadline, (stopped / "first0.log").read_text()
+        time.sleep(0.2)
+    processes[1].send_signal(signal.SIGTERM)
+    assert [finish(process) for process in processes] == [130, 130]
+    said = [next(line for line in (stopped / f"first{index}.log").read_text().splitlines() if "stopped: saved step" in line)
+            for index in (0, 1)]
+    step = said[0].split("saved step ")[1].split()[0]
+    assert f"saved step {step} " in said[1] and 0 < int(step) < 30
+    assert (stopped / "checkpoints" / step).is_dir()
+
+    # The same command again resumes both and ends where the uninterrupted run ended.
+    processes = two_processes(stopped, "again")
+    assert [finish(process) for process in processes] == [0, 0]
+    assert f"resuming from step {step}" in (stopped / "again0.log").read_text()
+    np.testing.assert_allclose(losses(metrics(stopped / "checkpoints"))[-1], losses(metrics(whole / "checkpoints"))[-1],
+                               rtol=1e-6)
