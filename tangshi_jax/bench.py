@@ -7,6 +7,7 @@ process after compiling, as the median of several timed windows.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -78,6 +79,9 @@ def machine_name() -> str:
     return f"{cpu}, {os.cpu_count()} cores; JAX {jax.__version__} on {describe_devices()}"
 
 
+VARIANTS = ("fused", "plain", "bfloat16")
+
+
 def bench_training(train_config: TrainConfig, model_config: ModelConfig, poems, vocab, windows: int,
                    steps: int, log, variants=("fused",)) -> dict:
     train_data, val_data = data.prepare(poems, vocab, train_config.val_fraction, train_config.num_buckets)
@@ -94,7 +98,8 @@ def bench_training(train_config: TrainConfig, model_config: ModelConfig, poems, 
     programs, states, compile_s = {}, {}, {}
     for variant in variants:
         state = init_state(model_config, train_config)
-        train_step, eval_step = make_steps(model_config, train_config, fused_head=variant == "fused")
+        variant_config = dataclasses.replace(train_config, dtype="bfloat16" if variant == "bfloat16" else "float32")
+        train_step, eval_step = make_steps(model_config, variant_config, fused_head=variant != "plain")
         train_jit, eval_jit = jax.jit(train_step, donate_argnums=0), jax.jit(eval_step)
         programs[variant] = {}
         for length in buckets:
@@ -175,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--platform", choices=PLATFORMS, default=None)
     parser.add_argument("--variants", default="fused",
                         help="comma-separated training variants measured side by side: fused (the default "
-                             "head and loss), plain (all logits and a plain log-softmax)")
+                             "head and loss), plain (all logits and a plain log-softmax), bfloat16 (fused, "
+                             "with bfloat16 activations and products)")
     parser.add_argument("--json", default=None, help="write the figures to this file")
     return parser
 
@@ -194,8 +200,8 @@ def main(argv=None) -> None:
     train_config = TrainConfig(data=args.data, batch_size=args.batch_size, max_poems=args.max_poems)
     model_settings = dict(cell=args.cell, layers=2, hidden=128, embed=100, relu_head=False)
     variants = tuple(args.variants.split(","))
-    if not set(variants) <= {"fused", "plain"}:
-        raise TangshiError(f"--variants {args.variants}: choose from fused, plain")
+    if not set(variants) <= set(VARIANTS):
+        raise TangshiError(f"--variants {args.variants}: choose from {', '.join(VARIANTS)}")
     poems = load_poems(train_config, log).poems[:train_config.max_poems]
     vocab = data.build_vocab(poems)
     model_config = ModelConfig(vocab_size=len(vocab), **model_settings)

@@ -54,8 +54,17 @@ def restore_meta(manager, step: int) -> Meta:
 
 
 def restore_state(manager, step: int, like):
-    """The arrays of a checkpoint, shaped and typed like the pytree `like` (real or abstract)."""
-    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)
+    """The arrays of a checkpoint, shaped, typed and placed like the pytree `like` (real or
+    abstract); leaves without a placement go to the default device, whatever devices or
+    processes wrote the checkpoint."""
+    device = jax.config.jax_default_device
+    default = jax.sharding.SingleDeviceSharding(device if isinstance(device, jax.Device) else jax.devices()[0])
+
+    def abstract_leaf(leaf):
+        struct = ocp.utils.to_shape_dtype_struct(leaf)
+        return struct if struct.sharding is not None else jax.ShapeDtypeStruct(struct.shape, struct.dtype,
+                                                                               sharding=default)
+    abstract = jax.tree_util.tree_map(abstract_leaf, like)
     return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
 
 

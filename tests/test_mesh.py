@@ -13,8 +13,11 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
+
+from tangshi_jax import sample
 
 from conftest import write_poems
 
@@ -68,7 +71,7 @@ def compared(tmp_path_factory):
     write_poems(root / "poems.txt")
     log = root / "compare.log"
     assert finish(start_worker("compare", root, log=log)) == 0, log.read_text()
-    return result_of(log)
+    return {**result_of(log), "root": root}
 
 
 def test_four_devices_give_the_losses_of_one(compared):
@@ -86,6 +89,14 @@ def test_checkpoints_resume_on_another_device_count(compared):
     for resumed in ("four_then_one", "one_then_four"):
         assert [record["epoch"] for record in compared[resumed]] == [1, 2]
         np.testing.assert_allclose(losses(compared[resumed]), losses(compared["one"]), rtol=1e-5)
+
+
+def test_sampling_on_one_device_reads_a_checkpoint_of_four(compared):
+    one, four = sample.load_model(compared["root"] / "one"), sample.load_model(compared["root"] / "four")
+    for a, b in zip(jax.tree_util.tree_leaves(one.params), jax.tree_util.tree_leaves(four.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    poems = sample.write_poems(four.params, four.model_config, four.vocab, "春", num=2, max_len=20, seed=0)
+    assert len(poems) == 2 and all(poem.startswith("春") for poem in poems)
 
 
 def test_two_processes_train_as_one_and_stop_together(compared, tmp_path):
