@@ -150,6 +150,11 @@ def test_a_finished_run_says_so(trained_run):
     (["--dropout", "1"], "--dropout must be in [0, 1)"),
     (["--warmup-steps", "-1"], "--warmup-steps must be 0 or more"),
     (["--decay-epochs", "0"], "--decay-epochs must be at least 1"),
+    (["--devices", "0"], "--devices must be at least 1"),
+    (["--devices", "5"], "--devices 5: this process sees only 1 cpu device"),
+    (["--coordinator", "127.0.0.1:1234"], "go together"),
+    (["--coordinator", "localhost", "--num-processes", "2", "--process-id", "0"], "expected HOST:PORT"),
+    (["--coordinator", "localhost:1", "--num-processes", "2", "--process-id", "2"], "ids run from 0"),
 ])
 def test_bad_training_input_gives_one_clear_line(tmp_path, monkeypatch, capsys, argv, message):
     monkeypatch.chdir(tmp_path)
