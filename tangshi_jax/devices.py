@@ -33,8 +33,9 @@ def enable_compilation_cache() -> None:
 
 
 def launched_by_cluster() -> bool:
-    """A SLURM or Open MPI launch of more than one task, which jax.distributed detects itself."""
-    return any(int(os.environ.get(name, "1") or 1) > 1 for name in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"))
+    """An srun or mpirun launch of more than one task, which jax.distributed detects itself (an
+    salloc shell alone is not one: its tasks are not started)."""
+    return any(int(os.environ.get(name) or 1) > 1 for name in ("SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE"))
 
 
 def check_cluster(cluster: Cluster) -> None:

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from tangshi_jax import sample
+from tangshi_jax.devices import launched_by_cluster
 
 from conftest import write_poems
 
@@ -132,3 +133,16 @@ def test_two_processes_train_as_one_and_stop_together(compared, tmp_path):
     assert f"resuming from step {step}" in (stopped / "again0.log").read_text()
     np.testing.assert_allclose(losses(metrics(stopped / "checkpoints"))[-1], losses(metrics(whole / "checkpoints"))[-1],
                                rtol=1e-6)
+
+
+def test_a_cluster_launch_of_several_tasks_joins_without_flags(monkeypatch):
+    for name in ("SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert not launched_by_cluster()
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")           # one task: nothing to join
+    assert not launched_by_cluster()
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "16")
+    assert launched_by_cluster()
+    monkeypatch.delenv("SLURM_STEP_NUM_TASKS")
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    assert launched_by_cluster()
