@@ -70,8 +70,11 @@ def sample_tokens(key, logits, temperature, top_k: int = 0, top_p=1.0):
     blocks of 64 entries, then only inside the block the uniform falls in."""
     rows, vocab = logits.shape
     scaled = logits / temperature
-    if top_k:
-        scaled = jnp.where(scaled < top_k_threshold(scaled, top_k), -jnp.inf, scaled)
+
+    def keep_top_k(scaled):
+        return jnp.where(scaled < top_k_threshold(scaled, top_k), -jnp.inf, scaled)
+
+    scaled = jax.lax.cond(top_k > 0, keep_top_k, lambda scaled: scaled, scaled)   # top_k is data: one program for all
     weights = jnp.exp(scaled - jnp.max(scaled, axis=-1, keepdims=True))
 
     def nucleus(weights):
@@ -142,17 +145,18 @@ def update_rules(plan, prosody, t, chosen, alive, required, second_end):
     return alive, required, second_end
 
 
-@functools.partial(jax.jit, static_argnames=("model_config", "num", "max_len", "top_k", "greedy",
-                                             "start_id", "end_id", "with_log_probs"))
+@functools.partial(jax.jit, static_argnames=("model_config", "num", "max_len", "start_id", "end_id",
+                                             "with_log_probs"))
 def generate(params, plan, prosody, key, temperature, top_p=1.0, repetition_penalty=0.0, carry=None, *,
-             model_config: ModelConfig, num: int, max_len: int, top_k: int, greedy: bool,
+             model_config: ModelConfig, num: int, max_len: int, top_k=0, greedy=False,
              start_id: int, end_id: int, with_log_probs: bool = False):
     """Write `num` poems of at most `max_len` characters after the start token.
 
     plan (see make_plan): per position, what stands there: anything, a Chinese character
     under the rules, or a forced token (the begin text, punctuation of a form, acrostic
     heads, the end). All of it is data, so one compiled program serves every begin text,
-    form and rule. carry: the state after reading each poem's title (read_titles), or None
+    form and rule; top_k and greedy are data too, so that a server compiles one program per
+    batch size. carry: the state after reading each poem's title (read_titles), or None
     for a zero state. Returns tokens (num, max_len + 1) with E after each poem's end, and, with
     with_log_probs, the model's own log-probability of every token (num, max_len; zeros
     otherwise: it costs a pass over the vocabulary a step).
@@ -185,10 +189,8 @@ def generate(params, plan, prosody, key, temperature, top_p=1.0, repetition_pena
                                lambda _: rules_mask(plan, prosody, t, alive, required, second_end, hanzi_only),
                                lambda _: jnp.ones((num, vocab_size), bool), None)
         masked = jnp.where(allowed, logits - repetition_penalty * used, -jnp.inf)
-        if greedy:
-            chosen = jnp.argmax(masked, axis=-1).astype(jnp.int32)
-        else:
-            chosen = sample_tokens(jax.random.fold_in(key, t), masked, temperature, top_k, top_p)
+        chosen = jax.lax.cond(greedy, lambda: jnp.argmax(masked, axis=-1).astype(jnp.int32),
+                              lambda: sample_tokens(jax.random.fold_in(key, t), masked, temperature, top_k, top_p))
         chosen = jnp.where(kind == rules.FORCED, plan["forced"][t + 1], chosen)
         chosen = jnp.where(done, end_id, chosen)
         if with_log_probs:
@@ -360,13 +362,15 @@ def write_poems(params, model_config, vocab, begin: str | None = None, num: int 
                 line_length: int = 7, rhyme: bool = False, rhyme_group: str | None = None, tones: bool = False,
                 loose_tones: bool = False, min_len: int = 0, title: str | list[str] | None = None,
                 max_title: int = 0, candidates: int = 1, corpus_lines: set[str] | None = None,
-                with_scores: bool = False) -> list[str] | tuple[list[str], list[float]]:
+                with_scores: bool = False, rows: int = 0) -> list[str] | tuple[list[str], list[float]]:
     """Poems as strings (without G/E); see the command's flags for the meaning of each option.
 
     title: one title for every poem, or a title per poem; max_title: the title length the
     model was trained with (0: it reads no titles, and a title is an error). candidates: drafts
     written per poem in the same batch, the best by `score_poem` kept; corpus_lines: lines of
-    the training poems, which the score penalises copying. with_scores: also the kept poems' scores."""
+    the training poems, which the score penalises copying. with_scores: also the kept poems' scores.
+    rows: run the sampler on at least this many rows, the rest padding, so that one compiled
+    program serves every batch up to that size (a row's draws do not depend on the batch size)."""
     if title is not None and not max_title:
         raise TangshiError("this model was trained without titles, so --title and --keywords cannot steer it; "
                            "train one with `python -m tangshi_jax.train --titles --checkpoint-dir checkpoints-titles`")
@@ -388,17 +392,19 @@ def write_poems(params, model_config, vocab, begin: str | None = None, num: int 
                      rhyme_group=group, tones=tones, loose_tones=loose_tones, min_len=min_len)
     start_id, end_id = vocab.index(data.START), vocab.index(data.END)
     candidates = 1 if greedy else candidates       # greedy drafts would all be the same
+    batch = max(rows, num * candidates)
     carry = None
     if title is not None:
         titles = [title] * num if isinstance(title, str) else list(title)
         # Drafts of poem i are rows i*candidates ... (i+1)*candidates - 1.
-        carry = title_carry(params, model_config, vocab, [t for t in titles for _ in range(candidates)], max_title)
+        row_titles = [t for t in titles for _ in range(candidates)]
+        carry = title_carry(params, model_config, vocab, row_titles + [None] * (batch - len(row_titles)), max_title)
     scoring = candidates > 1 or with_scores
     tokens, log_probs = generate(params, plan, device_prosody(vocab), jax.random.key(seed), jnp.float32(temperature),
                                  jnp.float32(top_p), jnp.float32(repetition_penalty), carry, model_config=model_config,
-                                 num=num * candidates, max_len=max_len, top_k=min(top_k, len(vocab)), greedy=greedy,
-                                 start_id=start_id, end_id=end_id, with_log_probs=scoring)
-    drafts = [decode(row, vocab, end_id) for row in np.asarray(tokens)]
+                                 num=batch, max_len=max_len, top_k=jnp.int32(min(top_k, len(vocab))),
+                                 greedy=jnp.bool_(greedy), start_id=start_id, end_id=end_id, with_log_probs=scoring)
+    drafts = [decode(row, vocab, end_id) for row in np.asarray(tokens)[:num * candidates]]
     if not scoring:
         return drafts
     written = plan["kind"][1:] != rules.FORCED             # positions the model chose (not begin, heads, marks)
