@@ -44,7 +44,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from tangshi_jax import checkpoint, data, sample, train
+from tangshi_jax import checkpoint, data, release, sample, train
 from tangshi_jax.devices import PLATFORMS, use_platform
 from tangshi_jax.errors import TangshiError, run_cli
 from tangshi_jax.data import lines_of
@@ -241,10 +241,11 @@ def position_nll(model_config):
 
 
 def evaluate_checkpoint(checkpoint_dir, data_path, num: int = 100, seed: int = 0, settings=SETTINGS,
-                        log=print, **sampling) -> dict:
+                        log=print, model_dir=None, **sampling) -> dict:
     """Every figure of the report: validation NLL (all targets, characters only, quatrain lines
-    2-4, and without titles for a model that reads them), one row per setting, one per corpus form."""
-    model_config, train_config, vocab, params, progress = sample.load_model(checkpoint_dir)
+    2-4, and without titles for a model that reads them), one row per setting, one per corpus form.
+    model_dir: a release folder to evaluate instead of the checkpoint."""
+    model_config, train_config, vocab, params, progress = release.load_model(checkpoint_dir, model_dir)
     step = progress["step"]
     data_path = data_path or train_config.data
     corpus = data.read_corpus(data_path)
@@ -280,7 +281,7 @@ def evaluate_checkpoint(checkpoint_dir, data_path, num: int = 100, seed: int = 0
                      "poems_per_s": None, "examples": poems[:3]})
     figures = lambda result, key: (result and result[key], train.perplexity(result[key]) if result else None)
     (nll, ppl), (char_nll, char_ppl) = figures(val, "nll"), figures(val, "char_nll")
-    return {"checkpoint_dir": str(checkpoint_dir), "step": step, "epoch": progress["epoch"],
+    return {"checkpoint_dir": str(model_dir or checkpoint_dir), "step": step, "epoch": progress["epoch"],
             "data": str(data_path), "num": num, "seed": seed, "sampling": sampling, "val_nll": nll,
             "val_ppl": ppl, "val_char_nll": char_nll, "val_char_ppl": char_ppl, "quatrains": quatrains,
             "untitled_char_nll": untitled and untitled["char_nll"], "rows": rows}
@@ -347,6 +348,8 @@ def plot_losses(metrics_path, out_path) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tangshi_jax.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint-dir", default="checkpoints")
+    parser.add_argument("--model", default=None, help="a release folder (python -m tangshi_jax.export) instead of "
+                        "--checkpoint-dir")
     parser.add_argument("--data", default=None, help="poems file (default: the one the checkpoint was trained on)")
     parser.add_argument("--num", type=int, default=100, help="poems per setting and per corpus form")
     parser.add_argument("--seed", type=int, default=0)
@@ -372,15 +375,18 @@ def main(argv=None) -> None:
     settings = [by_name[name] for name in args.settings.split(",")]
     use_platform(args.platform)
     sample.check_sampling(args.temperature, args.top_p)
-    checkpoint.require_checkpoint(args.checkpoint_dir)     # the clearer error first, then the cheap plot
+    if args.model is None:
+        checkpoint.require_checkpoint(args.checkpoint_dir)     # the clearer error first, then the cheap plot
     metrics_path = Path(args.checkpoint_dir) / "metrics.jsonl"
     plot_path = args.plot or str(Path(args.checkpoint_dir) / "loss.png")
-    if args.plot or metrics_path.is_file():            # a checkpoint alone is enough for the rest
+    if args.model is not None:                          # a release holds no metrics.jsonl
+        plot_path = None
+    elif args.plot or metrics_path.is_file():            # a checkpoint alone is enough for the rest
         plot_losses(metrics_path, plot_path)
     else:
         plot_path = None
     report = evaluate_checkpoint(args.checkpoint_dir, args.data, args.num, args.seed, settings,
-                                 log=lambda message: print(message, file=sys.stderr),
+                                 log=lambda message: print(message, file=sys.stderr), model_dir=args.model,
                                  temperature=args.temperature, top_p=args.top_p,
                                  repetition_penalty=args.repetition_penalty)
     print(format_report(report))

@@ -501,6 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="one JSON object per poem per line")
     parser.add_argument("--checkpoint-dir", default="checkpoints")
+    parser.add_argument("--model", default=None, help="a release folder (python -m tangshi_jax.export) instead of "
+                        "--checkpoint-dir")
     parser.add_argument("--platform", choices=PLATFORMS, default=None)
     return parser
 
@@ -515,7 +517,8 @@ def main(argv=None) -> None:
     if args.title is not None and args.keywords is not None:
         raise TangshiError("give --title or --keywords, not both")
     title = keywords_title(args.keywords) if args.keywords is not None else args.title
-    model_config, train_config, vocab, params, _ = load_model(args.checkpoint_dir)
+    from tangshi_jax import release     # it imports this module
+    model_config, train_config, vocab, params, _ = release.load_model(args.checkpoint_dir, args.model)
     poems = write_poems(params, model_config, vocab, args.begin, num=args.num, temperature=args.temperature,
                         title=title, max_title=train_config.max_title if train_config.titles else 0,
                         candidates=args.candidates,

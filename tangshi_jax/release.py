@@ -1,0 +1,143 @@
+"""A release folder: a trained model in plain files that load without Orbax, the trainer, or
+the JAX version that wrote them.
+
+    model.safetensors   the parameters only, float32, named like `embed.embedding`
+    config.json         the model config, the training settings, the step and its validation figures
+    vocab.json          {character: id}, ids 0..V-1
+    README.md           the model card (written by `python -m tangshi_jax.export`)
+
+`load_model` reads either a release folder or a checkpoint directory and returns what
+`sample.load_model` returns, so sample, evaluate and serve treat both alike.
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from tangshi_jax import sample
+from tangshi_jax.config import ModelConfig, TrainConfig, from_dict, to_dict
+from tangshi_jax.errors import TangshiError
+from tangshi_jax.model import init_params
+
+FORMAT, FORMAT_VERSION = "tangshi-jax-release", 1
+WEIGHTS, CONFIG, VOCAB, CARD = "model.safetensors", "config.json", "vocab.json", "README.md"
+
+
+def require_new(out_dir) -> Path:
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise TangshiError(f"--out {out} already exists and is not empty; give a new folder or remove it")
+    return out
+
+
+def write_release(out_dir, loaded: sample.Loaded, metrics: dict | None, card: str) -> Path:
+    """Write the folder beside its final place, then rename it, so a failed export leaves nothing."""
+    from safetensors.numpy import save_file
+
+    out = require_new(out_dir)
+    model_config, train_config, vocab, params, progress = loaded
+    partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        flat = traverse_util.flatten_dict(jax.device_get(params), sep=".")
+        save_file({name: np.ascontiguousarray(array) for name, array in flat.items()}, str(partial / WEIGHTS),
+                  metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+        config = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": to_dict(model_config),
+                  "train": to_dict(train_config), "progress": dict(progress), "metrics": metrics}
+        (partial / CONFIG).write_text(json.dumps(config, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        (partial / VOCAB).write_text(json.dumps({char: index for index, char in enumerate(vocab)},
+                                                ensure_ascii=False, indent=0) + "\n", encoding="utf-8")
+        (partial / CARD).write_text(card, encoding="utf-8")
+        for path in partial.iterdir():
+            path.chmod(0o644)       # safetensors writes its file owner-only; a release is for sharing
+        if out.exists():
+            out.rmdir()
+        partial.rename(out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return out
+
+
+def read_json(path: Path, what: str):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise TangshiError(f"cannot read {what} {path.name} of the release {path.parent} ({type(error).__name__}); "
+                           "export it again with `python -m tangshi_jax.export --out DIR`") from None
+
+
+def load_release(model_dir) -> sample.Loaded:
+    """Configs, vocabulary and parameters of a release folder, checked against each other."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    folder = Path(model_dir)
+    if not (folder / CONFIG).is_file():
+        raise TangshiError(f"{folder} is not a release folder (no {CONFIG}); make one with "
+                           "`python -m tangshi_jax.export --out DIR`, or give a checkpoint with --checkpoint-dir")
+    config = read_json(folder / CONFIG, "the config")
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise TangshiError(f"{folder / CONFIG} is not a tangshi-jax release config; export the model again")
+    if config.get("format_version", 0) > FORMAT_VERSION:
+        raise TangshiError(f"{folder} is a newer release format ({config['format_version']}) than this "
+                           f"tangshi-jax reads ({FORMAT_VERSION}); upgrade tangshi-jax")
+    model_config = from_dict(ModelConfig, config["model"])
+    train_config = from_dict(TrainConfig, config.get("train", {}))
+    ids = read_json(folder / VOCAB, "the vocabulary")
+    if not isinstance(ids, dict) or sorted(ids.values()) != list(range(len(ids))):
+        raise TangshiError(f"{folder / VOCAB} must map each character to an id, 0 to {len(ids) - 1} once each; "
+                           "export the model again")
+    vocab = sorted(ids, key=ids.get)
+    if len(vocab) != model_config.vocab_size:
+        raise TangshiError(f"{folder / VOCAB} has {len(vocab)} characters but config.json says vocab_size "
+                           f"{model_config.vocab_size}; export the model again")
+    try:
+        flat = load_file(str(folder / WEIGHTS))
+    except (OSError, SafetensorError) as error:
+        raise TangshiError(f"cannot read {folder / WEIGHTS} ({error}); export the model again") from None
+    expected = traverse_util.flatten_dict(jax.eval_shape(lambda: init_params(model_config, jax.random.key(0))),
+                                          sep=".")
+    for name, like in expected.items():
+        got = flat.get(name)
+        if got is None or got.shape != like.shape or got.dtype != like.dtype:
+            found = "missing" if got is None else f"{got.dtype}{list(got.shape)}"
+            raise TangshiError(f"{folder / WEIGHTS}: parameter {name} is {found}, but the config needs "
+                               f"{like.dtype}{list(like.shape)}; the files do not belong together, export again")
+    extra = sorted(set(flat) - set(expected))
+    if extra:
+        raise TangshiError(f"{folder / WEIGHTS} holds parameters the config does not use ({', '.join(extra[:3])}); "
+                           "export the model again")
+    params = traverse_util.unflatten_dict({tuple(name.split(".")): jnp.asarray(array) for name, array in flat.items()})
+    return sample.Loaded(model_config, train_config, vocab, params, dict(config.get("progress", {})))
+
+
+def load_model(checkpoint_dir, model_dir=None) -> sample.Loaded:
+    """The release folder when model_dir is given, else the latest checkpoint of checkpoint_dir."""
+    return load_release(model_dir) if model_dir is not None else sample.load_model(checkpoint_dir)
+
+
+def last_metrics(checkpoint_dir, model_dir=None, epoch: int | None = None) -> dict | None:
+    """The validation figures of the model: the release's, or the last line of the run's
+    metrics.jsonl up to `epoch` (the checkpoint's); None when there are none."""
+    if model_dir is not None:
+        return read_json(Path(model_dir) / CONFIG, "the config").get("metrics")
+    path = Path(checkpoint_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    record = None
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            candidate = json.loads(line)
+        except json.JSONDecodeError:
+            continue            # a line cut short by a kill
+        if epoch is None or candidate.get("epoch", 0) <= epoch:
+            record = candidate
+    return record
