@@ -355,22 +355,11 @@ def make_plan(vocab: list[str], max_len: int, begin: list[int], form: str | None
             "use_rhyme": np.bool_(rhyme and bool(form)), "min_len": np.int32(min_len)}
 
 
-def write_poems(params, model_config, vocab, begin: str | None = None, num: int = 1,
-                temperature: float = DEFAULT_TEMPERATURE, top_k: int = 0, top_p: float = DEFAULT_TOP_P,
-                repetition_penalty: float = DEFAULT_REPETITION_PENALTY, greedy: bool = False,
-                max_len: int = MAX_LEN, seed: int = 0, form: str | None = None, acrostic: str | None = None,
-                line_length: int = 7, rhyme: bool = False, rhyme_group: str | None = None, tones: bool = False,
-                loose_tones: bool = False, min_len: int = 0, title: str | list[str] | None = None,
-                max_title: int = 0, candidates: int = 1, corpus_lines: set[str] | None = None,
-                with_scores: bool = False, rows: int = 0) -> list[str] | tuple[list[str], list[float]]:
-    """Poems as strings (without G/E); see the command's flags for the meaning of each option.
-
-    title: one title for every poem, or a title per poem; max_title: the title length the
-    model was trained with (0: it reads no titles, and a title is an error). candidates: drafts
-    written per poem in the same batch, the best by `score_poem` kept; corpus_lines: lines of
-    the training poems, which the score penalises copying. with_scores: also the kept poems' scores.
-    rows: run the sampler on at least this many rows, the rest padding, so that one compiled
-    program serves every batch up to that size (a row's draws do not depend on the batch size)."""
+def plan_request(vocab, begin: str | None = None, max_len: int = MAX_LEN, form: str | None = None,
+                 acrostic: str | None = None, line_length: int = 7, rhyme: bool = False, rhyme_group: str | None = None,
+                 tones: bool = False, loose_tones: bool = False, min_len: int = 0, title=None, max_title: int = 0) -> dict:
+    """The plan (make_plan) of one request, after checking its options; raises TangshiError on
+    any the model cannot honour. Host-side only, so a server checks each request before batching it."""
     if title is not None and not max_title:
         raise TangshiError("this model was trained without titles, so --title and --keywords cannot steer it; "
                            "train one with `python -m tangshi_jax.train --titles --checkpoint-dir checkpoints-titles`")
@@ -390,6 +379,27 @@ def write_poems(params, model_config, vocab, begin: str | None = None, num: int 
     group = begin_ids(rhyme_group, vocab, max_len, flag="--rhyme-group")[0] if rhyme_group else None
     plan = make_plan(vocab, max_len, ids, form=form, heads=heads, rhyme=rhyme or group is not None,
                      rhyme_group=group, tones=tones, loose_tones=loose_tones, min_len=min_len)
+    return plan
+
+
+def write_poems(params, model_config, vocab, begin: str | None = None, num: int = 1,
+                temperature: float = DEFAULT_TEMPERATURE, top_k: int = 0, top_p: float = DEFAULT_TOP_P,
+                repetition_penalty: float = DEFAULT_REPETITION_PENALTY, greedy: bool = False,
+                max_len: int = MAX_LEN, seed: int = 0, form: str | None = None, acrostic: str | None = None,
+                line_length: int = 7, rhyme: bool = False, rhyme_group: str | None = None, tones: bool = False,
+                loose_tones: bool = False, min_len: int = 0, title: str | list[str] | None = None,
+                max_title: int = 0, candidates: int = 1, corpus_lines: set[str] | None = None,
+                with_scores: bool = False, rows: int = 0) -> list[str] | tuple[list[str], list[float]]:
+    """Poems as strings (without G/E); see the command's flags for the meaning of each option.
+
+    title: one title for every poem, or a title per poem; max_title: the title length the
+    model was trained with (0: it reads no titles, and a title is an error). candidates: drafts
+    written per poem in the same batch, the best by `score_poem` kept; corpus_lines: lines of
+    the training poems, which the score penalises copying. with_scores: also the kept poems' scores.
+    rows: run the sampler on at least this many rows, the rest padding, so that one compiled
+    program serves every batch up to that size (a row's draws do not depend on the batch size)."""
+    plan = plan_request(vocab, begin, max_len, form, acrostic, line_length, rhyme, rhyme_group, tones, loose_tones,
+                        min_len, title, max_title)
     start_id, end_id = vocab.index(data.START), vocab.index(data.END)
     candidates = 1 if greedy else candidates       # greedy drafts would all be the same
     batch = max(rows, num * candidates)
