@@ -1,0 +1,111 @@
+"""export writes a release folder that loads without Orbax and writes the poems the checkpoint writes."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from tangshi_jax import evaluate, export, release, sample
+from tangshi_jax.config import ModelConfig, TrainConfig
+from tangshi_jax.errors import TangshiError, run_cli
+
+
+@pytest.fixture(scope="module")
+def exported(titles_run, tmp_path_factory):
+    directory, data = titles_run
+    out = tmp_path_factory.mktemp("release") / "tangshi-small"
+    report = evaluate.evaluate_checkpoint(directory, None, num=2, settings=[evaluate.SETTINGS[0]], log=lambda m: None,
+                                          temperature=0.8, top_p=1.0, repetition_penalty=1.5)
+    export.export(directory, out, report=report, log=lambda message: None)
+    return directory, data, out
+
+
+def test_the_folder_holds_the_files_users_know(exported):
+    directory, data, out = exported
+    assert sorted(path.name for path in out.iterdir()) == ["README.md", "config.json", "model.safetensors", "vocab.json"]
+    from safetensors.numpy import load_file
+    weights = load_file(str(out / "model.safetensors"))                   # plain numpy, no JAX needed
+    checkpoint = sample.load_model(directory)
+    flat = {".".join(key.key for key in path): np.asarray(leaf)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(checkpoint.params)}
+    assert set(weights) == set(flat)
+    for name, array in flat.items():
+        np.testing.assert_array_equal(weights[name], array)             # bit for bit
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    assert config["model"]["hidden"] == checkpoint.model_config.hidden and config["train"]["titles"] is True
+    assert config["progress"]["step"] == checkpoint.progress["step"] and config["metrics"]["val_loss"] > 0
+    vocab = json.loads((out / "vocab.json").read_text(encoding="utf-8"))
+    assert sorted(vocab, key=vocab.get) == checkpoint.vocab
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert "python -m tangshi_jax.train --preset original" in card and "--titles" in card
+    assert "| free | 2 |" in card and "Temperature 0.8" in card and "sha256" in card
+
+
+def test_the_release_writes_the_checkpoints_poems(exported, capsys):
+    directory, data, out = exported
+    from_release, from_checkpoint = release.load_release(out), sample.load_model(directory)
+    assert from_release.vocab == from_checkpoint.vocab and from_release.model_config == from_checkpoint.model_config
+    assert from_release.train_config == from_checkpoint.train_config
+    heads = "".join([char for char in from_release.vocab if sample.data.is_hanzi(char)][:4])
+    options = dict(num=3, seed=6, candidates=4, form="qijue", rhyme=True, acrostic=heads, title="题春",
+                   max_title=from_release.train_config.max_title, corpus_lines=sample.corpus_lines(data))
+    assert sample.write_poems(from_release.params, from_release.model_config, from_release.vocab, **options) == \
+        sample.write_poems(from_checkpoint.params, from_checkpoint.model_config, from_checkpoint.vocab, **options)
+    outputs = []
+    for source in (["--model", str(out)], ["--checkpoint-dir", str(directory)]):
+        assert run_cli(sample.main, source + ["--num", "4", "--seed", "3", "--json", "--keywords", "春", "月"]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] and len(outputs[0].splitlines()) == 4
+
+
+def test_evaluate_reads_a_release(exported):
+    directory, data, out = exported
+    kwargs = dict(num=2, settings=[evaluate.SETTINGS[0]], log=lambda m: None, temperature=0.8, top_p=1.0,
+                  repetition_penalty=1.5)
+    from_release = evaluate.evaluate_checkpoint(None, str(data), model_dir=out, **kwargs)
+    from_checkpoint = evaluate.evaluate_checkpoint(directory, str(data), **kwargs)
+    assert from_release["val_nll"] == from_checkpoint["val_nll"]
+    assert from_release["rows"][0]["examples"] == from_checkpoint["rows"][0]["examples"]
+
+
+def test_training_command_names_the_nearest_preset_and_the_differences():
+    model, train = ModelConfig(100, hidden=256, embed=128, tied=True, dropout=0.2), TrainConfig(
+        epochs=6, schedule="cosine", warmup_steps=50, decay_epochs=12, split="grouped", titles=True)
+    assert export.training_command(model, train) == "python -m tangshi_jax.train --preset quick --epochs 6"
+    assert export.training_command(ModelConfig(100), TrainConfig(epochs=5, data="x.txt", lr_floor=0.1)) == \
+        "python -m tangshi_jax.train --preset original --data x.txt  # and, in config.py, lr_floor=0.1"
+
+
+def test_broken_releases_and_a_taken_folder_are_one_clear_line(exported, tmp_path, capsys):
+    directory, _, out = exported
+    cases = []
+    broken = tmp_path / "vocab"
+    broken.mkdir()
+    for path in out.iterdir():
+        (broken / path.name).write_bytes(path.read_bytes())
+    vocab = json.loads((broken / "vocab.json").read_text(encoding="utf-8"))
+    vocab.pop(next(iter(vocab)))
+    (broken / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    cases.append((["--model", str(broken)], "must map each character to an id"))
+    cut = tmp_path / "weights"
+    cut.mkdir()
+    for path in out.iterdir():
+        (cut / path.name).write_bytes(path.read_bytes()[:100] if path.suffix == ".safetensors" else path.read_bytes())
+    cases.append((["--model", str(cut)], "cannot read"))
+    cases.append((["--model", str(tmp_path / "nowhere")], "is not a release folder"))
+    for argv, message in cases:
+        assert run_cli(sample.main, argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    assert run_cli(export.main, ["--checkpoint-dir", str(directory), "--out", str(out), "--eval-num", "0"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    with pytest.raises(TangshiError, match="parameter"):
+        other = tmp_path / "other"
+        other.mkdir()
+        for path in out.iterdir():
+            (other / path.name).write_bytes(path.read_bytes())
+        config = json.loads((other / "config.json").read_text(encoding="utf-8"))
+        config["model"]["hidden"] += 1
+        (other / "config.json").write_text(json.dumps(config), encoding="utf-8")
+        release.load_release(other)
