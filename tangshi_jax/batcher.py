@@ -1,0 +1,214 @@
+"""Requests that arrive together, written in one sampler call: the engine behind `serve`.
+
+A request (PoemRequest) asks for `num` poems. Requests that share everything the sampler
+takes as one plan (begin text, form, acrostic, rules, sampling settings, drafts) are merged
+into one `sample.write_poems` call, each poem keeping its own title, up to `max_rows` rows
+(poems × drafts) a call. Every call is padded to one of a few row counts (ROW_BUCKETS up to
+max_rows), all compiled by `Engine.warm_up` before the first request, so that no request
+pays for a compile. A request with its own seed runs alone, so that it gets the poems
+`sample --seed` gives.
+"""
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import secrets
+import time
+from dataclasses import dataclass
+
+from tangshi_jax import data, rules, sample
+from tangshi_jax.errors import TangshiError
+
+SMALLEST_BUCKET = 8     # rows; a step costs about the same for 1 row as for 8 on a CPU
+
+
+@dataclass(frozen=True)
+class PoemRequest:
+    """What one request asks for: `sample`'s flags, less those of the machine and --max-len."""
+    begin: str | None = None
+    title: str | None = None
+    keywords: tuple[str, ...] | None = None
+    num: int = 1
+    candidates: int = sample.DEFAULT_CANDIDATES
+    temperature: float = sample.DEFAULT_TEMPERATURE
+    top_k: int = 0
+    top_p: float = sample.DEFAULT_TOP_P
+    repetition_penalty: float = sample.DEFAULT_REPETITION_PENALTY
+    greedy: bool = False
+    form: str | None = None
+    acrostic: str | None = None
+    line_length: int = 7
+    rhyme: bool = False
+    rhyme_group: str | None = None
+    tones: bool = False
+    loose_tones: bool = False
+    script: str = "simplified"
+    seed: int | None = None
+
+    @property
+    def topic(self) -> str | None:
+        """The title the model reads: the title, or the keywords joined."""
+        return sample.keywords_title(list(self.keywords)) if self.keywords is not None else self.title
+
+    @property
+    def drafts(self) -> int:
+        return 1 if self.greedy else self.candidates
+
+    @property
+    def rows(self) -> int:
+        return self.num * self.drafts
+
+    def plan_key(self):
+        """Requests with equal keys may share one sampler call (a seeded request shares with none)."""
+        return dataclasses.replace(self, title=None, keywords=None, num=1, script="simplified")
+
+
+def row_buckets(max_rows: int) -> list[int]:
+    """The row counts compiled: 8, 32, 128, ... below max_rows, and max_rows."""
+    buckets, rows = [], SMALLEST_BUCKET
+    while rows < max_rows:
+        buckets.append(rows)
+        rows *= 4
+    return buckets + [max_rows]
+
+
+@dataclass
+class Written:
+    """The answer to one request."""
+    poems: list[str]
+    scores: list[float]
+    batch_requests: int      # requests answered by the same sampler call
+    batch_rows: int          # rows that call ran (poems × drafts, padded)
+
+
+class Engine:
+    """A loaded model and the sampler calls that serve it."""
+
+    def __init__(self, loaded: sample.Loaded, max_rows: int = 512, corpus_lines: set[str] | None = None):
+        self.model_config, self.train_config, self.vocab, self.params, self.progress = loaded
+        self.max_title = self.train_config.max_title if self.train_config.titles else 0
+        self.max_rows = max_rows
+        self.buckets = row_buckets(max_rows)
+        self.corpus_lines = corpus_lines
+
+    def check(self, request: PoemRequest) -> None:
+        """Raise TangshiError if the model cannot write what the request asks (host-side, cheap)."""
+        if request.rows > self.max_rows:
+            raise TangshiError(f"num × candidates is {request.rows}, more than this server's batch of "
+                               f"{self.max_rows}; ask for fewer poems or drafts")
+        if request.form is not None:
+            rules.parse_form(request.form)
+        topic = request.topic
+        sample.plan_request(self.vocab, request.begin, sample.MAX_LEN, self.form_of(request), request.acrostic,
+                            request.line_length, request.rhyme, request.rhyme_group, request.tones,
+                            request.loose_tones, title=topic, max_title=self.max_title)
+        if topic is not None:
+            sample.title_ids(topic, self.vocab, self.max_title)
+
+    @staticmethod
+    def form_of(request: PoemRequest) -> str | None:
+        return rules.parse_form(request.form) if request.form else None
+
+    def write(self, requests: list[PoemRequest], seed: int) -> list[Written]:
+        """One sampler call for requests that share a plan_key, padded to a compiled row count."""
+        first = requests[0]
+        titles = [request.topic for request in requests for _ in range(request.num)]
+        rows = sum(request.rows for request in requests)
+        bucket = next(bucket for bucket in self.buckets if bucket >= rows)
+        poems, scores = sample.write_poems(
+            self.params, self.model_config, self.vocab, first.begin, num=len(titles),
+            temperature=first.temperature, top_k=first.top_k, top_p=first.top_p,
+            repetition_penalty=first.repetition_penalty, greedy=first.greedy, seed=seed, form=self.form_of(first),
+            acrostic=first.acrostic, line_length=first.line_length, rhyme=first.rhyme,
+            rhyme_group=first.rhyme_group, tones=first.tones, loose_tones=first.loose_tones,
+            title=titles if any(title is not None for title in titles) else None, max_title=self.max_title,
+            candidates=first.candidates, corpus_lines=self.corpus_lines, with_scores=True, rows=bucket)
+        answers, start = [], 0
+        for request in requests:
+            kept = poems[start:start + request.num]
+            if request.script == "traditional":
+                kept = [rules.opencc_converter("s2t").convert(poem) for poem in kept]
+            answers.append(Written(kept, scores[start:start + request.num], len(requests), bucket))
+            start += request.num
+        return answers
+
+    def warm_up(self) -> tuple[int, float]:
+        """Compile every program a request can run: the sampler at each row count, with and
+        without titles for a model that reads them. Returns (programs, seconds)."""
+        started = time.perf_counter()
+        hanzi = next(char for char in self.vocab if data.is_hanzi(char))
+        titles = [None, hanzi] if self.max_title else [None]
+        for bucket in self.buckets:
+            for title in titles:
+                sample.write_poems(self.params, self.model_config, self.vocab, num=1, seed=0, title=title,
+                                   max_title=self.max_title, with_scores=True, rows=bucket)
+        rules.opencc_converter("s2t").convert(hanzi)
+        return len(self.buckets) * len(titles), time.perf_counter() - started
+
+
+@dataclass
+class Pending:
+    request: PoemRequest
+    future: asyncio.Future
+    arrived: float
+
+
+class Batcher:
+    """One worker that takes every request waiting, merges those that share a plan, and runs
+    the calls one after another in a thread, so that the event loop keeps taking requests."""
+
+    def __init__(self, engine: Engine, merge: bool = True):
+        self.engine, self.merge = engine, merge
+        self.queue: asyncio.Queue[Pending] = asyncio.Queue()
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sampler")
+        self.calls = 0
+
+    async def submit(self, request: PoemRequest) -> Written:
+        future = asyncio.get_running_loop().create_future()
+        await self.queue.put(Pending(request, future, time.perf_counter()))
+        return await future
+
+    def take_waiting(self) -> list[Pending]:
+        waiting = []
+        while not self.queue.empty():
+            waiting.append(self.queue.get_nowait())
+        return waiting
+
+    def next_batch(self, pending: list[Pending]) -> tuple[list[Pending], list[Pending]]:
+        """The oldest request and those waiting that can join it, within max_rows; the rest."""
+        first = pending[0].request
+        key, rows, batch, rest = first.plan_key(), 0, [], []
+        for item in pending:
+            fits = rows + item.request.rows <= self.engine.max_rows
+            joins = self.merge and fits and first.seed is None and item.request.seed is None
+            if (not batch) or (joins and item.request.plan_key() == key):
+                batch.append(item)
+                rows += item.request.rows
+            else:
+                rest.append(item)
+        return batch, rest
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        pending: list[Pending] = []
+        while True:
+            if not pending:
+                pending.append(await self.queue.get())
+            pending += self.take_waiting()
+            batch, pending = self.next_batch(pending)
+            requests = [item.request for item in batch]
+            seed = requests[0].seed if requests[0].seed is not None else secrets.randbelow(2 ** 31)
+            try:
+                answers = await loop.run_in_executor(self.executor, self.engine.write, requests, seed)
+            except Exception as error:          # noqa: BLE001 -- handed to the waiting requests
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(error)
+                continue
+            self.calls += 1
+            for item, answer in zip(batch, answers):
+                if not item.future.done():      # a client that went away leaves a cancelled future
+                    item.future.set_result(answer)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)

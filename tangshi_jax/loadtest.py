@@ -1,0 +1,100 @@
+"""A bounded load test of `serve` on 127.0.0.1: the same requests with batching and without.
+
+    python -m tangshi_jax.serve --load-test [--requests 200] [--clients 50]
+
+Each client is a thread with one kept-alive connection that sends requests one after
+another until `requests` have been sent in all; the requests alternate between the kinds
+in BODIES. Reports failures, p50 and p99 latency, poems/s and the sampler calls made.
+"""
+
+import http.client
+import itertools
+import json
+import statistics
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit
+
+# One free poem, and one rhymed, tonal 七绝, each the best of the default drafts.
+BODIES = [{"num": 1}, {"num": 1, "form": "qijue", "rhyme": True, "tones": True}]
+TIMEOUT_S = 120
+
+
+def fire(url: str, requests: int, clients: int, bodies=BODIES) -> tuple[list[dict], float]:
+    """Send the requests; returns one record per request and the wall time."""
+    address = urlsplit(url)
+    numbers = itertools.count()
+    lock = threading.Lock()
+
+    def client(_):
+        connection = http.client.HTTPConnection(address.hostname, address.port, timeout=TIMEOUT_S)
+        records = []
+        while True:
+            with lock:
+                index = next(numbers)
+            if index >= requests:
+                break
+            body = json.dumps(bodies[index % len(bodies)]).encode()
+            started = time.perf_counter()
+            try:
+                connection.request("POST", "/api/poems", body, {"Content-Type": "application/json"})
+                response = connection.getresponse()
+                answer = json.loads(response.read())
+                records.append({"status": response.status, "seconds": time.perf_counter() - started,
+                                "poems": len(answer.get("poems", [])), "batch": answer.get("batch", {})})
+            except (OSError, http.client.HTTPException, ValueError) as error:
+                records.append({"status": None, "seconds": time.perf_counter() - started, "poems": 0,
+                                "error": type(error).__name__})
+                connection.close()
+                connection = http.client.HTTPConnection(address.hostname, address.port, timeout=TIMEOUT_S)
+        connection.close()
+        return records
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=clients) as pool:
+        records = [record for records in pool.map(client, range(clients)) for record in records]
+    return records, time.perf_counter() - started
+
+
+def percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(share * len(ordered)) - 1))]
+
+
+def summarise(name: str, records: list[dict], seconds: float, calls: int) -> dict:
+    ok = [record for record in records if record["status"] == 200]
+    latencies = [record["seconds"] for record in ok]
+    poems = sum(record["poems"] for record in ok)
+    return {"mode": name, "requests": len(records), "failed": len(records) - len(ok),
+            "p50_s": statistics.median(latencies) if latencies else None,
+            "p99_s": percentile(latencies, 0.99) if latencies else None,
+            "poems_per_s": poems / seconds, "wall_s": seconds, "sampler_calls": calls,
+            "requests_per_call": len(ok) / calls if calls else None}
+
+
+def compare(engine, metrics, requests: int, clients: int, max_poems: int, log=print) -> list[dict]:
+    """The same load against the same warmed-up engine, with batching, then one call a request."""
+    from tangshi_jax.serve import create_app, serving
+
+    results = []
+    for name, merge in (("batched", True), ("one call a request", False)):
+        app = create_app(engine, metrics, merge=merge, max_poems=max_poems, log=log)
+        with serving(app) as url:
+            log(f"load test, {name}: {requests} requests from {clients} clients to {url}")
+            records, seconds = fire(url, requests, clients)
+            results.append(summarise(name, records, seconds, app.state.batcher.calls))
+    return results
+
+
+def format_results(results: list[dict]) -> str:
+    kinds = " and ".join(json.dumps(body, ensure_ascii=False) for body in BODIES)
+    lines = [f"requests alternate {kinds}", "",
+             "| mode | requests | failed | p50 | p99 | poems/s | sampler calls | requests a call |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in results:
+        seconds = lambda value: "–" if value is None else f"{value * 1000:,.0f} ms"
+        per_call = "–" if row["requests_per_call"] is None else f"{row['requests_per_call']:.1f}"
+        lines.append(f"| {row['mode']} | {row['requests']} | {row['failed']} | {seconds(row['p50_s'])} | "
+                     f"{seconds(row['p99_s'])} | {row['poems_per_s']:.1f} | {row['sampler_calls']} | {per_call} |")
+    return "\n".join(lines)

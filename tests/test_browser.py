@@ -1,0 +1,97 @@
+"""The page in a real browser: headless Chromium from the distribution's packages, driven by
+Selenium through the distribution's chromium-driver (`.ci/run` installs both with apt).
+
+Asks for a rhymed, tonal 七绝 acrostic and checks the poems shown; the screenshot is kept as a
+test artifact (the path is printed). TANGSHI_BROWSER_CHECKPOINT=DIR runs it on another model and
+TANGSHI_BROWSER_SCREENSHOT=PATH copies the screenshot there (how docs/serve.png was made).
+"""
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tangshi_jax import release, sample, serve
+from tangshi_jax.batcher import Engine
+
+CHROMIUM, DRIVER = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[test]')")
+    if not CHROMIUM or not DRIVER:
+        pytest.skip("no chromium and chromedriver on PATH; install them with "
+                    "`apt-get install chromium chromium-driver` (.ci/run does)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                     "--window-size=760,900", "--force-device-scale-factor=1"):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=DRIVER))
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def page_url(titles_run):
+    directory = os.environ.get("TANGSHI_BROWSER_CHECKPOINT") or titles_run[0]
+    loaded = release.load_model(directory)
+    engine = Engine(loaded, max_rows=128, corpus_lines=sample.corpus_lines(loaded.train_config.data))
+    engine.warm_up()
+    app = serve.create_app(engine, release.last_metrics(directory, epoch=loaded.progress.get("epoch")),
+                           log=lambda message: None)
+    with serve.serving(app) as url:
+        yield url, loaded.vocab
+
+
+def test_a_rhymed_tonal_qijue_acrostic_in_the_browser(browser, page_url, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.select import Select
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, vocab = page_url
+    heads = "春花秋月" if set("春花秋月") <= set(vocab) else \
+        "".join([char for char in vocab if sample.data.is_hanzi(char)][:4])
+    browser.get(url + "/")
+    WebDriverWait(browser, 20).until(lambda driver: driver.find_element(By.ID, "model").text)
+    browser.find_element(By.ID, "acrostic").send_keys(heads)
+    Select(browser.find_element(By.ID, "form")).select_by_value("qijue")
+    browser.find_element(By.ID, "rhyme").click()
+    browser.find_element(By.ID, "tones").click()
+    count = browser.find_element(By.ID, "num")
+    count.clear()
+    count.send_keys("2")
+    browser.find_element(By.ID, "write").click()
+    WebDriverWait(browser, 60).until(expected_conditions.text_to_be_present_in_element((By.ID, "status"), " s "))
+    poems = browser.find_elements(By.CSS_SELECTOR, "#poems .poem")
+    assert len(poems) == 2
+    for poem in poems:
+        shown = [line.text for line in poem.find_elements(By.TAG_NAME, "p")]
+        verses = [verse for verse in re.split("[，。]", "".join(shown)) if verse]
+        assert len(shown) == 2 and [len(verse) for verse in verses] == [7] * 4, shown
+        assert [verse[0] for verse in verses] == list(heads)
+    assert browser.find_element(By.ID, "error").get_attribute("hidden") is not None
+    shot = tmp_path / "serve.png"
+    browser.save_screenshot(str(shot))
+    assert shot.stat().st_size > 1000
+    print(f"screenshot: {shot}")
+    if os.environ.get("TANGSHI_BROWSER_SCREENSHOT"):
+        shutil.copy(shot, os.environ["TANGSHI_BROWSER_SCREENSHOT"])
+
+
+def test_the_browser_shows_a_refusal_inline(browser, page_url):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, _ = page_url
+    browser.get(url + "/")
+    browser.find_element(By.ID, "rhyme").click()          # rhyme without a form
+    browser.find_element(By.ID, "write").click()
+    error = browser.find_element(By.ID, "error")
+    WebDriverWait(browser, 30).until(lambda driver: error.get_attribute("hidden") is None)
+    assert "need a form" in error.text and "\n" not in error.text
+    assert browser.find_elements(By.CSS_SELECTOR, "#poems .poem") == []

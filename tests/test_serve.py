@@ -1,0 +1,227 @@
+"""The API in-process (Starlette's test client), the batcher, and a tiny load test on 127.0.0.1."""
+
+import asyncio
+import json
+import re
+
+import jax
+import pytest
+
+from starlette.testclient import TestClient    # needs httpx2, in the test extra
+
+from tangshi_jax import loadtest, rules, sample, serve
+from tangshi_jax.batcher import Batcher, Engine, PoemRequest, row_buckets
+
+MAX_ROWS, MAX_POEMS = 32, 4      # buckets of 8 and 32 rows: few programs to compile
+
+
+@pytest.fixture(scope="module")
+def engine(titles_run):
+    directory, data = titles_run
+    loaded = sample.load_model(directory)
+    engine = Engine(loaded, max_rows=MAX_ROWS, corpus_lines=sample.corpus_lines(data))
+    engine.warm_up()
+    return engine
+
+
+@pytest.fixture(scope="module")
+def client(engine):
+    app = serve.create_app(engine, {"val_loss": 2.0, "val_ppl": 7.4, "val_char_loss": 2.2, "val_char_ppl": 9.0},
+                           max_poems=MAX_POEMS, log=lambda message: None)
+    with TestClient(app) as client:
+        yield client
+
+
+def hanzi(engine, count):
+    return "".join([char for char in engine.vocab if sample.data.is_hanzi(char)][:count])
+
+
+def verses(poem):
+    return [verse for verse in re.split("[，。！？]", poem) if verse]
+
+
+def ask(client, **fields):
+    response = client.post("/api/poems", json=fields)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_buckets_cover_every_batch_up_to_the_limit():
+    assert row_buckets(512) == [8, 32, 128, 512] and row_buckets(100) == [8, 32, 100] and row_buckets(8) == [8]
+
+
+def test_a_seeded_request_gives_the_poems_sample_gives(client, engine):
+    """Padding the batch to a compiled size and scoring every draft must not change a poem."""
+    begin, title = hanzi(engine, 1), "题" + hanzi(engine, 2)
+    write = lambda **options: sample.write_poems(engine.params, engine.model_config, engine.vocab,
+                                                 max_title=engine.max_title, corpus_lines=engine.corpus_lines,
+                                                 **options)
+    cases = [({"num": 3, "seed": 11, "begin": begin},
+              write(num=3, seed=11, begin=begin, candidates=sample.DEFAULT_CANDIDATES)),
+             ({"num": 2, "seed": 5, "title": title, "form": "wujue", "rhyme": True, "candidates": 2},
+              write(num=2, seed=5, title=title, form="wujue", rhyme=True, candidates=2))]
+    for fields, expected in cases:
+        answer = ask(client, **fields)
+        assert [poem["poem"] for poem in answer["poems"]] == expected
+        assert ask(client, **fields)["poems"] == answer["poems"]
+
+
+def test_each_field_does_what_sample_does(client, engine):
+    begin, heads = hanzi(engine, 2), hanzi(engine, 4)
+    poems = ask(client, begin=begin, num=3)["poems"]
+    assert len(poems) == 3 and all(poem["poem"].startswith(begin) and poem["begin"] == begin for poem in poems)
+    for poem in poems:
+        assert "".join(poem["lines"]) == poem["poem"] and isinstance(poem["score"], float)
+    title = ask(client, title="题" + begin)["poems"][0]
+    assert title["title"] == "题" + begin
+    assert ask(client, keywords=["题", begin])["poems"][0]["title"] == "题" + begin
+    assert ask(client, keywords="题 " + begin, seed=1)["poems"] == ask(client, keywords=["题", begin], seed=1)["poems"]
+    quatrain = ask(client, form="七绝", acrostic=heads, rhyme=True, tones=True, num=2)["poems"]
+    for poem in quatrain:
+        assert [verse[0] for verse in verses(poem["poem"])] == list(heads)
+        assert [len(verse) for verse in verses(poem["poem"])] == [7] * 4 and len(poem["lines"]) == 2
+    short = ask(client, acrostic=heads, line_length=5, loose_tones=True, tones=True)["poems"][0]["poem"]
+    assert [len(verse) for verse in verses(short)] == [5] * 4
+    assert all(len(verses(p["poem"])) == 8 for p in ask(client, form="wulv", rhyme_group=heads[0], num=2)["poems"])
+    greedy = ask(client, greedy=True, num=2)["poems"]
+    assert greedy[0]["poem"] == greedy[1]["poem"]
+    assert ask(client, top_k=1, num=2, seed=3)["poems"][0]["poem"] == greedy[0]["poem"]
+    assert len(ask(client, top_p=0.5, temperature=1.3, repetition_penalty=0, candidates=1)["poems"]) == 1
+    simplified = ask(client, seed=4, num=2, form="qijue")["poems"]
+    traditional = ask(client, seed=4, num=2, form="qijue", script="traditional")["poems"]
+    assert [rules.opencc_converter("s2t").convert(p["poem"]) for p in simplified] == [p["poem"] for p in traditional]
+    assert ask(client, seed=None, form="free", begin="", acrostic=None)["poems"]      # null and "" leave a field out
+
+
+BAD = [
+    ('{"form": "sonnet"}', 400, "form must be one of"),
+    ('{"begin": "龘"}', 422, "begin character '龘' is not in the model's vocabulary"),
+    ('{"acrostic": "鳯鳯鳯鳯"}', 422, "acrostic character"),
+    ('{"title": "龘"}', 422, "not in the model's vocabulary"),
+    ('{"num": 5}', 400, "num must be at least 1 and at most 4"),
+    ('{"num": 0}', 400, "num must be at least 1"),
+    ('{"num": 4, "candidates": 16}', 422, "more than this server's batch of 32"),
+    ('{"begin": "' + "春" * 17 + '"}', 400, "begin has 17 characters, more than 16"),
+    ('{"title": "' + "春" * 40 + '"}', 400, "title has 40 characters"),
+    ('{"num": "3"}', 400, "num must be an integer"),
+    ('{"num": 2.0}', 400, "num must be an integer"),
+    ('{"rhyme": "yes", "form": "qijue"}', 400, "rhyme must be true or false"),
+    ('{"temperature": true}', 400, "temperature must be a number"),
+    ('{"temperature": 0}', 400, "temperature must be above 0"),
+    ('{"temperature": NaN}', 400, "temperature must be a finite number"),
+    ('{"top_p": 1.5}', 400, "top_p must be above 0 and at most 1"),
+    ('{"keywords": [1, 2]}', 400, "keywords must be a list of strings"),
+    ('{"line_length": 6, "acrostic": "春"}', 400, "line_length must be one of 5, 7"),
+    ('{"script": "seal"}', 400, "script must be one of simplified, traditional"),
+    ('{"seed": -1}', 400, "seed must be at least 0"),
+    ('{"path": "/etc/passwd"}', 400, "unknown field \"path\""),
+    ('{"title": "春", "keywords": "雨"}', 400, "title or keywords, not both"),
+    ('{"rhyme": true}', 422, "rhyme, rhyme_group and tones need a form (or acrostic)"),
+    ('{"acrostic": "ACROSTIC"}', 422, "acrostic character 'A'"),
+    ('{"form": "qijue", "begin": "春春春春春春春春"}', 422, "begin has 8 characters, more than a line of qijue"),
+    ('{"num": 3', 400, "the body is not JSON"),
+    ('[1, 2]', 400, "the body must be a JSON object"),
+    ('', 400, "the body is not JSON"),
+    (b'\xff\xfe', 400, "the body is not UTF-8"),
+    ('{"begin": "' + "x" * 5000 + '"}', 413, "the body is over 4096 bytes"),
+]
+
+
+@pytest.mark.parametrize("body, status, message", BAD)
+def test_bad_requests_get_a_4xx_with_one_line(client, titles_run, body, status, message):
+    # A few need characters of the tiny vocabulary; the fixture's is 题 and CHARS of conftest.
+    response = client.post("/api/poems", content=body if isinstance(body, bytes) else body.encode(),
+                           headers={"Content-Type": "application/json"})
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert message in error and "\n" not in error and "Traceback" not in error
+    assert str(titles_run[0].parent) not in response.text and "--" not in error
+
+
+def test_the_other_routes(client, engine):
+    model = client.get("/api/model").json()
+    assert model["vocab_size"] == len(engine.vocab) and model["model"]["hidden"] == engine.model_config.hidden
+    assert model["reads_titles"] and model["step"] == engine.progress["step"] and model["val_loss"] == 2.0
+    assert model["limits"]["num"] == MAX_POEMS and "data" not in model["training"]        # no file paths
+    assert client.get("/api/health").json()["status"] == "ok"
+    spec = client.get("/api/openapi.json").json()
+    assert set(spec["paths"]) == {"/api/poems", "/api/model", "/api/health"}
+    properties = spec["paths"]["/api/poems"]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]
+    assert properties["num"]["maximum"] == MAX_POEMS and "qijue" in properties["form"]["enum"]
+    page = client.get("/")
+    assert page.status_code == 200 and "藏头" in page.text and "default-src 'self'" in page.headers["content-security-policy"]
+    assert client.get("/static/app.js").status_code == 200 and client.get("/static/style.css").status_code == 200
+    assert client.get("/static/../serve.py").status_code == 404
+    missing = client.get("/nowhere")
+    assert missing.status_code == 404 and "no such page" in missing.json()["error"]
+    assert client.get("/api/poems").status_code == 405
+
+
+def run_together(batcher, requests):
+    async def main():
+        worker = asyncio.create_task(batcher.run())
+        try:
+            return await asyncio.gather(*(batcher.submit(request) for request in requests))
+        finally:
+            worker.cancel()
+    return asyncio.run(main())
+
+
+def test_requests_that_arrive_together_share_one_sampler_call(engine):
+    heads = hanzi(engine, 4)
+    requests = [PoemRequest(num=1, title=title, candidates=2) for title in (None, "题春", None, "题秋")] + \
+               [PoemRequest(num=2, candidates=2, acrostic=heads)] + [PoemRequest(num=1, candidates=2)] * 8
+    batched = Batcher(engine)
+    answers = run_together(batched, requests)
+    assert [len(answer.poems) for answer in answers] == [request.num for request in requests]
+    # The 12 plain ones fill 24 rows of one call; the acrostic has its own.
+    assert batched.calls == 2 and answers[0].batch_requests == 12 and answers[4].batch_requests == 1
+    assert answers[0].batch_rows == 32 and answers[4].batch_rows == 8
+    assert all([verse[0] for verse in verses(poem)] == list(heads) for poem in answers[4].poems)
+    alone = Batcher(engine, merge=False)
+    run_together(alone, requests)
+    assert alone.calls == len(requests)
+    seeded = Batcher(engine)
+    twins = run_together(seeded, [PoemRequest(seed=7, num=2)] * 2)
+    assert seeded.calls == 2 and twins[0].poems == twins[1].poems
+    full = Batcher(engine)          # 5 requests of 8 rows: 32 rows in one call, then the last
+    run_together(full, [PoemRequest(num=1, candidates=8)] * 5)
+    assert full.calls == 2
+
+
+def test_no_request_compiles_after_warm_up(client, engine):
+    compiles = []
+    on_duration = lambda event, seconds, **kwargs: compiles.append(event) if "backend_compile" in event else None
+    on_event = lambda event, **kwargs: compiles.append(event) if event.endswith("cache_hits") else None
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
+    jax.monitoring.register_event_listener(on_event)
+    try:
+        heads = hanzi(engine, 4)
+        for fields in ({}, {"num": 4}, {"greedy": True}, {"top_k": 3, "top_p": 0.7, "temperature": 1.2},
+                       {"title": "题春", "num": 3, "candidates": 8}, {"form": "qilv", "rhyme": True, "tones": True},
+                       {"acrostic": heads, "line_length": 5, "script": "traditional", "seed": 9},
+                       {"keywords": ["春", "月"], "form": "wujue", "rhyme_group": heads[0], "candidates": 1}):
+            ask(client, **fields)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_duration)
+        jax.monitoring.unregister_event_listener(on_event)
+    assert compiles == [], compiles
+
+
+def test_a_tiny_load_test_has_no_failures(engine, capsys):
+    results = loadtest.compare(engine, None, requests=12, clients=4, max_poems=MAX_POEMS, log=lambda message: None)
+    assert [row["mode"] for row in results] == ["batched", "one call a request"]
+    assert all(row["failed"] == 0 and row["requests"] == 12 for row in results)
+    assert results[1]["sampler_calls"] == 12 and results[0]["sampler_calls"] <= 12
+    table = loadtest.format_results(results)
+    print(table)
+    assert "| batched | 12 | 0 |" in table
+
+
+def test_serve_refuses_a_taken_port_in_one_line(capsys):
+    taken = serve.bind("127.0.0.1", 0)
+    try:
+        with pytest.raises(sample.TangshiError, match="cannot listen on 127.0.0.1"):
+            serve.bind("127.0.0.1", taken.getsockname()[1])
+    finally:
+        taken.close()
