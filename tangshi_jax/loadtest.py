@@ -16,9 +16,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
-# One free poem, and one rhymed, tonal 七绝, each the best of the default drafts.
+# One free poem, and one rhymed, tonal 七绝 (each the best of --drafts drafts).
 BODIES = [{"num": 1}, {"num": 1, "form": "qijue", "rhyme": True, "tones": True}]
 TIMEOUT_S = 120
+
+
+def bodies_with(drafts: int) -> list[dict]:
+    return [{**body, "candidates": drafts} for body in BODIES]
 
 
 def fire(url: str, requests: int, clients: int, bodies=BODIES) -> tuple[list[dict], float]:
@@ -73,7 +77,7 @@ def summarise(name: str, records: list[dict], seconds: float, calls: int) -> dic
             "requests_per_call": len(ok) / calls if calls else None}
 
 
-def compare(engine, metrics, requests: int, clients: int, max_poems: int, log=print) -> list[dict]:
+def compare(engine, metrics, requests: int, clients: int, max_poems: int, drafts: int = 8, log=print) -> list[dict]:
     """The same load against the same warmed-up engine, with batching, then one call a request."""
     from tangshi_jax.serve import create_app, serving
 
@@ -82,13 +86,13 @@ def compare(engine, metrics, requests: int, clients: int, max_poems: int, log=pr
         app = create_app(engine, metrics, merge=merge, max_poems=max_poems, log=log)
         with serving(app) as url:
             log(f"load test, {name}: {requests} requests from {clients} clients to {url}")
-            records, seconds = fire(url, requests, clients)
-            results.append(summarise(name, records, seconds, app.state.batcher.calls))
+            records, seconds = fire(url, requests, clients, bodies_with(drafts))
+            results.append({**summarise(name, records, seconds, app.state.batcher.calls), "drafts": drafts})
     return results
 
 
 def format_results(results: list[dict]) -> str:
-    kinds = " and ".join(json.dumps(body, ensure_ascii=False) for body in BODIES)
+    kinds = " and ".join(json.dumps(body, ensure_ascii=False) for body in bodies_with(results[0]["drafts"]))
     lines = [f"requests alternate {kinds}", "",
              "| mode | requests | failed | p50 | p99 | poems/s | sampler calls | requests a call |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]

@@ -35,7 +35,7 @@ STATIC = Path(__file__).parent / "static"
 MAX_BODY = 4096           # bytes of a request; a poem request is under 400
 MAX_POEMS = 16            # poems a request
 MAX_CANDIDATES = 16       # drafts a poem
-DEFAULT_MAX_BATCH = 512   # rows (poems × drafts) of one sampler call
+DEFAULT_MAX_BATCH = 128   # rows (poems × drafts) of one sampler call: a full request
 FORM_CHOICES = ("free",) + tuple(rules.FORMS) + tuple(rules.FORM_ALIASES)
 
 
@@ -354,13 +354,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="measure latency and poems/s on 127.0.0.1 with batching and without, then exit")
     parser.add_argument("--requests", type=int, default=200, help="load test: requests in all")
     parser.add_argument("--clients", type=int, default=50, help="load test: clients sending at once")
+    parser.add_argument("--drafts", type=int, default=sample.DEFAULT_CANDIDATES,
+                        help="load test: candidates of each request")
     return parser
 
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    if args.max_poems < 1 or args.requests < 1 or args.clients < 1 or not 0 <= args.port < 65536:
-        raise TangshiError("--max-poems, --requests and --clients must be at least 1, --port in 0-65535")
+    if min(args.max_poems, args.requests, args.clients) < 1 or not 1 <= args.drafts <= MAX_CANDIDATES \
+            or not 0 <= args.port < 65536:
+        raise TangshiError(f"--max-poems, --requests and --clients must be at least 1, --drafts 1 to "
+                           f"{MAX_CANDIDATES}, --port 0 to 65535")
     if args.max_batch < args.max_poems * sample.DEFAULT_CANDIDATES:
         raise TangshiError(f"--max-batch must hold a full request: at least --max-poems × "
                            f"{sample.DEFAULT_CANDIDATES} drafts = {args.max_poems * sample.DEFAULT_CANDIDATES}")
@@ -371,7 +375,7 @@ def main(argv=None) -> None:
     if args.load_test:
         from tangshi_jax import loadtest
         print(loadtest.format_results(loadtest.compare(engine, metrics, args.requests, args.clients, args.max_poems,
-                                                       log=log)))
+                                                       args.drafts, log=log)))
         return
     import uvicorn
 

@@ -12,7 +12,7 @@ from starlette.testclient import TestClient    # needs httpx2, in the test extra
 from tangshi_jax import loadtest, rules, sample, serve
 from tangshi_jax.batcher import Batcher, Engine, PoemRequest, row_buckets
 
-MAX_ROWS, MAX_POEMS = 32, 4      # buckets of 8 and 32 rows: few programs to compile
+MAX_ROWS, MAX_POEMS = 16, 2      # buckets of 1, 2, 4, 8 and 16 rows: few programs to compile
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,8 @@ def ask(client, **fields):
 
 
 def test_buckets_cover_every_batch_up_to_the_limit():
-    assert row_buckets(512) == [8, 32, 128, 512] and row_buckets(100) == [8, 32, 100] and row_buckets(8) == [8]
+    assert row_buckets(128) == [1, 2, 4, 8, 16, 32, 64, 128] and row_buckets(100) == [1, 2, 4, 8, 16, 32, 64, 100]
+    assert row_buckets(1) == [1]
 
 
 def test_a_seeded_request_gives_the_poems_sample_gives(client, engine):
@@ -56,8 +57,8 @@ def test_a_seeded_request_gives_the_poems_sample_gives(client, engine):
     write = lambda **options: sample.write_poems(engine.params, engine.model_config, engine.vocab,
                                                  max_title=engine.max_title, corpus_lines=engine.corpus_lines,
                                                  **options)
-    cases = [({"num": 3, "seed": 11, "begin": begin},
-              write(num=3, seed=11, begin=begin, candidates=sample.DEFAULT_CANDIDATES)),
+    cases = [({"num": 2, "seed": 11, "begin": begin},
+              write(num=2, seed=11, begin=begin, candidates=sample.DEFAULT_CANDIDATES)),
              ({"num": 2, "seed": 5, "title": title, "form": "wujue", "rhyme": True, "candidates": 2},
               write(num=2, seed=5, title=title, form="wujue", rhyme=True, candidates=2))]
     for fields, expected in cases:
@@ -68,8 +69,8 @@ def test_a_seeded_request_gives_the_poems_sample_gives(client, engine):
 
 def test_each_field_does_what_sample_does(client, engine):
     begin, heads = hanzi(engine, 2), hanzi(engine, 4)
-    poems = ask(client, begin=begin, num=3)["poems"]
-    assert len(poems) == 3 and all(poem["poem"].startswith(begin) and poem["begin"] == begin for poem in poems)
+    poems = ask(client, begin=begin, num=2)["poems"]
+    assert len(poems) == 2 and all(poem["poem"].startswith(begin) and poem["begin"] == begin for poem in poems)
     for poem in poems:
         assert "".join(poem["lines"]) == poem["poem"] and isinstance(poem["score"], float)
     title = ask(client, title="题" + begin)["poems"][0]
@@ -98,9 +99,9 @@ BAD = [
     ('{"begin": "龘"}', 422, "begin character '龘' is not in the model's vocabulary"),
     ('{"acrostic": "鳯鳯鳯鳯"}', 422, "acrostic character"),
     ('{"title": "龘"}', 422, "not in the model's vocabulary"),
-    ('{"num": 5}', 400, "num must be at least 1 and at most 4"),
+    ('{"num": 3}', 400, "num must be at least 1 and at most 2"),
     ('{"num": 0}', 400, "num must be at least 1"),
-    ('{"num": 4, "candidates": 16}', 422, "more than this server's batch of 32"),
+    ('{"num": 2, "candidates": 16}', 422, "more than this server's batch of 16"),
     ('{"begin": "' + "春" * 17 + '"}', 400, "begin has 17 characters, more than 16"),
     ('{"title": "' + "春" * 40 + '"}', 400, "title has 40 characters"),
     ('{"num": "3"}', 400, "num must be an integer"),
@@ -170,13 +171,13 @@ def run_together(batcher, requests):
 def test_requests_that_arrive_together_share_one_sampler_call(engine):
     heads = hanzi(engine, 4)
     requests = [PoemRequest(num=1, title=title, candidates=2) for title in (None, "题春", None, "题秋")] + \
-               [PoemRequest(num=2, candidates=2, acrostic=heads)] + [PoemRequest(num=1, candidates=2)] * 8
+               [PoemRequest(num=2, candidates=2, acrostic=heads)] + [PoemRequest(num=1, candidates=2)] * 4
     batched = Batcher(engine)
     answers = run_together(batched, requests)
     assert [len(answer.poems) for answer in answers] == [request.num for request in requests]
-    # The 12 plain ones fill 24 rows of one call; the acrostic has its own.
-    assert batched.calls == 2 and answers[0].batch_requests == 12 and answers[4].batch_requests == 1
-    assert answers[0].batch_rows == 32 and answers[4].batch_rows == 8
+    # The 8 plain ones fill the 16 rows of one call; the acrostic has its own.
+    assert batched.calls == 2 and answers[0].batch_requests == 8 and answers[4].batch_requests == 1
+    assert answers[0].batch_rows == 16 and answers[4].batch_rows == 4
     assert all([verse[0] for verse in verses(poem)] == list(heads) for poem in answers[4].poems)
     alone = Batcher(engine, merge=False)
     run_together(alone, requests)
@@ -184,9 +185,9 @@ def test_requests_that_arrive_together_share_one_sampler_call(engine):
     seeded = Batcher(engine)
     twins = run_together(seeded, [PoemRequest(seed=7, num=2)] * 2)
     assert seeded.calls == 2 and twins[0].poems == twins[1].poems
-    full = Batcher(engine)          # 5 requests of 8 rows: 32 rows in one call, then the last
-    run_together(full, [PoemRequest(num=1, candidates=8)] * 5)
-    assert full.calls == 2
+    full = Batcher(engine)          # 3 requests of 8 rows: 16 rows in one call, then the last
+    answers = run_together(full, [PoemRequest(num=1, candidates=8)] * 3)
+    assert full.calls == 2 and [answer.batch_rows for answer in answers] == [16, 16, 8]
 
 
 def test_no_request_compiles_after_warm_up(client, engine):
@@ -197,8 +198,8 @@ def test_no_request_compiles_after_warm_up(client, engine):
     jax.monitoring.register_event_listener(on_event)
     try:
         heads = hanzi(engine, 4)
-        for fields in ({}, {"num": 4}, {"greedy": True}, {"top_k": 3, "top_p": 0.7, "temperature": 1.2},
-                       {"title": "题春", "num": 3, "candidates": 8}, {"form": "qilv", "rhyme": True, "tones": True},
+        for fields in ({}, {"num": 2}, {"greedy": True}, {"top_k": 3, "top_p": 0.7, "temperature": 1.2},
+                       {"title": "题春", "num": 2, "candidates": 8}, {"candidates": 1}, {"form": "qilv", "rhyme": True, "tones": True},
                        {"acrostic": heads, "line_length": 5, "script": "traditional", "seed": 9},
                        {"keywords": ["春", "月"], "form": "wujue", "rhyme_group": heads[0], "candidates": 1}):
             ask(client, **fields)
