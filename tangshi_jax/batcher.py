@@ -102,6 +102,9 @@ class Engine:
         if request.form is not None:
             rules.parse_form(request.form)
         topic = request.topic
+        if topic is not None and not self.max_title:
+            raise TangshiError("this model was trained without titles, so title and keywords cannot steer it; "
+                               "leave them out")
         sample.plan_request(self.vocab, request.begin, sample.MAX_LEN, self.form_of(request), request.acrostic,
                             request.line_length, request.rhyme, request.rhyme_group, request.tones,
                             request.loose_tones, title=topic, max_title=self.max_title)

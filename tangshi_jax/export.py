@@ -76,14 +76,15 @@ def model_card(loaded: sample.Loaded, metrics: dict | None, report: dict | None)
     lines = ["---", "language: zh", "library_name: tangshi-jax", "tags: [poetry, classical-chinese, text-generation, jax]",
              "---", "", "# tangshi-jax: a character-level model of Tang poems", "",
              f"A {shape} ({count:,} parameters, vocabulary of {len(vocab):,} characters), "
-             f"trained for {progress.get('epoch')} epochs ({progress.get('step'):,} steps). Exported by tangshi-jax "
+             f"trained for {progress.get('epoch')} epoch{'' if progress.get('epoch') == 1 else 's'} "
+             f"({progress.get('step'):,} steps). Exported by tangshi-jax "
              f"{__version__}.", "",
              "| file | what |", "|---|---|",
              f"| `{release.WEIGHTS}` | the parameters only (float32), named like `embed.embedding` |",
              f"| `{release.CONFIG}` | the model config, the training settings, step and validation figures |",
              f"| `{release.VOCAB}` | character → id |", "",
              "## Use", "", "```sh",
-             "pip install tangshi-jax   # or, from its repository: pip install -e .",
+             "pip install -e .   # in a clone of the tangshi-jax repository",
              "python -m tangshi_jax.sample --model THIS_FOLDER --begin 日 --num 3",
              "python -m tangshi_jax.serve --model THIS_FOLDER      # a web page on http://127.0.0.1:8000",
              "```", "",

@@ -238,7 +238,10 @@ def create_app(engine: Engine, metrics: dict | None = None, merge: bool = True, 
             return refuse(str(error), error.status)
         except TangshiError as error:
             return refuse(in_field_names(str(error)), 422)
-        written = await batcher.submit(wanted)
+        try:
+            written = await batcher.submit(wanted)
+        except TangshiError as error:       # checked above, so not expected; still the request's fault
+            return refuse(in_field_names(str(error)), 422)
         topic = wanted.topic or ""
         return JSONResponse({
             "poems": [{"begin": wanted.begin or "", "title": topic, "poem": poem, "lines": sample.split_lines(poem),

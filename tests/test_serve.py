@@ -226,3 +226,12 @@ def test_serve_refuses_a_taken_port_in_one_line(capsys):
             serve.bind("127.0.0.1", taken.getsockname()[1])
     finally:
         taken.close()
+
+
+def test_a_model_without_titles_refuses_them_in_api_words(trained_run):
+    plain = Engine(sample.load_model(trained_run[0]))             # checks only: nothing compiled
+    for request in (PoemRequest(title="春"), PoemRequest(keywords=("春", "雨"))):
+        with pytest.raises(sample.TangshiError, match="trained without titles, so title and keywords") as error:
+            plain.check(request)
+        assert "--" not in str(error.value)
+    plain.check(PoemRequest(begin="春"))
