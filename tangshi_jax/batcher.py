@@ -65,10 +65,10 @@ class PoemRequest:
         return dataclasses.replace(self, title=None, keywords=None, num=1, script="simplified")
 
 
-def row_buckets(max_rows: int) -> list[int]:
-    """The row counts compiled: 1, 2, 4, ... below max_rows, and max_rows. Doubling keeps the
-    padding under half a call."""
-    buckets, rows = [], SMALLEST_BUCKET
+def row_buckets(max_rows: int, min_rows: int = SMALLEST_BUCKET) -> list[int]:
+    """The row counts compiled: min_rows, twice that, ... below max_rows, and max_rows. Doubling
+    keeps the padding under half a call."""
+    buckets, rows = [], min(min_rows, max_rows)
     while rows < max_rows:
         buckets.append(rows)
         rows *= 2
@@ -87,11 +87,12 @@ class Written:
 class Engine:
     """A loaded model and the sampler calls that serve it."""
 
-    def __init__(self, loaded: sample.Loaded, max_rows: int = 128, corpus_lines: set[str] | None = None):
+    def __init__(self, loaded: sample.Loaded, max_rows: int = 128, corpus_lines: set[str] | None = None,
+                 min_rows: int = SMALLEST_BUCKET):
         self.model_config, self.train_config, self.vocab, self.params, self.progress = loaded
         self.max_title = self.train_config.max_title if self.train_config.titles else 0
         self.max_rows = max_rows
-        self.buckets = row_buckets(max_rows)
+        self.buckets = row_buckets(max_rows, min_rows)   # tests compile fewer with a larger min_rows
         self.corpus_lines = corpus_lines
 
     def check(self, request: PoemRequest) -> None:

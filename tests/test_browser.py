@@ -39,7 +39,7 @@ def browser():
 def page_url(titles_run):
     directory = os.environ.get("TANGSHI_BROWSER_CHECKPOINT") or titles_run[0]
     loaded = release.load_model(directory)
-    engine = Engine(loaded, max_rows=16, corpus_lines=sample.corpus_lines(loaded.train_config.data))
+    engine = Engine(loaded, max_rows=16, corpus_lines=sample.corpus_lines(loaded.train_config.data), min_rows=4)
     engine.warm_up()
     app = serve.create_app(engine, release.last_metrics(directory, epoch=loaded.progress.get("epoch")),
                            max_poems=2, log=lambda message: None)

@@ -12,14 +12,14 @@ from starlette.testclient import TestClient    # needs httpx2, in the test extra
 from tangshi_jax import loadtest, rules, sample, serve
 from tangshi_jax.batcher import Batcher, Engine, PoemRequest, row_buckets
 
-MAX_ROWS, MAX_POEMS = 16, 2      # buckets of 1, 2, 4, 8 and 16 rows: few programs to compile
+MAX_ROWS, MAX_POEMS, MIN_ROWS = 16, 2, 4      # buckets of 4, 8 and 16 rows: few programs to compile
 
 
 @pytest.fixture(scope="module")
 def engine(titles_run):
     directory, data = titles_run
     loaded = sample.load_model(directory)
-    engine = Engine(loaded, max_rows=MAX_ROWS, corpus_lines=sample.corpus_lines(data))
+    engine = Engine(loaded, max_rows=MAX_ROWS, corpus_lines=sample.corpus_lines(data), min_rows=MIN_ROWS)
     engine.warm_up()
     return engine
 
@@ -48,7 +48,7 @@ def ask(client, **fields):
 
 def test_buckets_cover_every_batch_up_to_the_limit():
     assert row_buckets(128) == [1, 2, 4, 8, 16, 32, 64, 128] and row_buckets(100) == [1, 2, 4, 8, 16, 32, 64, 100]
-    assert row_buckets(1) == [1]
+    assert row_buckets(1) == [1] and row_buckets(16, 4) == [4, 8, 16] and row_buckets(2, 4) == [2]
 
 
 def test_a_seeded_request_gives_the_poems_sample_gives(client, engine):
