@@ -3,7 +3,7 @@ Selenium through the distribution's chromium-driver (`.ci/run` installs both wit
 
 Asks for a rhymed, tonal 七绝 acrostic and checks the poems shown; the screenshot is kept as a
 test artifact (the path is printed). TANGSHI_BROWSER_CHECKPOINT=DIR runs it on another model and
-TANGSHI_BROWSER_SCREENSHOT=PATH copies the screenshot there (how docs/serve.png was made).
+TANGSHI_BROWSER_SCREENSHOT=PATH copies the screenshot there (how tangshi_jax/static/serve.png was made).
 """
 
 import os
