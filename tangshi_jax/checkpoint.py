@@ -2,12 +2,18 @@
 
 A checkpoint directory holds one numbered step folder per save (Orbax writes each to a
 temporary folder and renames it when complete, so a crash mid-save leaves the previous one
-intact), plus `metrics.jsonl`. Every step folder alone is enough to sample from or resume.
+intact, and a reader never lists a half-written step), plus `metrics.jsonl`. Every step folder
+alone is enough to sample from or resume; a step that no longer reads completely (a truncated
+or missing file, arrays of the wrong shape) is passed over for the one before it, never deleted.
 """
 
+import gc
 import logging
+import re
+import sys
+import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import orbax.checkpoint as ocp
@@ -15,8 +21,10 @@ import orbax.checkpoint as ocp
 from tangshi_jax.config import ModelConfig, TrainConfig, from_dict, to_dict
 from tangshi_jax.errors import TangshiError
 
-# Orbax reports routine events through absl at WARNING; a user needs only its errors.
-logging.getLogger("absl").setLevel(logging.ERROR)
+# Orbax reports routine events through absl at WARNING, and a failed write or read as a screen
+# of ERROR lines besides the exception it raises; the exception is turned into one line.
+logging.getLogger("absl").setLevel(logging.CRITICAL)
+logging.getLogger("asyncio").setLevel(logging.CRITICAL)     # its "exception never retrieved" of the same
 
 
 def open_manager(directory: str | Path, keep: int = 3, create: bool = True) -> ocp.CheckpointManager:
@@ -66,6 +74,111 @@ def restore_state(manager, step: int, like):
                                                                                sharding=default)
     abstract = jax.tree_util.tree_map(abstract_leaf, like)
     return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+
+
+class Restored(NamedTuple):
+    step: int
+    meta: Meta
+    state: Any
+
+
+def unreadable_reason(error: BaseException) -> str:
+    """Why a step could not be read, in a few words: truncated, missing, wrong shapes, or the error's first line."""
+    chain = []
+    while error is not None and len(chain) < 8:
+        chain.append(f"{type(error).__name__}: {error}")
+        error = error.__cause__ or error.__context__
+    text = "\n".join(chain)
+    array = re.search(r'Error (?:reading|opening) "(?:zarr" driver: Metadata at ")?([^"/]+)', text)
+    where = f" ({array.group(1)})" if array else ""
+    if re.search(r"byte range|Truncated|OUT_OF_RANGE|DATA_LOSS|cut short", text):
+        return f"a data file is truncated{where}"
+    shapes = re.search(r"Requested shape: (\([^)]*\)) is not compatible with the stored shape: (\([^)]*\))", text)
+    if shapes:
+        return f"wrong shapes: its configs ask for {shapes.group(1)} where {shapes.group(2)} is stored"
+    missing = re.search(r"File (\S+) not found|Item .(\w+). was not found", text)
+    if missing or re.search(r"NOT_FOUND|does not exist|No such file|FileNotFoundError", text):
+        name = "/".join(Path(missing.group(1)).parts[-2:]) if missing and missing.group(1) else \
+            missing.group(2) if missing else ""
+        return f"files are missing{f' ({name})' if name else where}"
+    if "JSONDecodeError" in text:
+        return "a JSON file in it is cut short or garbled"
+    return chain[0].splitlines()[0][:200]
+
+
+def skipped_line(directory: Path, step: int, reason: str) -> str:
+    return (f"warning: skipping step {step} of {directory}: {reason}; it is left as it is: remove it with "
+            f"`rm -r {directory / str(step)}` once you no longer need it")
+
+
+def collect_quietly() -> None:
+    """Orbax reads arrays in coroutines; when one read fails, the others' errors are never
+    retrieved and Python would print each as a traceback when it frees them. The failure is reported once, by its reason: free them now, without the tracebacks."""
+    previous, sys.unraisablehook = sys.unraisablehook, (lambda unraisable: None)
+    try:
+        gc.collect()
+    finally:
+        sys.unraisablehook = previous
+
+
+def restore_newest(manager, like_of: Callable[[Meta], Any], on_skip=None) -> Restored | None:
+    """The newest step that reads completely: configs, vocabulary, progress and the arrays,
+    restored like `like_of(meta)` (an abstract or real pytree). None when there is no step.
+
+    A step that fails to read is reported through on_skip(step, reason) (by default one warning
+    line on stderr) and left on disk. A step that disappears while it is read was rotated away
+    by a run saving into the same directory: it is passed over quietly and the steps listed again."""
+    directory = Path(manager.directory)
+    on_skip = on_skip or (lambda step, reason: print(skipped_line(directory, step, reason), file=sys.stderr))
+    skipped = set()
+    for _ in range(5):
+        manager.reload()
+        steps = [step for step in sorted(manager.all_steps(), reverse=True) if step not in skipped]
+        vanished = False
+        for step in steps:
+            for attempt in range(2):
+                try:
+                    meta = restore_meta(manager, step)
+                    return Restored(step, meta, restore_state(manager, step, like_of(meta)))
+                except Exception as error:            # any fault of the files, reported by its reason
+                    failure = unreadable_reason(error)
+                collect_quietly()
+                if attempt or not (directory / str(step)).exists():
+                    break
+                time.sleep(0.1)                      # a rotation may be removing it right now: look again
+            if (directory / str(step)).exists():
+                skipped.add(step)
+                on_skip(step, failure)
+            else:
+                vanished = True
+        if not vanished:
+            break
+    if skipped:
+        raise TangshiError(f"no checkpoint in {directory} can be read (steps {', '.join(map(str, sorted(skipped)))}, "
+                           "each named above); train again into a new --checkpoint-dir")
+    return None
+
+
+def load_newest(directory: str | Path, like_of: Callable[[Meta], Any], on_skip=None) -> Restored:
+    """restore_newest for a reader (sample, evaluate): it never creates or changes the directory."""
+    manager = open_manager(directory, create=False) if Path(directory).is_dir() else None
+    restored = restore_newest(manager, like_of, on_skip) if manager else None
+    if restored is None:
+        raise TangshiError(f"no checkpoint in {directory}; train first with `python -m tangshi_jax.train "
+                           f"--checkpoint-dir {directory}`")
+    return restored
+
+
+def set_aside(directory: str | Path, step: int) -> Path:
+    """Rename an unreadable step out of the way of new saves (Orbax lists only numbered folders)."""
+    source = Path(directory) / str(step)
+    target = source.with_name(f"{step}.unreadable")
+    suffix = 1
+    while target.exists():
+        suffix += 1
+        target = source.with_name(f"{step}.unreadable-{suffix}")
+    source.rename(target)
+    return target
 
 
 def require_checkpoint(directory: str | Path) -> tuple[ocp.CheckpointManager, int]:

@@ -188,6 +188,21 @@ def sequences(corpus: Corpus, indices, titles: bool, max_title: int) -> list[str
     return [corpus.titles[i][:max_title] + corpus.poems[i] for i in indices]
 
 
+FINGERPRINT_BLOCK = 100     # poems a block of the fingerprint, so a mismatch can say where it starts
+
+
+def fingerprint(corpus: Corpus, train_config) -> dict:
+    """What a run reads, in order (each kept poem after its title when the run reads titles),
+    as a count and hashes: a resumed run checks it against the checkpoint's. A poem's hash is
+    over its text, so a BOM, CRLF line ends or another file name change nothing."""
+    read = sequences(corpus, range(len(corpus.poems[:train_config.max_poems])), train_config.titles,
+                     train_config.max_title)
+    blocks = [hashlib.blake2b("\n".join(read[i:i + FINGERPRINT_BLOCK]).encode("utf-8"), digest_size=6).hexdigest()
+              for i in range(0, len(read), FINGERPRINT_BLOCK)]
+    return {"poems": len(read), "blocks": blocks,
+            "sha256": hashlib.sha256("\n".join(read).encode("utf-8")).hexdigest()}
+
+
 def shift(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Inputs and next-character targets of one poem.
 

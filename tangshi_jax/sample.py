@@ -10,6 +10,7 @@ import argparse
 import functools
 import hashlib
 import json
+import math
 import os
 import re
 import sys
@@ -33,6 +34,8 @@ SENTENCE_END = "。！？"
 # Defaults chosen by `evaluate` over a grid of settings (README, "How the defaults were chosen").
 DEFAULT_TEMPERATURE, DEFAULT_TOP_P, DEFAULT_REPETITION_PENALTY = 0.8, 1.0, 1.5
 DEFAULT_CANDIDATES = 8   # chosen by evaluate's best-of-8 rows (README, "The best of several drafts")
+MAX_ROWS = 1024          # poems × drafts written in one batch; a larger --num is written batch by batch and streamed
+MAX_LEN_LIMIT = 1024     # --max-len at most: far above any poem, and the loop's arrays stay small
 BLOCK = 64   # vocabulary entries per block of the two-level inverse-CDF sampler
 TOP_K_RANGE, TOP_K_ITERATIONS = 24.0, 16
 
@@ -298,13 +301,14 @@ class Loaded(NamedTuple):
     progress: dict
 
 
-def load_model(checkpoint_dir) -> Loaded:
-    """Configs, vocabulary and parameters of the latest checkpoint; no poems.txt needed."""
-    manager, step = checkpoint.require_checkpoint(checkpoint_dir)
-    model_config, train_config, vocab, progress = checkpoint.restore_meta(manager, step)
-    like = jax.eval_shape(lambda: init_state(model_config, train_config, 0))
-    state = checkpoint.restore_state(manager, step, like)
-    return Loaded(model_config, train_config, vocab, state["params"], progress)
+def load_model(checkpoint_dir, warn=None) -> Loaded:
+    """Configs, vocabulary and parameters of the newest checkpoint that reads completely (each
+    one passed over is one warning line, given to `warn`, stderr by default); no poems.txt needed."""
+    on_skip = warn and (lambda step, reason: warn(checkpoint.skipped_line(Path(checkpoint_dir), step, reason)))
+    restored = checkpoint.load_newest(checkpoint_dir, lambda meta: jax.eval_shape(
+        lambda: init_state(meta.model_config, meta.train_config, 0)), on_skip)
+    model_config, train_config, vocab, progress = restored.meta
+    return Loaded(model_config, train_config, vocab, restored.state["params"], progress)
 
 
 def device_prosody(vocab: list[str]) -> dict:
@@ -389,7 +393,7 @@ def write_poems(params, model_config, vocab, begin: str | None = None, num: int 
                 line_length: int = 7, rhyme: bool = False, rhyme_group: str | None = None, tones: bool = False,
                 loose_tones: bool = False, min_len: int = 0, title: str | list[str] | None = None,
                 max_title: int = 0, candidates: int = 1, corpus_lines: set[str] | None = None,
-                with_scores: bool = False, rows: int = 0) -> list[str] | tuple[list[str], list[float]]:
+                with_scores: bool = False, rows: int = 0, part: int = 0) -> list[str] | tuple[list[str], list[float]]:
     """Poems as strings (without G/E); see the command's flags for the meaning of each option.
 
     title: one title for every poem, or a title per poem; max_title: the title length the
@@ -397,7 +401,8 @@ def write_poems(params, model_config, vocab, begin: str | None = None, num: int 
     written per poem in the same batch, the best by `score_poem` kept; corpus_lines: lines of
     the training poems, which the score penalises copying. with_scores: also the kept poems' scores.
     rows: run the sampler on at least this many rows, the rest padding, so that one compiled
-    program serves every batch up to that size (a row's draws do not depend on the batch size)."""
+    program serves every batch up to that size (a row's draws do not depend on the batch size).
+    part: the index of this call in a request written part by part (sample --num); each draws its own numbers."""
     plan = plan_request(vocab, begin, max_len, form, acrostic, line_length, rhyme, rhyme_group, tones, loose_tones,
                         min_len, title, max_title)
     start_id, end_id = vocab.index(data.START), vocab.index(data.END)
@@ -410,7 +415,8 @@ def write_poems(params, model_config, vocab, begin: str | None = None, num: int 
         row_titles = [t for t in titles for _ in range(candidates)]
         carry = title_carry(params, model_config, vocab, row_titles + [None] * (batch - len(row_titles)), max_title)
     scoring = candidates > 1 or with_scores
-    tokens, log_probs = generate(params, plan, device_prosody(vocab), jax.random.key(seed), jnp.float32(temperature),
+    key = jax.random.fold_in(jax.random.key(seed), part) if part else jax.random.key(seed)
+    tokens, log_probs = generate(params, plan, device_prosody(vocab), key, jnp.float32(temperature),
                                  jnp.float32(top_p), jnp.float32(repetition_penalty), carry, model_config=model_config,
                                  num=batch, max_len=max_len, top_k=jnp.int32(min(top_k, len(vocab))),
                                  greedy=jnp.bool_(greedy), start_id=start_id, end_id=end_id, with_log_probs=scoring)
@@ -475,7 +481,9 @@ def corpus_lines(path) -> set[str] | None:
     return lines
 
 
-def check_sampling(temperature: float, top_p: float) -> None:
+def check_sampling(temperature: float, top_p: float, repetition_penalty: float = 0.0) -> None:
+    if not math.isfinite(repetition_penalty):
+        raise TangshiError(f"--repetition-penalty must be a number, got {repetition_penalty}")
     if not temperature > 0:
         raise TangshiError(f"--temperature must be positive, got {temperature}; use --greedy for argmax")
     if not 0 < top_p <= 1:
@@ -521,7 +529,14 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     if args.num < 1 or args.max_len < 1 or args.top_k < 0 or args.candidates < 1:
         raise TangshiError("--num, --candidates and --max-len must be at least 1 and --top-k at least 0")
-    check_sampling(args.temperature, args.top_p)
+    if args.candidates > MAX_ROWS:
+        raise TangshiError(f"--candidates must be at most {MAX_ROWS} (a poem's drafts are written in one batch), "
+                           f"got {args.candidates}")
+    if args.max_len > MAX_LEN_LIMIT:
+        raise TangshiError(f"--max-len must be at most {MAX_LEN_LIMIT}, got {args.max_len}")
+    if not -2**63 <= args.seed < 2**63:
+        raise TangshiError(f"--seed must fit in 64 bits, got {args.seed}")
+    check_sampling(args.temperature, args.top_p, args.repetition_penalty)
     form = rules.parse_form(args.form) if args.form else None
     use_platform(args.platform)
     if args.title is not None and args.keywords is not None:
@@ -529,22 +544,30 @@ def main(argv=None) -> None:
     title = keywords_title(args.keywords) if args.keywords is not None else args.title
     from tangshi_jax import release     # it imports this module
     model_config, train_config, vocab, params, _ = release.load_model(args.checkpoint_dir, args.model)
-    poems = write_poems(params, model_config, vocab, args.begin, num=args.num, temperature=args.temperature,
-                        title=title, max_title=train_config.max_title if train_config.titles else 0,
-                        candidates=args.candidates,
-                        corpus_lines=corpus_lines(train_config.data) if args.candidates > 1 else None,
-                        top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                        greedy=args.greedy, max_len=args.max_len, seed=args.seed, form=form,
-                        acrostic=args.acrostic, line_length=args.line_length, rhyme=args.rhyme,
-                        rhyme_group=args.rhyme_group, tones=args.tones, loose_tones=args.loose_tones)
-    if args.script == "traditional":
-        poems = [rules.opencc_converter("s2t").convert(poem) for poem in poems]
-    for index, poem in enumerate(poems):
-        if args.json:
-            print(json.dumps({"begin": args.begin or "", "title": title or "", "poem": poem,
-                              "lines": split_lines(poem)}, ensure_ascii=False))
-        else:
-            print(("\n" if index else "") + "\n".join(split_lines(poem)))
+    copied = corpus_lines(train_config.data) if args.candidates > 1 and not args.greedy else None
+    # A part at a time, printed as it is done: memory stays bounded whatever --num asks. The last
+    # part is padded to the others' rows, so that one compiled program serves them all.
+    per_part = max(1, MAX_ROWS // (1 if args.greedy else args.candidates))
+    rows = per_part * (1 if args.greedy else args.candidates) if args.num > per_part else 0
+    for part, first in enumerate(range(0, args.num, per_part)):
+        poems = write_poems(params, model_config, vocab, args.begin, num=min(per_part, args.num - first),
+                            temperature=args.temperature, title=title,
+                            max_title=train_config.max_title if train_config.titles else 0,
+                            candidates=args.candidates, corpus_lines=copied,
+                            top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                            greedy=args.greedy, max_len=args.max_len, seed=args.seed, form=form,
+                            acrostic=args.acrostic, line_length=args.line_length, rhyme=args.rhyme,
+                            rhyme_group=args.rhyme_group, tones=args.tones, loose_tones=args.loose_tones,
+                            rows=rows, part=part)
+        if args.script == "traditional":
+            poems = [rules.opencc_converter("s2t").convert(poem) for poem in poems]
+        for index, poem in enumerate(poems, start=first):
+            if args.json:
+                print(json.dumps({"begin": args.begin or "", "title": title or "", "poem": poem,
+                                  "lines": split_lines(poem)}, ensure_ascii=False))
+            else:
+                print(("\n" if index else "") + "\n".join(split_lines(poem)))
+        sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -9,9 +9,13 @@ gradient reduction. Several processes share one global batch; each feeds only it
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import math
 import os
+import re
+import shutil
 import signal
 import sys
 import time
@@ -32,7 +36,7 @@ from tangshi_jax.config import (CELLS, DATA_ORDER_FIELDS, DEFAULT_PRESET, DTYPES
                                 ModelConfig, TrainConfig, differences, preset_configs)
 from tangshi_jax.devices import (PLATFORMS, Cluster, describe_devices, describe_mesh, make_mesh, peak_rss_mb, replicated,
                                  split_rows, use_platform)
-from tangshi_jax.errors import TangshiError, run_cli
+from tangshi_jax.errors import Diverged, TangshiError, run_cli
 from tangshi_jax.loss import head_nll, head_nll_positions, nll_of_logits
 from tangshi_jax.model import PoemModel, head_weights, init_params, initial_carry
 
@@ -201,8 +205,73 @@ def evaluate(eval_programs, params, bucketed: data.BucketedData, batch_size: int
 
 
 def perplexity(nll: float) -> float:
-    """exp(nll), or inf where that overflows a float."""
-    return float(np.exp(nll)) if nll < 700 else float("inf")
+    """exp(nll), or inf where that would overflow a float (no warning); nan stays nan."""
+    try:
+        return math.exp(nll)
+    except OverflowError:
+        return float("inf")
+
+
+DIVERGED_FACTOR = 2      # a loss above this × ln V (a uniform guess over V characters costs ln V) runs away
+DIVERGED_STEPS = 10      # ... for this many steps running, or at the end of an epoch, stops training
+
+
+class DivergenceGuard:
+    """Stops a run whose loss is not finite, or stays above DIVERGED_FACTOR × ln V for
+    DIVERGED_STEPS steps running or at the end of an epoch (a healthy run starts near ln V and
+    falls), before anything of it is logged or saved: the last good checkpoint stays the newest.
+
+    Each step's loss is read when the next step has been dispatched, so the check never waits
+    for the step in flight."""
+
+    def __init__(self, vocab_size: int, manager=None, lr: float | None = None):
+        self.limit = DIVERGED_FACTOR * math.log(vocab_size)
+        self.manager, self.lr = manager, lr
+        self.above, self.pending = 0, None
+
+    def check(self, loss: float, step: int, epoch: int) -> None:
+        self.above = self.above + 1 if not loss <= self.limit else 0
+        if not math.isfinite(loss):
+            self.stop(f"the loss is {loss}, not finite", step, epoch)
+        if self.above >= DIVERGED_STEPS:
+            self.stop(f"the loss stayed above {self.limit:.1f} ({DIVERGED_FACTOR} × ln {round(math.exp(self.limit / DIVERGED_FACTOR))}, "
+                      f"a uniform guess costs half that) for {self.above} steps, now {loss:.3g}", step, epoch)
+
+    def observe(self, step_metrics, step: int, epoch: int, bar=None) -> None:
+        """Check the previous step's loss and hold this one's (bar: a progress bar to close first)."""
+        previous, self.pending = self.pending, (step_metrics, step, epoch, bar)
+        if previous:
+            self.check_metrics(*previous)
+
+    def check_metrics(self, step_metrics, step, epoch, bar=None) -> None:
+        try:
+            self.check(float(step_metrics["nll_sum"]) / max(float(step_metrics["tokens"]), 1.0), step, epoch)
+        except Diverged:
+            if bar is not None:
+                bar.close()
+            raise
+
+    def settle(self, step: int | None = None, epoch: int | None = None) -> None:
+        """Before an epoch is logged or a state saved: every loss checked, the last one not running away."""
+        previous, self.pending = self.pending, None
+        if previous:
+            self.check_metrics(*previous)
+            step, epoch = previous[1], previous[2]
+        if self.above:
+            self.stop(f"the loss is above {self.limit:.1f} ({DIVERGED_FACTOR} × ln V, twice a uniform guess) "
+                      "where a checkpoint would be saved", step, epoch)
+
+    def stop(self, what: str, step, epoch) -> None:
+        where = f" at step {step:,} (epoch {epoch})" if step is not None else ""
+        lower = f" (e.g. --lr {self.lr / 10:g})" if self.lr else ""
+        kept = "no checkpoint was saved; start again with a lower --lr" + lower
+        if self.manager is not None:
+            self.manager.wait_until_finished()
+            self.manager.reload()
+            if self.manager.latest_step() is not None:
+                kept = (f"nothing of it was saved: the newest checkpoint in {self.manager.directory} is still step "
+                        f"{self.manager.latest_step():,}; run the command again with a lower --lr{lower} to resume from it")
+        raise Diverged(f"training diverged{where}: {what}; {kept}")
 
 
 class StopRequest:
@@ -284,18 +353,115 @@ def trim_metrics(path: Path, epoch: int) -> None:
     temporary.replace(path)
 
 
+def writable_directory(directory: Path) -> Path:
+    """The checkpoint directory, created if needed and checked by a test write, so that a path
+    under a file or a directory that cannot be written is one line before any work is done."""
+    for parent in (directory, *directory.parents):
+        if parent.exists() and not parent.is_dir():
+            raise TangshiError(f"--checkpoint-dir {directory}: {parent} is a file, not a directory; "
+                               "choose another --checkpoint-dir")
+        if parent.exists():
+            break
+    probe = directory / f".write-test-{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"tangshi")
+        probe.unlink()
+    except OSError as error:
+        raise TangshiError(f"cannot write checkpoints in {directory}: {error.strerror or error}; make it writable, "
+                           "free some space or choose another --checkpoint-dir") from None
+    return directory
+
+
+def abstract_state(model_config: ModelConfig, train_config: TrainConfig, mesh: Mesh):
+    """Shapes, types and shardings (replicated on the mesh) of a run's state, for restoring it."""
+    return jax.tree_util.tree_map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=replicated(mesh)),
+                                  jax.eval_shape(lambda: init_state(model_config, train_config)))
+
+
+def set_aside_unreadable(directory: Path, step: int, reason: str, log) -> None:
+    """A step that cannot be read is renamed out of the way of the steps this run will save, never
+    deleted. Only the lead process renames (log None in the others)."""
+    if log is None:
+        return
+    target = checkpoint.set_aside(directory, step)
+    log(f"warning: step {step} of {directory} cannot be read ({reason}); set aside as {target.name} and resuming "
+        f"from the step before it; remove it with `rm -r {target}` once you no longer need it")
+
+
+def write_failure(error: BaseException) -> str | None:
+    """The operating system's reason when a checkpoint write failed (a full disk, a read-only
+    directory, a file-size limit), whether Python or Orbax's C++ writers met it; None otherwise."""
+    if isinstance(error, OSError) and error.errno:
+        return error.strerror
+    code = re.search(r"os_error_code='?(\d+)", str(error))
+    return os.strerror(int(code.group(1))) if code else None
+
+
+def write_checkpoint(manager, directory: Path, write=None) -> None:
+    """Run a checkpoint write, or (write None) wait for the ones in flight. One that fails is one
+    line naming the intact step; what it had half-written is removed (it is no step)."""
+    try:
+        (write or manager.wait_until_finished)()
+        return
+    except Exception as error:
+        reason = write_failure(error)
+        if reason is None:
+            raise
+    with contextlib.suppress(Exception):      # let the writes still in flight end before cleaning up
+        manager.wait_until_finished()
+    checkpoint.collect_quietly()
+    half_written = sorted(directory.glob("*.orbax-checkpoint-tmp*"))
+    for path in half_written:
+        shutil.rmtree(path, ignore_errors=True)
+    failed = ", ".join(path.name.split(".")[0] for path in half_written)
+    manager.reload()
+    intact = (f"the newest complete checkpoint, step {manager.latest_step():,}, is intact"
+              if manager.latest_step() is not None else "no complete checkpoint was written before it")
+    raise TangshiError(f"could not write checkpoint{f' step {failed}' if failed else ''} in {directory}: {reason}; "
+                       f"{intact}; free some space (or choose another --checkpoint-dir) and run the same "
+                       "command again to resume")
+
+
+def append_metrics(path: Path, record: dict) -> None:
+    try:
+        with path.open("a", encoding="utf-8") as metrics_file:
+            metrics_file.write(json.dumps(record) + "\n")
+    except OSError as error:
+        raise TangshiError(f"cannot write {path}: {error.strerror}; free some space and run the same command "
+                           "again to resume") from None
+
+
+def check_same_poems(saved: dict | None, current: dict, data_path, directory) -> None:
+    """A resumed run must read the poems it was started on: same text, same order."""
+    if not saved or saved == current:
+        return
+    if saved["poems"] != current["poems"]:
+        differs = f"{data_path} gives {current['poems']:,} poems where the run was trained on {saved['poems']:,}"
+    else:
+        block = next(i for i, (a, b) in enumerate(zip(saved["blocks"], current["blocks"])) if a != b)
+        first = block * data.FINGERPRINT_BLOCK + 1
+        differs = (f"{data_path} has as many poems ({current['poems']:,}) but other poems or another order from "
+                   f"poem {first:,} to {min(first + data.FINGERPRINT_BLOCK - 1, current['poems']):,}")
+    raise TangshiError(f"{directory} was trained on other poems: {differs}; resume with the poems file it was "
+                       "trained on, or start a new run with a new --checkpoint-dir")
+
+
 def train(train_config: TrainConfig, model_settings: dict, checkpoint_dir: str | Path,
           log=print, show_progress: bool = True, mesh: Mesh | None = None) -> dict:
     """Train (or resume) into checkpoint_dir on `mesh` (default: every local device of the
     default platform, in every process); returns the last epoch's metrics."""
-    directory = Path(checkpoint_dir)
+    directory = writable_directory(Path(checkpoint_dir))
     mesh = mesh or make_mesh()
     lead = jax.process_index() == 0   # the process that writes metrics.jsonl
-    if directory.exists() and not directory.is_dir():
-        raise TangshiError(f"--checkpoint-dir {directory} is a file; give a directory")
     manager = checkpoint.open_manager(directory, keep=train_config.keep)
-    saved_step = manager.latest_step()
-    saved = checkpoint.restore_meta(manager, saved_step) if saved_step is not None else None
+    restored = checkpoint.restore_newest(
+        manager, lambda meta: abstract_state(meta.model_config, meta.train_config, mesh),
+        on_skip=lambda step, reason: set_aside_unreadable(directory, step, reason, log if lead else None))
+    if jax.process_count() > 1:     # every process sees the steps the lead set aside
+        multihost_utils.sync_global_devices("tangshi_jax: unreadable steps set aside")
+    manager.reload()
+    saved = restored and restored.meta
 
     if train_config.schedule == "cosine" and not train_config.decay_epochs:
         # Unset: a new run decays over the epochs it is asked for; a resumed run keeps its own.
@@ -305,10 +471,12 @@ def train(train_config: TrainConfig, model_settings: dict, checkpoint_dir: str |
         check_resumable(saved.model_config, ModelConfig(vocab_size=len(saved.vocab), **model_settings),
                         saved.train_config, train_config, directory)
     corpus = load_poems(train_config, log)
+    poems_read = data.fingerprint(corpus, train_config)
+    check_same_poems(saved and saved.progress.get("data"), poems_read, train_config.data, directory)
     dataset = data.make_dataset(corpus, train_config, saved.vocab if saved else None)
     vocab, train_data, val_data = dataset.vocab, dataset.train, dataset.val
     model_config = ModelConfig(vocab_size=len(vocab), **model_settings)
-    progress = saved.progress if saved else {"epoch": 0, "batch": 0, "step": 0}
+    progress = dict(saved.progress if saved else {"epoch": 0, "batch": 0, "step": 0}, data=poems_read)
     if progress["epoch"] >= train_config.epochs:
         log(f"{directory} is already trained for {progress['epoch']} epochs; raise --epochs to train on")
         return {}
@@ -344,9 +512,8 @@ def train(train_config: TrainConfig, model_settings: dict, checkpoint_dir: str |
                                           f"to split evenly)" if padding else "")
         + (f"; {train_config.dtype} activations and products" if train_config.dtype != "float32" else ""))
 
-    state = place_state(init_state(model_config, train_config), mesh)
+    state = restored.state if saved else place_state(init_state(model_config, train_config), mesh)
     if saved:
-        state = checkpoint.restore_state(manager, saved_step, state)
         log(f"resuming from step {progress['step']:,}: epoch {progress['epoch'] + 1}, batch {progress['batch']}")
     record = {}
     # From here on Ctrl-C or SIGTERM means: finish the step, save, stop.
@@ -359,13 +526,17 @@ def train(train_config: TrainConfig, model_settings: dict, checkpoint_dir: str |
         if lead:
             trim_metrics(metrics_path, progress["epoch"])
 
+        guard = DivergenceGuard(len(vocab), manager, train_config.lr)
+
         def save_now():
-            checkpoint.save(manager, state, model_config, train_config, vocab, dict(progress))
+            guard.settle()
+            write_checkpoint(manager, directory, lambda: checkpoint.save(manager, state, model_config, train_config,
+                                                                         vocab, dict(progress)))
 
         def stop_now():
             if manager.latest_step() != progress["step"]:
                 save_now()
-            manager.wait_until_finished()
+            write_checkpoint(manager, directory)
             message = (f"stopped: saved step {progress['step']:,} (epoch {progress['epoch'] + 1}, batch "
                        f"{progress['batch']}); run the same command to resume")
             if lead:
@@ -385,6 +556,7 @@ def train(train_config: TrainConfig, model_settings: dict, checkpoint_dir: str |
                 sums.append(step_metrics)
                 progress["batch"] += 1
                 progress["step"] += 1
+                guard.observe(step_metrics, progress["step"], epoch + 1, bar)
                 bar.update()
                 if progress["batch"] % 20 == 0:
                     bar.set_postfix(loss=f"{float(step_metrics['nll_sum'] / step_metrics['tokens']):.3f}")
@@ -392,6 +564,7 @@ def train(train_config: TrainConfig, model_settings: dict, checkpoint_dir: str |
                     bar.close()
                     stop_now()
             bar.close()
+            guard.settle()
             nll_sum = sum(float(m["nll_sum"]) for m in sums)
             tokens = sum(float(m["tokens"]) for m in sums)
             train_seconds = time.perf_counter() - epoch_started
@@ -405,8 +578,7 @@ def train(train_config: TrainConfig, model_settings: dict, checkpoint_dir: str |
                       "elapsed_s": time.perf_counter() - started,
                       "peak_rss_mb": peak_rss_mb()}
             if lead:
-                with metrics_path.open("a", encoding="utf-8") as metrics_file:
-                    metrics_file.write(json.dumps(record) + "\n")
+                append_metrics(metrics_path, record)
             log(f"epoch {epoch + 1}/{train_config.epochs}: train {record['train_loss']:.3f}  "
                 + (f"val {val['nll']:.3f} (ppl {record['val_ppl']:.1f}; characters {val['char_nll']:.3f}, "
                    f"ppl {record['val_char_ppl']:.1f})  " if val else "")
@@ -416,7 +588,7 @@ def train(train_config: TrainConfig, model_settings: dict, checkpoint_dir: str |
                 log(f"saved checkpoint at epoch {epoch + 1} (step {progress['step']:,}) in {directory}")
             if stop.agreed(progress["step"], progress["batch"], epoch_end=True) and epoch + 1 < train_config.epochs:
                 stop_now()
-    manager.wait_until_finished()
+    write_checkpoint(manager, directory)
     return record
 
 
@@ -473,8 +645,8 @@ def configs_from_args(args) -> tuple[dict, TrainConfig]:
     """The preset with the flags given on top, checked."""
     require_positive(args, ("epochs", "batch_size", "layers", "hidden", "embed", "save_every", "max_poems",
                             "decay_epochs", "devices"))
-    if args.seed is not None and args.seed < 0:
-        raise TangshiError(f"--seed must be 0 or more, got {args.seed}")
+    if args.seed is not None and not 0 <= args.seed < 2**63:
+        raise TangshiError(f"--seed must be 0 or more (and below 2^63), got {args.seed}")
     if args.lr is not None and not args.lr > 0:
         raise TangshiError(f"--lr must be positive, got {args.lr}")
     if args.dropout is not None and not 0 <= args.dropout < 1:

@@ -40,7 +40,8 @@ def test_checkpoints_land_every_save_every_epochs_and_at_the_end(trained_run):
     assert epochs == [2, 3]
     model_config, train_config, vocab, progress = checkpoint.restore_meta(manager, step)
     assert model_config.vocab_size == len(vocab) and model_config.hidden == SMALL_MODEL["hidden"]
-    assert progress == {"epoch": 3, "batch": 0, "step": step}
+    assert progress == {"epoch": 3, "batch": 0, "step": step, "data": progress["data"]}
+    assert progress["data"]["poems"] == 120
 
 
 def test_orbax_round_trip_restores_every_array(tmp_path, trained_run):
@@ -146,7 +147,7 @@ def test_a_finished_run_says_so(trained_run):
     (["--epochs", "0"], "--epochs must be at least 1"),
     (["--lr", "-1"], "--lr must be positive"),
     (["--seed", "-3"], "--seed must be 0 or more"),
-    (["--checkpoint-dir", "afile"], "is a file"),
+    (["--checkpoint-dir", "afile"], "afile is a file, not a directory"),
     (["--dropout", "1"], "--dropout must be in [0, 1)"),
     (["--warmup-steps", "-1"], "--warmup-steps must be 0 or more"),
     (["--decay-epochs", "0"], "--decay-epochs must be at least 1"),
@@ -184,7 +185,8 @@ def test_a_stop_on_an_epochs_last_batch_finishes_that_epoch(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train(config, SMALL_MODEL, tmp_path / "run", log=stop_after_compiling, show_progress=False)
     manager, step = checkpoint.require_checkpoint(tmp_path / "run")
-    assert checkpoint.restore_meta(manager, step)[3] == {"epoch": 1, "batch": 0, "step": 1}
+    assert {key: value for key, value in checkpoint.restore_meta(manager, step)[3].items() if key != "data"} == \
+        {"epoch": 1, "batch": 0, "step": 1}
     train(config, SMALL_MODEL, tmp_path / "run", log=quiet, show_progress=False)
     train(config, SMALL_MODEL, tmp_path / "straight", log=quiet, show_progress=False)
     resumed, straight = metrics_of(tmp_path / "run"), metrics_of(tmp_path / "straight")
