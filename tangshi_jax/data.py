@@ -59,7 +59,10 @@ def read_corpus(path: str | Path) -> Corpus:
     path = Path(path)
     if not path.is_file():
         raise TangshiError(f"{path}: no such file; build it with `python -m tangshi_jax.corpus --out {path}`")
-    raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
+    try:
+        raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
+    except OSError as error:
+        raise TangshiError(f"{path}: cannot be read ({error.strerror}); check its permissions") from None
     poems, titles, skipped, unparsable, first_unparsable = [], [], 0, 0, None
     for number, raw_line in enumerate(raw.split(b"\n"), start=1):
         try:

@@ -1,0 +1,132 @@
+"""Hostile input, fuzzed with hypothesis (a bounded budget of examples each): any bytes as a
+poems file, any text as --begin or --acrostic, any numbers as the sampling flags. Each is either
+used or refused with one line naming the problem: never a traceback, a hang, or memory out of
+proportion to the input."""
+
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from tangshi_jax import data, sample
+from tangshi_jax.errors import TangshiError, run_cli
+
+FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ_SAMPLING = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+POEM = "春花秋月何时了，往事知多少。"
+# Pieces a hostile or merely unlucky poems file is made of.
+FRAGMENTS = st.sampled_from([
+    f"题:{POEM}".encode(), f"题:{POEM}".encode("gbk"), f"题:{POEM}".encode("utf-16"), "無題:白日依山盡，黃河入海流。".encode(),
+    b"\r\n", b"\n", b"\r", b"\x00", b"\xef\xbb\xbf", b":", b"::", b" ", b"\t", b"_", b"(", "《".encode(), b"G", b"E",
+    b"\xff\xfe", b"\xed\xa0\x80", "\u2028".encode(), "𠀀".encode(), b"title:" + b"x" * 100, b"a:bcdef",
+])
+
+
+def check_corpus_or_refusal(path: Path) -> None:
+    try:
+        corpus = data.read_corpus(path)
+    except TangshiError as error:
+        message = str(error)
+        assert "\n" not in message and str(path) in message, message
+        return
+    assert corpus.poems and len(corpus.poems) == len(corpus.titles)
+    for poem in corpus.poems:
+        assert poem[0] == data.START and poem[-1] == data.END
+        assert data.MIN_CHARS <= len(poem) - 2 <= data.MAX_CHARS and " " not in poem
+
+
+@FUZZ
+@given(st.text())
+def test_parse_line_keeps_a_poem_skips_it_or_says_it_is_unparsable(line):
+    try:
+        poem = data.parse_line(line)
+    except ValueError:
+        assert line.strip().count(":") != 1
+        return
+    if poem is not None:
+        content = poem[1:-1]
+        assert poem[0] == data.START and poem[-1] == data.END and " " not in content
+        assert data.MIN_CHARS <= len(content) <= data.MAX_CHARS
+        assert not set(content) & data.FORBIDDEN
+
+
+@FUZZ
+@given(st.one_of(st.binary(max_size=4000), st.lists(FRAGMENTS, max_size=40).map(b"".join)))
+def test_any_bytes_as_a_poems_file_are_read_or_refused_in_one_line(content):
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "poems.txt"
+        path.write_bytes(content)
+        check_corpus_or_refusal(path)
+
+
+@pytest.mark.parametrize("content", [
+    b"t:" + "春".encode() * 3_500_000,                                   # a 10 MB single line
+    (f"题:{POEM}\r\n" * 50 + f"题:{POEM}\r" * 50 + f"题:{POEM}\n" * 50).encode(),   # mixed line ends
+    b"\xef\xbb\xbf" + f"题:{POEM}\n".encode() * 10,                      # a BOM
+    f"题:{POEM}\n".encode("utf-16") * 10,                                # another encoding
+    b"a:b\nc:dd\n_:_____\n" * 1000,                                     # only invalid poems
+    b"\x00" * 100_000,                                                   # NUL bytes
+])
+def test_hostile_poems_files_are_read_or_refused_quickly_in_proportion(tmp_path, content):
+    path = tmp_path / "poems.txt"
+    path.write_bytes(content)
+    tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        check_corpus_or_refusal(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert time.perf_counter() - started < 20
+    assert peak < 8 * len(content) + 10_000_000, peak
+
+
+def test_an_unreadable_poems_file_is_one_line(tmp_path):
+    with pytest.raises(TangshiError, match="no such file"):
+        data.read_corpus(tmp_path)                       # a directory
+
+
+@pytest.fixture(scope="module")
+def model(trained_run):
+    directory, _, _ = trained_run
+    model_config, _, vocab, params, _ = sample.load_model(directory)
+    return directory, model_config, vocab, params
+
+
+@FUZZ_SAMPLING
+@given(text=st.text(max_size=10), acrostic=st.booleans())
+def test_any_begin_or_acrostic_text_writes_poems_or_is_refused(model, text, acrostic):
+    _, model_config, vocab, params = model
+    options = {"acrostic": text} if acrostic else {"begin": text}
+    try:
+        poems = sample.write_poems(params, model_config, vocab, num=2, **options)
+    except TangshiError as error:
+        assert "\n" not in str(error)
+        return
+    assert len(poems) == 2 and all(isinstance(poem, str) for poem in poems)
+
+
+NUMBERS = st.floats(allow_nan=True, allow_infinity=True)
+
+
+@FUZZ_SAMPLING
+@given(temperature=NUMBERS, top_p=NUMBERS, penalty=NUMBERS, top_k=st.sampled_from([-1, 0, 10**9]),
+       num=st.sampled_from([0, 1, 2]), candidates=st.sampled_from([0, 1, 2, 10**9]),
+       max_len=st.sampled_from([0, 8, 10**6]), seed=st.integers(-2**70, 2**70), greedy=st.booleans())
+def test_any_sampling_flags_write_poems_or_give_one_clear_line(model, capsys, temperature, top_p, penalty, top_k,
+                                                                num, candidates, max_len, seed, greedy):
+    directory = model[0]
+    # --flag=value, as a user would write a negative number (argparse reads "-1e+16" as a flag)
+    argv = ["--checkpoint-dir", str(directory), f"--temperature={temperature!r}", f"--top-p={top_p!r}",
+            f"--repetition-penalty={penalty!r}", f"--top-k={top_k}", f"--num={num}",
+            f"--candidates={candidates}", f"--max-len={max_len}", f"--seed={seed}", "--json"]
+    code = run_cli(sample.main, argv + (["--greedy"] if greedy else []))
+    out, err = capsys.readouterr()
+    if code == 0:
+        assert len(out.splitlines()) == num
+    else:
+        assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
