@@ -225,17 +225,20 @@ class DivergenceGuard:
     for the step in flight."""
 
     def __init__(self, vocab_size: int, manager=None, lr: float | None = None):
-        self.limit = DIVERGED_FACTOR * math.log(vocab_size)
+        self.vocab_size, self.limit = vocab_size, DIVERGED_FACTOR * math.log(vocab_size)
         self.manager, self.lr = manager, lr
-        self.above, self.pending = 0, None
+        self.above, self.last, self.pending = 0, None, None
+
+    def limit_text(self) -> str:
+        return (f"{self.limit:.1f} ({DIVERGED_FACTOR} × ln {self.vocab_size:,}: a uniform guess over the vocabulary "
+                f"costs ln {self.vocab_size:,})")
 
     def check(self, loss: float, step: int, epoch: int) -> None:
-        self.above = self.above + 1 if not loss <= self.limit else 0
+        self.above, self.last = (self.above + 1 if not loss <= self.limit else 0), loss
         if not math.isfinite(loss):
-            self.stop(f"the loss is {loss}, not finite", step, epoch)
+            self.stop(f"the loss is {loss}", step, epoch)
         if self.above >= DIVERGED_STEPS:
-            self.stop(f"the loss stayed above {self.limit:.1f} ({DIVERGED_FACTOR} × ln {round(math.exp(self.limit / DIVERGED_FACTOR))}, "
-                      f"a uniform guess costs half that) for {self.above} steps, now {loss:.3g}", step, epoch)
+            self.stop(f"the loss stayed above {self.limit_text()} for {self.above} steps, now {loss:.3g}", step, epoch)
 
     def observe(self, step_metrics, step: int, epoch: int, bar=None) -> None:
         """Check the previous step's loss and hold this one's (bar: a progress bar to close first)."""
@@ -258,12 +261,11 @@ class DivergenceGuard:
             self.check_metrics(*previous)
             step, epoch = previous[1], previous[2]
         if self.above:
-            self.stop(f"the loss is above {self.limit:.1f} ({DIVERGED_FACTOR} × ln V, twice a uniform guess) "
-                      "where a checkpoint would be saved", step, epoch)
+            self.stop(f"the loss is {self.last:.3g}, above {self.limit_text()}, at the end of an epoch", step, epoch)
 
     def stop(self, what: str, step, epoch) -> None:
         where = f" at step {step:,} (epoch {epoch})" if step is not None else ""
-        lower = f" (e.g. --lr {self.lr / 10:g})" if self.lr else ""
+        lower = f" (e.g. --lr {min(self.lr / 10, TrainConfig.lr):g})" if self.lr else ""
         kept = "no checkpoint was saved; start again with a lower --lr" + lower
         if self.manager is not None:
             self.manager.wait_until_finished()
