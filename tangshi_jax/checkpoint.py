@@ -12,6 +12,7 @@ import logging
 import re
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -112,13 +113,28 @@ def skipped_line(directory: Path, step: int, reason: str) -> str:
 
 
 def collect_quietly() -> None:
-    """Orbax reads arrays in coroutines; when one read fails, the others' errors are never
-    retrieved and Python would print each as a traceback when it frees them. The failure is reported once, by its reason: free them now, without the tracebacks."""
+    """Orbax reads and writes arrays in coroutines; when one fails, the others' errors are never
+    retrieved and Python would print each as a traceback when it frees them, some only later
+    ("Event loop is closed" from a thread that finished after its loop). The failure is reported
+    once, by its reason: free them now without the tracebacks, and from now on pass over the
+    late ones."""
     previous, sys.unraisablehook = sys.unraisablehook, (lambda unraisable: None)
     try:
-        gc.collect()
+        with warnings.catch_warnings():       # "coroutine ... was never awaited", of the same failure
+            warnings.simplefilter("ignore", RuntimeWarning)
+            gc.collect()
     finally:
         sys.unraisablehook = previous
+    if not getattr(sys.unraisablehook, "orbax_leftovers", False):
+        sys.unraisablehook = quiet_leftovers(sys.unraisablehook)
+
+
+def quiet_leftovers(previous):
+    def hook(unraisable):
+        if not (isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value)):
+            previous(unraisable)
+    hook.orbax_leftovers = True
+    return hook
 
 
 def restore_newest(manager, like_of: Callable[[Meta], Any], on_skip=None) -> Restored | None:

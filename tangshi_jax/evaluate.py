@@ -374,7 +374,7 @@ def main(argv=None) -> None:
         raise TangshiError(f"--settings: unknown {', '.join(unknown)}; choose among {', '.join(by_name)}")
     settings = [by_name[name] for name in args.settings.split(",")]
     use_platform(args.platform)
-    sample.check_sampling(args.temperature, args.top_p)
+    sample.check_sampling(args.temperature, args.top_p, args.repetition_penalty)
     if args.model is None:
         checkpoint.require_checkpoint(args.checkpoint_dir)     # the clearer error first, then the cheap plot
     metrics_path = Path(args.checkpoint_dir) / "metrics.jsonl"

@@ -10,7 +10,6 @@ import argparse
 import functools
 import hashlib
 import json
-import math
 import os
 import re
 import sys
@@ -481,11 +480,16 @@ def corpus_lines(path) -> set[str] | None:
     return lines
 
 
+FLOAT32 = np.finfo(np.float32)     # the sampler computes in float32: numbers outside it would overflow
+
+
 def check_sampling(temperature: float, top_p: float, repetition_penalty: float = 0.0) -> None:
-    if not math.isfinite(repetition_penalty):
-        raise TangshiError(f"--repetition-penalty must be a number, got {repetition_penalty}")
+    if not abs(repetition_penalty) <= FLOAT32.max:
+        raise TangshiError(f"--repetition-penalty must be a number of at most {FLOAT32.max:.3g}, got {repetition_penalty}")
     if not temperature > 0:
         raise TangshiError(f"--temperature must be positive, got {temperature}; use --greedy for argmax")
+    if not FLOAT32.tiny <= temperature <= FLOAT32.max:
+        raise TangshiError(f"--temperature must be between {FLOAT32.tiny:.3g} and {FLOAT32.max:.3g}, got {temperature}")
     if not 0 < top_p <= 1:
         raise TangshiError(f"--top-p must be in (0, 1], got {top_p}")
 

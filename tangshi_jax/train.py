@@ -411,18 +411,30 @@ def write_checkpoint(manager, directory: Path, write=None) -> None:
         if reason is None:
             raise
     with contextlib.suppress(Exception):      # let the writes still in flight end before cleaning up
-        manager.wait_until_finished()
+        manager.close()
     checkpoint.collect_quietly()
-    half_written = sorted(directory.glob("*.orbax-checkpoint-tmp*"))
-    for path in half_written:
-        shutil.rmtree(path, ignore_errors=True)
-    failed = ", ".join(path.name.split(".")[0] for path in half_written)
+    failed = ", ".join(remove_half_written(directory))
     manager.reload()
     intact = (f"the newest complete checkpoint, step {manager.latest_step():,}, is intact"
               if manager.latest_step() is not None else "no complete checkpoint was written before it")
     raise TangshiError(f"could not write checkpoint{f' step {failed}' if failed else ''} in {directory}: {reason}; "
                        f"{intact}; free some space (or choose another --checkpoint-dir) and run the same "
                        "command again to resume")
+
+
+def remove_half_written(directory: Path, quiet_for: float = 1.0, at_most: float = 10.0) -> list[str]:
+    """Remove the temporary folders of a failed save (they are no step); the steps they were for.
+
+    Orbax's C++ writers may still be finishing writes of the failed save (each failing in turn)
+    and create the folder again: wait until none has reappeared for `quiet_for` seconds."""
+    steps, started, last_seen = set(), time.monotonic(), time.monotonic()
+    while time.monotonic() - started < at_most and time.monotonic() - last_seen < quiet_for:
+        for path in directory.glob("*.orbax-checkpoint-tmp*"):
+            steps.add(path.name.split(".")[0])
+            shutil.rmtree(path, ignore_errors=True)
+            last_seen = time.monotonic()
+        time.sleep(0.05)
+    return sorted(steps, key=int)
 
 
 def append_metrics(path: Path, record: dict) -> None:
