@@ -34,6 +34,23 @@ def open_manager(directory: str | Path, keep: int = 3, create: bool = True) -> o
                                  item_names=("state", "model", "train", "vocab", "progress"))
 
 
+def retried(listing, tries: int = 10):
+    """listing() again when a step vanished while Orbax listed the steps (a run saving into the
+    same directory rotates its old checkpoints away)."""
+    for attempt in range(tries):
+        try:
+            return listing()
+        except FileNotFoundError:
+            if attempt == tries - 1:
+                raise
+            time.sleep(0.05)
+
+
+def open_reader(directory: str | Path) -> ocp.CheckpointManager:
+    """A manager that only reads: it never creates the directory and copes with a writer beside it."""
+    return retried(lambda: open_manager(directory, create=False))
+
+
 def save(manager, state, model_config: ModelConfig, train_config: TrainConfig, vocab: list[str],
          progress: dict) -> None:
     """Save (asynchronously) under the global step; progress holds epoch and batch position."""
@@ -148,7 +165,7 @@ def restore_newest(manager, like_of: Callable[[Meta], Any], on_skip=None) -> Res
     on_skip = on_skip or (lambda step, reason: print(skipped_line(directory, step, reason), file=sys.stderr))
     skipped = set()
     for _ in range(5):
-        manager.reload()
+        retried(manager.reload)
         steps = [step for step in sorted(manager.all_steps(), reverse=True) if step not in skipped]
         vanished = False
         for step in steps:
@@ -177,7 +194,7 @@ def restore_newest(manager, like_of: Callable[[Meta], Any], on_skip=None) -> Res
 
 def load_newest(directory: str | Path, like_of: Callable[[Meta], Any], on_skip=None) -> Restored:
     """restore_newest for a reader (sample, evaluate): it never creates or changes the directory."""
-    manager = open_manager(directory, create=False) if Path(directory).is_dir() else None
+    manager = open_reader(directory) if Path(directory).is_dir() else None
     restored = restore_newest(manager, like_of, on_skip) if manager else None
     if restored is None:
         raise TangshiError(f"no checkpoint in {directory}; train first with `python -m tangshi_jax.train "
@@ -199,7 +216,7 @@ def set_aside(directory: str | Path, step: int) -> Path:
 
 def require_checkpoint(directory: str | Path) -> tuple[ocp.CheckpointManager, int]:
     """The manager of an existing run and its latest step, or an error that says to train first."""
-    manager = open_manager(directory, create=False) if Path(directory).is_dir() else None
+    manager = open_reader(directory) if Path(directory).is_dir() else None
     step = manager.latest_step() if manager else None
     if step is None:
         raise TangshiError(f"no checkpoint in {directory}; train first with `python -m tangshi_jax.train "
