@@ -480,16 +480,18 @@ def corpus_lines(path) -> set[str] | None:
     return lines
 
 
-FLOAT32 = np.finfo(np.float32)     # the sampler computes in float32: numbers outside it would overflow
+# The sampler computes in float32: numbers outside its range would overflow (Python floats, so
+# that the comparison itself does not cast to float32).
+FLOAT32_TINY, FLOAT32_MAX = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
 
 
 def check_sampling(temperature: float, top_p: float, repetition_penalty: float = 0.0) -> None:
-    if not abs(repetition_penalty) <= FLOAT32.max:
-        raise TangshiError(f"--repetition-penalty must be a number of at most {FLOAT32.max:.3g}, got {repetition_penalty}")
+    if not abs(repetition_penalty) <= FLOAT32_MAX:
+        raise TangshiError(f"--repetition-penalty must be a number of at most {FLOAT32_MAX:.3g}, got {repetition_penalty}")
     if not temperature > 0:
         raise TangshiError(f"--temperature must be positive, got {temperature}; use --greedy for argmax")
-    if not FLOAT32.tiny <= temperature <= FLOAT32.max:
-        raise TangshiError(f"--temperature must be between {FLOAT32.tiny:.3g} and {FLOAT32.max:.3g}, got {temperature}")
+    if not FLOAT32_TINY <= temperature <= FLOAT32_MAX:
+        raise TangshiError(f"--temperature must be between {FLOAT32_TINY:.3g} and {FLOAT32_MAX:.3g}, got {temperature}")
     if not 0 < top_p <= 1:
         raise TangshiError(f"--top-p must be in (0, 1], got {top_p}")
 

@@ -9,7 +9,7 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from tangshi_jax import data, sample
 from tangshi_jax.errors import TangshiError, run_cli
@@ -113,10 +113,13 @@ def test_any_begin_or_acrostic_text_writes_poems_or_is_refused(model, text, acro
 NUMBERS = st.floats(allow_nan=True, allow_infinity=True)
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")     # numpy's overflow warnings count as failures
 @FUZZ_SAMPLING
 @given(temperature=NUMBERS, top_p=NUMBERS, penalty=NUMBERS, top_k=st.sampled_from([-1, 0, 10**9]),
        num=st.sampled_from([0, 1, 2]), candidates=st.sampled_from([0, 1, 2, 10**9]),
        max_len=st.sampled_from([0, 8, 10**6]), seed=st.integers(-2**70, 2**70), greedy=st.booleans())
+@example(temperature=0.8, top_p=1.0, penalty=1e308, top_k=0, num=1, candidates=1, max_len=8, seed=0, greedy=False)
+@example(temperature=1e308, top_p=1.0, penalty=1.5, top_k=0, num=1, candidates=1, max_len=8, seed=2**64, greedy=False)
 def test_any_sampling_flags_write_poems_or_give_one_clear_line(model, capsys, temperature, top_p, penalty, top_k,
                                                                 num, candidates, max_len, seed, greedy):
     directory = model[0]
