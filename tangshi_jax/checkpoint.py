@@ -144,13 +144,27 @@ def collect_quietly() -> None:
         sys.unraisablehook = previous
     if not getattr(sys.unraisablehook, "orbax_leftovers", False):
         sys.unraisablehook = quiet_leftovers(sys.unraisablehook)
+        sys.excepthook = quiet_loop_closed(sys.excepthook)
+
+
+def loop_closed(error) -> bool:
+    return isinstance(error, RuntimeError) and "Event loop is closed" in str(error)
 
 
 def quiet_leftovers(previous):
     def hook(unraisable):
-        if not (isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value)):
+        code = getattr(unraisable.object, "cr_code", None)          # one of Orbax's coroutines
+        if not (code is not None and "orbax" in code.co_filename) and not loop_closed(unraisable.exc_value):
             previous(unraisable)
     hook.orbax_leftovers = True
+    return hook
+
+
+def quiet_loop_closed(previous):
+    """TensorStore's late callbacks into a closed loop are printed through sys.excepthook."""
+    def hook(kind, error, traceback):
+        if not loop_closed(error):
+            previous(kind, error, traceback)
     return hook
 
 
