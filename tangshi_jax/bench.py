@@ -1,9 +1,16 @@
 """Benchmark: training and sampling speed against what this machine's matrix units allow.
 
     python -m tangshi_jax.bench [--data poems.txt] [--platform cpu|gpu|tpu] [--json bench.json]
+                                [--variants fused,before] [--profile DIR] [--against-torch]
 
 Prints a table and (with --json) writes the figures. Everything is measured in this one
-process after compiling, as the median of several timed windows.
+process after compiling, as the median of several timed windows. The model is the original
+exercise's (2×128 LSTM, embedding 100, batch 100, the full head) unless flags ask for
+another, so that figures stay comparable whatever the training presets become.
+
+The ceiling is the rate of the head's three matrix products (forward, input gradient, weight
+gradient) on this batch's shapes, measured with XLA and with numpy's BLAS: the faster of
+the two is what this machine's units allow without new dependencies.
 """
 
 import argparse
@@ -24,6 +31,7 @@ from tangshi_jax.config import ModelConfig, TrainConfig
 from tangshi_jax.devices import PLATFORMS, describe_devices, peak_rss_mb, use_platform
 from tangshi_jax.errors import TangshiError, run_cli
 from tangshi_jax.model import GATES, init_params
+from tangshi_jax.profile import PROFILE_STEPS
 from tangshi_jax.sample import device_prosody, generate, make_plan
 from tangshi_jax.train import batch_spec, evaluate, init_state, load_poems, make_steps, require_positive
 
@@ -54,19 +62,32 @@ def median_seconds(run, repeats: int) -> float:
     return statistics.median(timed_runs(run, repeats))
 
 
-def matmul_rate(tokens: int, hidden: int, vocab: int, repeats: int = 15) -> float:
-    """FLOP/s of float32 products shaped like the head's forward and two backward products."""
-    key = jax.random.key(0)
-    h = jax.random.normal(key, (tokens, hidden))
-    w = jax.random.normal(key, (hidden, vocab))
-    g = jax.random.normal(key, (tokens, vocab))
-    products = [(jax.jit(lambda a, b: a @ b), (h, w)), (jax.jit(lambda a, b: a @ b.T), (g, w)),
-                (jax.jit(lambda a, b: a.T @ b), (h, g))]
-    seconds = 0.0
-    for product, args in products:
-        jax.block_until_ready(product(*args))
-        seconds += min(timed_runs(lambda: product(*args), repeats))   # what the units allow: the best run
-    return 3 * 2.0 * tokens * hidden * vocab / seconds
+PRODUCTS = ("forward", "input_gradient", "weight_gradient")
+
+
+def matmul_rates(rows: int, width: int, vocab: int, repeats: int = 15) -> dict:
+    """GFLOP/s of float32 products shaped like the head's over one batch (rows × width @ width ×
+    vocab, its input gradient and its weight gradient), with XLA and with numpy's BLAS. Each is
+    the best of `repeats` runs: what the units allow. 'all' is the three together."""
+    rng = np.random.default_rng(0)
+    h = rng.standard_normal((rows, width), dtype=np.float32)
+    w = rng.standard_normal((width, vocab), dtype=np.float32)
+    g = rng.standard_normal((rows, vocab), dtype=np.float32)
+    xla = [jax.jit(lambda a, b: a @ b), jax.jit(lambda a, b: a @ b.T), jax.jit(lambda a, b: a.T @ b)]
+    runs = {"xla": [(product, args) for product, args in zip(xla, [(h, w), (g, w), (h, g)])],
+            "numpy": [(np.matmul, (h, w)), (np.matmul, (g, w.T)), (np.matmul, (h.T, g))]}
+    flops = 2.0 * rows * width * vocab
+    rates = {}
+    for backend, products in runs.items():
+        if backend == "xla":
+            products = [(product, tuple(jnp.asarray(a) for a in args)) for product, args in products]
+        seconds = {}
+        for name, (product, args) in zip(PRODUCTS, products):
+            jax.block_until_ready(product(*args))
+            seconds[name] = min(timed_runs(lambda: product(*args), repeats))
+        rates[backend] = {name: flops / t / 1e9 for name, t in seconds.items()}
+        rates[backend]["all"] = 3 * flops / sum(seconds.values()) / 1e9
+    return rates
 
 
 def machine_name() -> str:
@@ -79,16 +100,36 @@ def machine_name() -> str:
     return f"{cpu}, {os.cpu_count()} cores; JAX {jax.__version__} on {describe_devices()}"
 
 
-VARIANTS = ("fused", "plain", "bfloat16")
+# Training variants that `--variants` measures side by side, as make_steps arguments; all but
+# bfloat16 compute the same mathematics. Also accepted: stepsN (the head takes N time steps a
+# loop trip), transposed and untransposed (the head's weight-gradient layout).
+VARIANTS = {
+    "fused": {},                                      # the default step
+    "plain": {"fused_head": False},                   # all logits, a plain log-softmax
+    "bfloat16": {"dtype": "bfloat16"},                # the default step in bfloat16 activations and products
+    "layered": {"layer_by_layer": True},              # each recurrent layer scanned in turn, no wavefront
+    "before": {"layer_by_layer": True, "head_steps": 1, "transposed": False},   # the step before issue 8
+}
+
+
+def variant_settings(name: str) -> dict:
+    if name in VARIANTS:
+        return VARIANTS[name]
+    if name.startswith("steps") and name[5:].isdigit() and int(name[5:]) > 0:
+        return {"head_steps": int(name[5:])}
+    if name in ("transposed", "untransposed"):
+        return {"transposed": name == "transposed"}
+    raise TangshiError(f"--variants: unknown variant {name!r}; choose from {', '.join(VARIANTS)}, "
+                       "stepsN (N time steps per head trip), transposed, untransposed")
 
 
 def bench_training(train_config: TrainConfig, model_config: ModelConfig, poems, vocab, windows: int,
-                   steps: int, log, variants=("fused",)) -> dict:
+                   steps: int, log, variants=("fused",), profile_dir=None) -> dict:
     train_data, val_data = data.prepare(poems, vocab, train_config.val_fraction, train_config.num_buckets)
     buckets = train_data.buckets
     plan = data.epoch_plan(train_data, train_config.batch_size, train_config.seed, 0)
     batches = [data.make_batch(train_data, b, rows, train_config.batch_size) for b, rows in plan]
-    needed = len(buckets) + windows * steps
+    needed = len(buckets) + windows * steps + (PROFILE_STEPS if profile_dir else 0)
     if len(batches) < needed:
         raise TangshiError(f"the data gives {len(batches)} batches, the benchmark needs {needed}; "
                            "use more poems or fewer --windows/--steps")
@@ -98,8 +139,9 @@ def bench_training(train_config: TrainConfig, model_config: ModelConfig, poems, 
     programs, states, compile_s = {}, {}, {}
     for variant in variants:
         state = init_state(model_config, train_config)
-        variant_config = dataclasses.replace(train_config, dtype="bfloat16" if variant == "bfloat16" else "float32")
-        train_step, eval_step = make_steps(model_config, variant_config, fused_head=variant != "plain")
+        settings = dict(variant_settings(variant))
+        variant_config = dataclasses.replace(train_config, dtype=settings.pop("dtype", "float32"))
+        train_step, eval_step = make_steps(model_config, variant_config, **settings)
         train_jit, eval_jit = jax.jit(train_step, donate_argnums=0), jax.jit(eval_step)
         programs[variant] = {}
         for length in buckets:
@@ -133,6 +175,15 @@ def bench_training(train_config: TrainConfig, model_config: ModelConfig, poems, 
             rates[variant].append(tokens / (time.perf_counter() - started))
         log("  window: " + ", ".join(f"{v} {rates[v][-1]:,.0f}" for v in variants) + " tokens/s")
     train_rss = peak_rss_mb()
+    if profile_dir:     # a few more steps of each variant, marked by name, in one trace
+        with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+            for variant in variants:
+                with jax.profiler.TraceAnnotation(f"variant {variant}"):
+                    for i in range(cursor, cursor + PROFILE_STEPS):
+                        with jax.profiler.StepTraceAnnotation(variant, step_num=i):
+                            states[variant], _ = programs[variant][buckets[plan[i][0]]][0](states[variant], batches[i])
+                            jax.block_until_ready(states[variant])
+        log(f"profile of {PROFILE_STEPS} steps of each variant written to {profile_dir}")
 
     state = states[variants[0]]
     eval_programs = {length: pair[1] for length, pair in programs[variants[0]].items()}
@@ -170,25 +221,45 @@ def bench_sampling(model_config, vocab, params, max_len: int = 64, sizes=(1, 64,
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Model and batch flags default to the original exercise's configuration: the dataclass defaults."""
+    model_defaults = {field.name: field.default for field in dataclasses.fields(ModelConfig)}
     parser = argparse.ArgumentParser(prog="python -m tangshi_jax.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="poems.txt")
     parser.add_argument("--max-poems", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=100)
-    parser.add_argument("--cell", choices=("lstm", "gru", "rnn"), default="lstm")
+    parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    parser.add_argument("--cell", choices=("lstm", "gru", "rnn"), default=model_defaults["cell"])
+    parser.add_argument("--layers", type=int, default=model_defaults["layers"])
+    parser.add_argument("--hidden", type=int, default=model_defaults["hidden"])
+    parser.add_argument("--embed", type=int, default=model_defaults["embed"])
+    parser.add_argument("--tied", action="store_true", help="the head reuses the embedding through a projection")
     parser.add_argument("--windows", type=int, default=5, help="timed windows; the median is reported")
     parser.add_argument("--steps", type=int, default=20, help="training steps per window")
     parser.add_argument("--platform", choices=PLATFORMS, default=None)
     parser.add_argument("--variants", default="fused",
-                        help="comma-separated training variants measured side by side: fused (the default "
-                             "head and loss), plain (all logits and a plain log-softmax), bfloat16 (fused, "
-                             "with bfloat16 activations and products)")
+                        help="comma-separated training variants measured side by side in alternating windows: "
+                             "fused (the default step), before (the step before the wavefront and the "
+                             "several-step head), layered (the default head, layers scanned in turn), plain "
+                             "(all logits and a plain log-softmax), bfloat16 (bfloat16 activations and products), "
+                             "stepsN (the head takes N time steps a loop trip), transposed, untransposed "
+                             "(the head's weight-gradient layout)")
+    parser.add_argument("--profile", metavar="DIR",
+                        help=f"write a jax.profiler trace of {PROFILE_STEPS} more steps of each variant to DIR")
+    parser.add_argument("--against-torch", action="store_true",
+                        help="also train the same model on the same batches in PyTorch (if installed), "
+                             "in a child process with glibc's allocator tuned, and print both figures")
     parser.add_argument("--json", default=None, help="write the figures to this file")
     return parser
 
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    require_positive(args, ("batch_size", "windows", "steps", "max_poems"))
+    require_positive(args, ("batch_size", "windows", "steps", "max_poems", "layers", "hidden", "embed"))
+    variants = tuple(args.variants.split(","))
+    for variant in variants:
+        variant_settings(variant)
+    if args.against_torch:
+        from tangshi_jax import torch_model    # only here: PyTorch is never a dependency
+        torch_model.require_torch()
     use_platform(args.platform)
     # Compile times are measured cold; train and sample use the on-disk cache (README).
     jax.config.update("jax_enable_compilation_cache", False)
@@ -198,37 +269,56 @@ def main(argv=None) -> None:
 
     machine = machine_name()
     train_config = TrainConfig(data=args.data, batch_size=args.batch_size, max_poems=args.max_poems)
-    model_settings = dict(cell=args.cell, layers=2, hidden=128, embed=100, relu_head=False)
-    variants = tuple(args.variants.split(","))
-    if not set(variants) <= set(VARIANTS):
-        raise TangshiError(f"--variants {args.variants}: choose from {', '.join(VARIANTS)}")
+    model_settings = dict(cell=args.cell, layers=args.layers, hidden=args.hidden, embed=args.embed,
+                          tied=args.tied, relu_head=False)
     poems = load_poems(train_config, log).poems[:train_config.max_poems]
     vocab = data.build_vocab(poems)
     model_config = ModelConfig(vocab_size=len(vocab), **model_settings)
     # Sampling first, on a fresh process's memory; its cost does not depend on the weights.
     sampled = bench_sampling(model_config, vocab, init_params(model_config, jax.random.key(0)))
-    trained = bench_training(train_config, model_config, poems, vocab, args.windows, args.steps, log, variants)
-    rate = matmul_rate(trained["positions_per_batch"], model_config.hidden, model_config.vocab_size)
+    trained = bench_training(train_config, model_config, poems, vocab, args.windows, args.steps, log, variants,
+                             args.profile)
+    width = model_config.embed if model_config.tied else model_config.hidden
+    rates = matmul_rates(trained["positions_per_batch"], width, model_config.vocab_size)
+    best = max(rates, key=lambda backend: rates[backend]["all"])
     per_token = flops_per_token(model_config)
+    ceiling = rates[best]["all"] * 1e9 / per_token
     figures = {"machine": machine, "platform": jax.default_backend(), "batch_size": args.batch_size,
-               "cell": args.cell, "matmul_gflops": rate / 1e9, "flops_per_token": per_token,
-               "ceiling_tokens_per_s": rate / per_token, **trained, **sampled, "peak_rss_mb": peak_rss_mb()}
-    ceiling = figures["ceiling_tokens_per_s"]
+               "model": model_settings, "matmul_gflops_by_backend": rates, "matmul_backend": best,
+               "matmul_gflops": rates[best]["all"], "flops_per_token": per_token,
+               "ceiling_tokens_per_s": ceiling, **trained, **sampled}
+    if args.against_torch:
+        figures["torch"] = torch_model.bench_in_child(model_config, train_config, poems, vocab, args.windows,
+                                                      args.steps, log)
+    figures["peak_rss_mb"] = peak_rss_mb()
+
+    def products(backend):
+        rate = rates[backend]
+        return (f"{rate['all']:,.0f} GFLOP/s (forward {rate['forward']:,.0f}, input gradient "
+                f"{rate['input_gradient']:,.0f}, weight gradient {rate['weight_gradient']:,.0f})")
     rows = [("machine", machine),
-            ("matrix products (float32)", f"{rate / 1e9:,.0f} GFLOP/s"),
+            ("model", f"{args.layers}×{args.hidden} {args.cell}, embedding {args.embed}"
+                      f"{', tied head' if args.tied else ''}, batch {args.batch_size}, {len(vocab):,} characters"),
+            ("matrix products, XLA (float32)", products("xla")),
+            ("matrix products, numpy's BLAS", products("numpy")),
             ("FLOPs per training token", f"{per_token / 1e6:.2f} M"),
-            ("ceiling", f"{ceiling:,.0f} tokens/s"),
+            ("ceiling", f"{ceiling:,.0f} tokens/s (from {'XLA' if best == 'xla' else 'numpy'}'s rate)"),
             ("training", f"{figures['train_tokens_per_s']:,.0f} tokens/s ({figures['train_tokens_per_s'] / ceiling:.0%} of ceiling)"),
             *[(f"training, {v}", f"{r:,.0f} tokens/s ({r / ceiling:.0%})")
-              for v, r in figures["variants_tokens_per_s"].items() if len(variants) > 1],
-            ("validation", f"{figures['val_tokens_per_s']:,.0f} tokens/s ({figures['val_tokens_per_s'] / (3 * ceiling):.0%} of its ceiling)"),
-            ("compile, all training shapes", f"{figures['compile_s_total']:.1f} s for {len(figures['buckets'])} buckets × 2 steps"),
-            ("padding", f"{figures['padded_share']:.1%} of trained positions"),
-            ("sample 1 poem × 64 chars", f"{figures['sample_ms_1']:.1f} ms (compile {figures['sample_compile_s_1']:.1f} s)"),
-            ("sample 64 poems × 64 chars", f"{figures['sample_ms_64']:.1f} ms"),
-            ("sample 1,024 poems × 64 chars", f"{figures['sample_ms_1024']:.1f} ms"),
-            ("peak memory, training", f"{figures['train_peak_rss_mb']:,.0f} MB"),
-            ("peak memory, whole run", f"{figures['peak_rss_mb']:,.0f} MB")]
+              for v, r in figures["variants_tokens_per_s"].items() if len(variants) > 1]]
+    if args.against_torch:
+        torch_rate = figures["torch"]["train_tokens_per_s"]
+        rows.append((f"training, PyTorch {figures['torch']['version']} ({figures['torch']['allocator']})",
+                     f"{torch_rate:,.0f} tokens/s ({torch_rate / ceiling:.0%}); JAX's default step is "
+                     f"{figures['train_tokens_per_s'] / torch_rate:.2f}× it"))
+    rows += [("validation", f"{figures['val_tokens_per_s']:,.0f} tokens/s ({figures['val_tokens_per_s'] / (3 * ceiling):.0%} of its ceiling)"),
+             ("compile, all training shapes", f"{figures['compile_s_total']:.1f} s for {len(figures['buckets'])} buckets × 2 steps"),
+             ("padding", f"{figures['padded_share']:.1%} of trained positions"),
+             ("sample 1 poem × 64 chars", f"{figures['sample_ms_1']:.1f} ms (compile {figures['sample_compile_s_1']:.1f} s)"),
+             ("sample 64 poems × 64 chars", f"{figures['sample_ms_64']:.1f} ms"),
+             ("sample 1,024 poems × 64 chars", f"{figures['sample_ms_1024']:.1f} ms"),
+             ("peak memory, training", f"{figures['train_peak_rss_mb']:,.0f} MB"),
+             ("peak memory, whole run", f"{figures['peak_rss_mb']:,.0f} MB")]
     if "sample_ms_64_rules" in figures:
         rules_ms = figures["sample_ms_64_rules"]
         rows.insert(-2, ("sample 64 七律 with rhyme and tones", f"{rules_ms:.1f} ms "

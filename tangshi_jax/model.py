@@ -3,6 +3,12 @@
 Each layer projects its whole input sequence in one matrix product (all time steps at once)
 and scans only the recurrent part over time with `nn.scan`. The same call with a length-1
 sequence and the carry is one sampling step, so training and sampling share one code path.
+
+Over a longer sequence the stacked layers run as one wavefront (`wavefront`): in loop trip s,
+layer l takes time step s − l, so L layers over T steps take T + L − 1 trips instead of L × T.
+The loop's per-trip overhead, not its arithmetic, bounds the recurrence on a CPU
+(PERFORMANCE.md). Same parameters, same cells, same dropout draws; only the order of work
+changes.
 """
 
 from typing import Any
@@ -90,9 +96,53 @@ class RecurrentLayer(nn.Module):
         return scan(self.hidden, self.dtype, name="cell")(carry, x_proj)
 
 
+def wavefront(config: ModelConfig, params, carry, x, keep=None, keep_prob=1.0, dtype=jnp.float32):
+    """All layers over x (batch, time, width) in one scan of T + L − 1 trips; the same result
+    as running RecurrentLayer after RecurrentLayer (to float rounding).
+
+    params: the model's `layer_i` parameters; keep: for each gap between layers, the dropout
+    mask (batch, time, hidden) as bools, drawn as nn.Dropout draws it (or None: no dropout).
+    Returns the new carry of every layer and the last layer's outputs (batch, time, hidden)."""
+    layers, steps = len(carry), x.shape[1]
+    cell = CELLS[config.cell](config.hidden, dtype)
+    width = GATES[config.cell] * config.hidden
+
+    def project(index, inputs):
+        return nn.Dense(width, dtype=dtype).apply({"params": params[f"layer_{index}"]["input"]}, inputs)
+
+    def step(index, layer_carry, x_proj):
+        return cell.apply({"params": params[f"layer_{index}"]["cell"]}, layer_carry, x_proj)
+
+    def pad(sequence, before):   # time-major, padded to the T + L − 1 trips with trip s at index s
+        return jnp.pad(sequence, [(before, layers - 1 - before)] + [(0, 0)] * (sequence.ndim - 1))
+
+    first = pad(jnp.swapaxes(project(0, x), 0, 1), 0)
+    masks = tuple(pad(jnp.swapaxes(k, 0, 1), gap + 1) for gap, k in enumerate(keep)) if keep else None
+
+    def trip(carries, xs):
+        s, x_proj, trip_masks = xs
+        new = []
+        for index, layer_carry in enumerate(carries):
+            if index == 0:
+                inputs = x_proj
+            else:       # the layer below's output from the previous trip: its time step s − index
+                below = carries[index - 1][0] if config.cell == "lstm" else carries[index - 1]
+                if trip_masks is not None:
+                    below = jax.lax.select(trip_masks[index - 1], below / keep_prob, jnp.zeros_like(below))
+                inputs = project(index, below)
+            updated, _ = step(index, layer_carry, inputs)
+            live = (s >= index) & (s - index < steps)   # layer `index` has a time step in this trip
+            new.append(jax.tree_util.tree_map(lambda a, b: jnp.where(live, a, b), updated, layer_carry))
+        top = new[-1][0] if config.cell == "lstm" else new[-1]
+        return tuple(new), top
+    new_carry, outputs = jax.lax.scan(trip, tuple(carry), (jnp.arange(steps + layers - 1), first, masks))
+    return new_carry, jnp.swapaxes(outputs[layers - 1:], 0, 1)
+
+
 class PoemModel(nn.Module):
     config: ModelConfig
     dtype: Any = jnp.float32    # of activations and products; parameters are always float32
+    layer_by_layer: bool = False  # the reference path: each layer scanned over the whole sequence in turn
 
     @nn.compact
     def __call__(self, tokens, carry, features_only: bool = False, train: bool = False):
@@ -107,11 +157,20 @@ class PoemModel(nn.Module):
         embed = nn.Embed(config.vocab_size, config.embed, embedding_init=embed_init, name="embed", dtype=self.dtype)
         drop = nn.Dropout(config.dropout, deterministic=not train or config.dropout == 0.0)
         x = drop(embed(tokens))
-        new_carry = []
-        for index, layer_carry in enumerate(carry):
-            layer_carry, x = RecurrentLayer(config.cell, config.hidden, self.dtype, name=f"layer_{index}")(layer_carry, x)
+        if len(carry) > 1 and tokens.shape[1] > 1 and not self.layer_by_layer and not self.is_initializing():
+            # Dropout between layers: the masks nn.Dropout would draw, in the same order and shape.
+            hidden_shape = x.shape[:2] + (config.hidden,)
+            keep = [drop(jnp.ones(hidden_shape, jnp.float32)) != 0 for _ in carry[1:]]
+            new_carry, x = wavefront(config, self.variables["params"], carry, x, None if drop.deterministic else keep,
+                                     1.0 - config.dropout, self.dtype)
             x = drop(x)
-            new_carry.append(layer_carry)
+        else:
+            new_carry = []
+            for index, layer_carry in enumerate(carry):
+                layer_carry, x = RecurrentLayer(config.cell, config.hidden, self.dtype,
+                                                name=f"layer_{index}")(layer_carry, x)
+                x = drop(x)
+                new_carry.append(layer_carry)
         if config.tied:
             x = nn.Dense(config.embed, name="project", dtype=self.dtype)(x)
             bias = self.param("head_bias", nn.initializers.zeros, (config.vocab_size,))

@@ -37,8 +37,9 @@ from tangshi_jax.config import (CELLS, DATA_ORDER_FIELDS, DEFAULT_PRESET, DTYPES
 from tangshi_jax.devices import (PLATFORMS, Cluster, describe_devices, describe_mesh, make_mesh, peak_rss_mb, replicated,
                                  split_rows, use_platform)
 from tangshi_jax.errors import Diverged, TangshiError, run_cli
-from tangshi_jax.loss import head_nll, head_nll_positions, nll_of_logits
+from tangshi_jax.loss import HEAD_STEPS, HEAD_TRANSPOSED, head_nll, head_nll_positions, nll_of_logits
 from tangshi_jax.model import PoemModel, head_weights, init_params, initial_carry
+from tangshi_jax.profile import PROFILE_STEPS, StepTrace
 
 DEFAULT_DATA = "poems.txt"
 STOP_CHECK_EVERY = 10   # batches between the processes' agreement on whether to stop
@@ -67,13 +68,17 @@ def make_optimizer(train_config: TrainConfig, steps_per_epoch: int = 1) -> optax
 
 
 def make_steps(model_config: ModelConfig, train_config: TrainConfig, steps_per_epoch: int = 1,
-               fused_head: bool = True):
+               fused_head: bool = True, head_steps: int = HEAD_STEPS, transposed: bool = HEAD_TRANSPOSED,
+               layer_by_layer: bool = False):
     """The pure train and eval steps of one model; jit them (or compile them per shape) once.
 
-    fused_head=False builds all logits and a plain log-softmax: the slower reference that
-    `bench --variants` measures the fused head against."""
+    The other arguments make the slower references that `bench --variants` measures the
+    default against, all with the same mathematics: fused_head=False builds all logits and a
+    plain log-softmax; head_steps and transposed set the fused head's loop (loss.py);
+    layer_by_layer scans each recurrent layer in turn instead of the wavefront (model.py)."""
     dtype = jnp.dtype(train_config.dtype)
-    model, optimizer = PoemModel(model_config, dtype), make_optimizer(train_config, steps_per_epoch)
+    model = PoemModel(model_config, dtype, layer_by_layer=layer_by_layer)
+    optimizer = make_optimizer(train_config, steps_per_epoch)
 
     def batch_nll(params, batch, dropout_key=None):
         """Sum of -log p(target) over the masked positions, and their count."""
@@ -85,7 +90,8 @@ def make_steps(model_config: ModelConfig, train_config: TrainConfig, steps_per_e
             _, features = model.apply({"params": params}, batch["inputs"], carry, features_only=True,
                                       train=train, rngs=rngs)
             kernel, bias = head_weights(params, model_config)
-            nll_sum = head_nll(features.astype(dtype), kernel, bias, targets, mask, model_config.relu_head)
+            nll_sum = head_nll(features.astype(dtype), kernel, bias, targets, mask, model_config.relu_head,
+                               head_steps, transposed)
         else:
             _, logits = model.apply({"params": params}, batch["inputs"], carry, train=train, rngs=rngs)
             nll_sum = jnp.sum(nll_of_logits(logits, targets)[0] * mask)
@@ -462,9 +468,10 @@ def check_same_poems(saved: dict | None, current: dict, data_path, directory) ->
 
 
 def train(train_config: TrainConfig, model_settings: dict, checkpoint_dir: str | Path,
-          log=print, show_progress: bool = True, mesh: Mesh | None = None) -> dict:
+          log=print, show_progress: bool = True, mesh: Mesh | None = None, profile_dir: str | None = None) -> dict:
     """Train (or resume) into checkpoint_dir on `mesh` (default: every local device of the
-    default platform, in every process); returns the last epoch's metrics."""
+    default platform, in every process); returns the last epoch's metrics. With profile_dir,
+    the first few steps go to a jax.profiler trace there (profile.py)."""
     directory = writable_directory(Path(checkpoint_dir))
     mesh = mesh or make_mesh()
     lead = jax.process_index() == 0   # the process that writes metrics.jsonl
@@ -537,6 +544,7 @@ def train(train_config: TrainConfig, model_settings: dict, checkpoint_dir: str |
         log(f"compiled {2 * len(buckets)} programs in {time.perf_counter() - started:.1f} s")
 
         metrics_path = directory / "metrics.jsonl"
+        trace = StepTrace(profile_dir if lead else None)
         if lead:
             trim_metrics(metrics_path, progress["epoch"])
 
@@ -566,7 +574,9 @@ def train(train_config: TrainConfig, model_settings: dict, checkpoint_dir: str |
                        unit="batch", disable=not show_progress, leave=False, file=sys.stderr)
             for bucket_index, rows in plan[progress["batch"]:]:
                 batch = feed.batch(train_data, bucket_index, rows)
+                trace.before_step(progress["step"])
                 state, step_metrics = train_programs[train_data.buckets[bucket_index]](state, batch)
+                trace.after_step(state)
                 sums.append(step_metrics)
                 progress["batch"] += 1
                 progress["step"] += 1
@@ -602,6 +612,7 @@ def train(train_config: TrainConfig, model_settings: dict, checkpoint_dir: str |
                 log(f"saved checkpoint at epoch {epoch + 1} (step {progress['step']:,}) in {directory}")
             if stop.agreed(progress["step"], progress["batch"], epoch_end=True) and epoch + 1 < train_config.epochs:
                 stop_now()
+        trace.stop()
     write_checkpoint(manager, directory)
     return record
 
@@ -652,6 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-processes", type=int, help="processes in the run (with --coordinator)")
     parser.add_argument("--process-id", type=int, help="this process's number, 0 to N-1 (with --coordinator)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar within epochs")
+    parser.add_argument("--profile", metavar="DIR", help=f"write a jax.profiler trace of the first {PROFILE_STEPS} steps to DIR")
     return parser
 
 
@@ -681,7 +693,7 @@ def main(argv=None) -> None:
     mesh = make_mesh(args.devices, args.platform)
     lead = jax.process_index() == 0   # only process 0 speaks
     train(train_config, model_settings, args.checkpoint_dir, log=print if lead else (lambda message: None),
-          show_progress=lead and not args.no_progress, mesh=mesh)
+          show_progress=lead and not args.no_progress, mesh=mesh, profile_dir=args.profile)
 
 
 if __name__ == "__main__":
