@@ -107,8 +107,8 @@ VARIANTS = {
     "fused": {},                                      # the default step
     "plain": {"fused_head": False},                   # all logits, a plain log-softmax
     "bfloat16": {"dtype": "bfloat16"},                # the default step in bfloat16 activations and products
-    "layered": {"layer_by_layer": True},              # each recurrent layer scanned in turn, no wavefront
-    "before": {"layer_by_layer": True, "head_steps": 1, "transposed": False},   # the step before issue 8
+    "wavefront": {"wavefront": True},                 # the stacked layers in one scan
+    "before": {"head_steps": 1, "transposed": False},   # the step before issue 8
 }
 
 
@@ -237,8 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--platform", choices=PLATFORMS, default=None)
     parser.add_argument("--variants", default="fused",
                         help="comma-separated training variants measured side by side in alternating windows: "
-                             "fused (the default step), before (the step before the wavefront and the "
-                             "several-step head), layered (the default head, layers scanned in turn), plain "
+                             "fused (the default step), before (the step before issue 8: the head one time "
+                             "step a loop trip), wavefront (the stacked layers in one scan), plain "
                              "(all logits and a plain log-softmax), bfloat16 (bfloat16 activations and products), "
                              "stepsN (the head takes N time steps a loop trip), transposed, untransposed "
                              "(the head's weight-gradient layout)")

@@ -4,11 +4,11 @@ Each layer projects its whole input sequence in one matrix product (all time ste
 and scans only the recurrent part over time with `nn.scan`. The same call with a length-1
 sequence and the carry is one sampling step, so training and sampling share one code path.
 
-Over a longer sequence the stacked layers run as one wavefront (`wavefront`): in loop trip s,
-layer l takes time step s − l, so L layers over T steps take T + L − 1 trips instead of L × T.
-The loop's per-trip overhead, not its arithmetic, bounds the recurrence on a CPU
-(PERFORMANCE.md). Same parameters, same cells, same dropout draws; only the order of work
-changes.
+With `wavefront`, the stacked layers run instead as one scan: in loop trip s, layer l takes
+time step s − l, so L layers over T steps take T + L − 1 trips instead of L × T. Same
+parameters, same cells, same dropout draws; only the order of work changes. It was meant to
+halve the loop's overhead, but on 2 CPU cores it was measured no faster (PERFORMANCE.md), so
+it is off by default and kept for machines where it may pay (`bench --variants fused,wavefront`).
 """
 
 from typing import Any
@@ -142,7 +142,7 @@ def wavefront(config: ModelConfig, params, carry, x, keep=None, keep_prob=1.0, d
 class PoemModel(nn.Module):
     config: ModelConfig
     dtype: Any = jnp.float32    # of activations and products; parameters are always float32
-    layer_by_layer: bool = False  # the reference path: each layer scanned over the whole sequence in turn
+    wavefront: bool = False     # stacked layers in one scan (`wavefront`); measured not to pay on 2 cores
 
     @nn.compact
     def __call__(self, tokens, carry, features_only: bool = False, train: bool = False):
@@ -157,7 +157,7 @@ class PoemModel(nn.Module):
         embed = nn.Embed(config.vocab_size, config.embed, embedding_init=embed_init, name="embed", dtype=self.dtype)
         drop = nn.Dropout(config.dropout, deterministic=not train or config.dropout == 0.0)
         x = drop(embed(tokens))
-        if len(carry) > 1 and tokens.shape[1] > 1 and not self.layer_by_layer and not self.is_initializing():
+        if self.wavefront and len(carry) > 1 and tokens.shape[1] > 1 and not self.is_initializing():
             # Dropout between layers: the masks nn.Dropout would draw, in the same order and shape.
             hidden_shape = x.shape[:2] + (config.hidden,)
             keep = [drop(jnp.ones(hidden_shape, jnp.float32)) != 0 for _ in carry[1:]]

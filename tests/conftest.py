@@ -43,7 +43,7 @@ def trained_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("run")
     data = write_poems(root / "poems.txt")
     record = train(small_config(data, epochs=3, save_every=2), SMALL_MODEL, root / "checkpoints",
-                   log=lambda message: None, show_progress=False)
+                   log=lambda message: None, show_progress=False, profile_dir=root / "profile")
     return root / "checkpoints", data, record
 
 

@@ -21,12 +21,23 @@ def test_bench_prints_the_table_and_writes_json(tmp_path, capsys):
     data = write_poems(tmp_path / "poems.txt", count=200)
     out = tmp_path / "bench.json"
     argv = ["--data", str(data), "--batch-size", "8", "--windows", "2", "--steps", "2", "--json", str(out),
-            "--variants", "fused,plain"]
+            "--variants", "fused,plain,wavefront", "--profile", str(tmp_path / "profile")]
     assert run_cli(bench.main, argv) == 0
     table = capsys.readouterr().out
-    assert "ceiling" in table and "training, plain" in table
+    assert "ceiling" in table and "training, plain" in table and "training, wavefront" in table
+    assert "matrix products, XLA" in table and "matrix products, numpy's BLAS" in table
+    assert list((tmp_path / "profile").glob("**/perfetto_trace.json.gz"))
     figures = json.loads(out.read_text())
     for key in ("train_tokens_per_s", "ceiling_tokens_per_s", "compile_s_total", "sample_ms_1", "sample_ms_64",
                 "sample_ms_1024", "sample_ms_64_rules", "peak_rss_mb", "machine"):
         assert figures[key], key
     assert figures["train_tokens_per_s"] == figures["variants_tokens_per_s"]["fused"]
+    rates = figures["matmul_gflops_by_backend"]
+    assert figures["matmul_gflops"] == max(rates["xla"]["all"], rates["numpy"]["all"]) > 0
+    assert figures["model"]["hidden"] == 128 and figures["model"]["embed"] == 100    # the original's, by default
+
+
+def test_an_unknown_variant_is_named_with_the_choices(capsys):
+    assert run_cli(bench.main, ["--variants", "fused,fast"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown variant 'fast'" in err and "before" in err

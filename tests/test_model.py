@@ -216,8 +216,8 @@ def test_bfloat16_step_is_near_float32_and_keeps_float32_parameters(tied):
 
 @pytest.mark.parametrize("cell, layers", [("lstm", 2), ("gru", 3)])
 def test_wavefront_matches_the_layers_scanned_in_turn_dropout_included(cell, layers):
-    """The reference is the layer-by-layer scan (each layer over the whole sequence in turn, the
-    model before the wavefront): same outputs, carry and gradients, with the same dropout."""
+    """The reference is the default layer-by-layer scan (each layer over the whole sequence in
+    turn): same outputs, carry and gradients, with the same dropout."""
     config = ModelConfig(vocab_size=30, cell=cell, layers=layers, hidden=8, embed=5, dropout=0.3)
     params = init_params(config, jax.random.key(0))
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 30, (3, 7)), jnp.int32)
@@ -226,7 +226,7 @@ def test_wavefront_matches_the_layers_scanned_in_turn_dropout_included(cell, lay
 
     def run(layer_by_layer, key):
         def loss(p):
-            new_carry, features = PoemModel(config, layer_by_layer=layer_by_layer).apply(
+            new_carry, features = PoemModel(config, wavefront=not layer_by_layer).apply(
                 {"params": p}, tokens, carry, features_only=True, train=True, rngs={"dropout": key})
             return jnp.sum(features * weights), (new_carry, features)
         return jax.value_and_grad(loss, has_aux=True)(params)
@@ -241,10 +241,10 @@ def test_wavefront_matches_the_layers_scanned_in_turn_dropout_included(cell, lay
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_the_faster_step_trains_as_the_step_before_it(tied):
-    """Three training steps of the default step (wavefront, several time steps per head trip, the
-    transposed weight gradient) against the step before them (layers in turn, one time step per
-    head trip): the same losses and parameters to float32 rounding. The time (7) is not a
-    multiple of the head's steps, so a padded trip is included."""
+    """Three training steps of the default step (several time steps per head trip) and of the
+    wavefront against the step before issue 8 (one time step per head trip): the same losses
+    and parameters to float32 rounding. The time (7) is not a multiple of the head's steps, so
+    a padded trip is included."""
     config = ModelConfig(vocab_size=40, hidden=16, embed=8, tied=tied, dropout=0.2)
     train_config = TrainConfig()
     rng = np.random.default_rng(3)
@@ -252,17 +252,18 @@ def test_the_faster_step_trains_as_the_step_before_it(tied):
     mask = (rng.random((5, 7)) < 0.8).astype(np.float32)
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": mask, "chars": mask}
     results = []
-    for settings in ({}, {"layer_by_layer": True, "head_steps": 1, "transposed": False}):
+    for settings in ({}, {"wavefront": True, "head_steps": 3, "transposed": True}, {"head_steps": 1, "transposed": False}):
         train_step, _ = make_steps(config, train_config, **settings)
         state, losses = init_state(config, train_config), []
         for _ in range(3):
             state, metrics = jax.jit(train_step)(state, batch)
             losses.append(float(metrics["nll_sum"]))
         results.append((losses, state["params"]))
-    (fast_losses, fast_params), (losses, params) = results
-    np.testing.assert_allclose(fast_losses, losses, rtol=1e-5)
-    # RMSprop moves a weight by ~0.1 a step whatever its gradient's size, so a gradient within
-    # rounding of zero may step otherwise: the weights agree to 1e-3 of a step (a wrong gradient
-    # or dropout mask moves them by whole steps).
-    for a, b in zip(jax.tree_util.tree_leaves(fast_params), jax.tree_util.tree_leaves(params)):
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-3 * train_config.lr / np.sqrt(1 - 0.99))
+    losses, params = results[-1]
+    for fast_losses, fast_params in results[:-1]:
+        np.testing.assert_allclose(fast_losses, losses, rtol=1e-5)
+        # RMSprop moves a weight by ~0.1 a step whatever its gradient's size, so a gradient within
+        # rounding of zero may step otherwise: the weights agree to 1e-3 of a step (a wrong
+        # gradient or dropout mask moves them by whole steps).
+        for a, b in zip(jax.tree_util.tree_leaves(fast_params), jax.tree_util.tree_leaves(params)):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-3 * train_config.lr / np.sqrt(1 - 0.99))

@@ -33,6 +33,13 @@ def test_loss_falls_and_metrics_are_logged(trained_run):
     assert metrics[-1]["val_ppl"] == pytest.approx(np.exp(metrics[-1]["val_loss"]))
 
 
+def test_profile_traces_the_first_steps(trained_run):
+    """`train --profile DIR` (the fixture's run passes profile_dir): a trace for TensorBoard and one for Perfetto."""
+    profile = trained_run[0].parent / "profile"
+    assert list(profile.glob("plugins/profile/*/*.xplane.pb"))
+    assert list(profile.glob("**/perfetto_trace.json.gz"))
+
+
 def test_checkpoints_land_every_save_every_epochs_and_at_the_end(trained_run):
     directory, _, _ = trained_run
     manager, step = checkpoint.require_checkpoint(directory)
