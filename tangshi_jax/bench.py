@@ -124,7 +124,10 @@ def variant_settings(name: str) -> dict:
 
 
 def bench_training(train_config: TrainConfig, model_config: ModelConfig, poems, vocab, windows: int,
-                   steps: int, log, variants=("fused",), profile_dir=None) -> dict:
+                   steps: int, log, variants=("fused",), profile_dir=None, others=None) -> dict:
+    """Variants' windows alternate; `others` (name: a function that trains one window of the
+    same batches elsewhere and returns its tokens/s) take their turn in the alternation."""
+    others = others or {}
     train_data, val_data = data.prepare(poems, vocab, train_config.val_fraction, train_config.num_buckets)
     buckets = train_data.buckets
     plan = data.epoch_plan(train_data, train_config.batch_size, train_config.seed, 0)
@@ -160,7 +163,7 @@ def bench_training(train_config: TrainConfig, model_config: ModelConfig, poems, 
         states[variant] = state
     log(f"compiled {2 * len(buckets)} programs in {sum(compile_s.values()):.1f} s")
 
-    rates, cursor = {variant: [] for variant in variants}, len(buckets)
+    rates, cursor = {name: [] for name in (*variants, *others)}, len(buckets)
     for _ in range(windows):
         window = range(cursor, cursor + steps)
         cursor += steps
@@ -173,7 +176,9 @@ def bench_training(train_config: TrainConfig, model_config: ModelConfig, poems, 
             jax.block_until_ready(state)
             states[variant] = state
             rates[variant].append(tokens / (time.perf_counter() - started))
-        log("  window: " + ", ".join(f"{v} {rates[v][-1]:,.0f}" for v in variants) + " tokens/s")
+        for name, window_rate in others.items():
+            rates[name].append(window_rate())
+        log("  window: " + ", ".join(f"{v} {rates[v][-1]:,.0f}" for v in rates) + " tokens/s")
     train_rss = peak_rss_mb()
     if profile_dir:     # a few more steps of each variant, marked by name, in one trace
         with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
@@ -276,8 +281,10 @@ def main(argv=None) -> None:
     model_config = ModelConfig(vocab_size=len(vocab), **model_settings)
     # Sampling first, on a fresh process's memory; its cost does not depend on the weights.
     sampled = bench_sampling(model_config, vocab, init_params(model_config, jax.random.key(0)))
+    torch_child = (torch_model.Child(model_config, train_config, vocab, args.steps, log)
+                   if args.against_torch else None)
     trained = bench_training(train_config, model_config, poems, vocab, args.windows, args.steps, log, variants,
-                             args.profile)
+                             args.profile, {"torch": torch_child.window} if torch_child else None)
     width = model_config.embed if model_config.tied else model_config.hidden
     rates = matmul_rates(trained["positions_per_batch"], width, model_config.vocab_size)
     best = max(rates, key=lambda backend: rates[backend]["all"])
@@ -287,9 +294,9 @@ def main(argv=None) -> None:
                "model": model_settings, "matmul_gflops_by_backend": rates, "matmul_backend": best,
                "matmul_gflops": rates[best]["all"], "flops_per_token": per_token,
                "ceiling_tokens_per_s": ceiling, **trained, **sampled}
-    if args.against_torch:
-        figures["torch"] = torch_model.bench_in_child(model_config, train_config, poems, vocab, args.windows,
-                                                      args.steps, log)
+    if torch_child:
+        figures["torch"] = dict(torch_child.close(), train_tokens_per_s=figures["variants_tokens_per_s"].pop("torch"),
+                                train_window_tokens_per_s=figures["train_window_tokens_per_s"].pop("torch"))
     figures["peak_rss_mb"] = peak_rss_mb()
 
     def products(backend):

@@ -1,6 +1,6 @@
 """The same model in PyTorch, for `bench --against-torch` only: PyTorch is never a dependency.
 
-    python -m tangshi_jax.torch_model SPEC.json OUT.json   (bench runs this itself, in a child)
+    python -m tangshi_jax.bench --against-torch   (runs this module in a child process)
 
 A batched `nn.LSTM` (or GRU, RNN) between an embedding and a linear head with a plain
 cross-entropy, RMSprop as the original after clipping at norm 1: the best ordinary PyTorch
@@ -12,10 +12,8 @@ its default allocator's speed).
 
 import json
 import os
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -61,7 +59,7 @@ def load_jax_params(model, params) -> None:
     torch = require_torch()
 
     def tensor(value):
-        return torch.from_numpy(np.ascontiguousarray(np.asarray(value, np.float32)))
+        return torch.from_numpy(np.array(value, np.float32))   # a writable copy
     with torch.no_grad():
         model.embed.weight.copy_(tensor(params["embed"]["embedding"]))
         for index in range(model.recurrent.num_layers):
@@ -88,55 +86,82 @@ def make_train_step(model, lr: float):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        return float(loss)
+        return float(loss.detach())
     return step
 
 
-def bench(spec: dict) -> dict:
-    """Train on bench's batches: every bucket once untimed, then timed windows (median)."""
-    torch = require_torch()
-    torch.set_num_threads(os.cpu_count() or 1)
-    torch.manual_seed(0)
-    model_config, train_config = from_dict(ModelConfig, spec["model"]), from_dict(TrainConfig, spec["train"])
-    poems = data.read_corpus(Path(train_config.data)).poems[:train_config.max_poems]
-    train_data, _ = data.prepare(poems, spec["vocab"], train_config.val_fraction, train_config.num_buckets)
-    plan = data.epoch_plan(train_data, train_config.batch_size, train_config.seed, 0)
-    batches = [data.make_batch(train_data, b, rows, train_config.batch_size) for b, rows in plan]
-    step = make_train_step(make_model(model_config), train_config.lr)
-    for bucket_index in range(len(train_data.buckets)):
-        first = next((i for i, (b, _) in enumerate(plan) if b == bucket_index), None)
-        if first is not None:
-            step(batches[first])
-    rates, cursor = [], len(train_data.buckets)
-    for _ in range(spec["windows"]):
-        window = batches[cursor:cursor + spec["steps"]]
-        cursor += spec["steps"]
+class Trainer:
+    """The PyTorch model on bench's batches: every bucket once untimed, then one timed window
+    of `steps` batches at each call, from where bench's own windows start."""
+
+    def __init__(self, spec: dict):
+        torch = require_torch()
+        torch.set_num_threads(os.cpu_count() or 1)
+        torch.manual_seed(0)
+        model_config, train_config = from_dict(ModelConfig, spec["model"]), from_dict(TrainConfig, spec["train"])
+        poems = data.read_corpus(Path(train_config.data)).poems[:train_config.max_poems]
+        train_data, _ = data.prepare(poems, spec["vocab"], train_config.val_fraction, train_config.num_buckets)
+        plan = data.epoch_plan(train_data, train_config.batch_size, train_config.seed, 0)
+        self.batches = [data.make_batch(train_data, b, rows, train_config.batch_size) for b, rows in plan]
+        self.step = make_train_step(make_model(model_config), train_config.lr)
+        for bucket_index in range(len(train_data.buckets)):
+            first = next((i for i, (b, _) in enumerate(plan) if b == bucket_index), None)
+            if first is not None:
+                self.step(self.batches[first])
+        self.cursor, self.steps = len(train_data.buckets), spec["steps"]
+        self.version, self.threads = torch.__version__, torch.get_num_threads()
+
+    def window(self) -> float:
+        window = self.batches[self.cursor:self.cursor + self.steps]
+        self.cursor += self.steps
         started = time.perf_counter()
         for batch in window:
-            step(batch)
-        rates.append(sum(float(b["mask"].sum()) for b in window) / (time.perf_counter() - started))
-    return {"version": torch.__version__, "threads": torch.get_num_threads(), "train_tokens_per_s": statistics.median(rates),
-            "train_window_tokens_per_s": rates}
+            self.step(batch)
+        return sum(float(b["mask"].sum()) for b in window) / (time.perf_counter() - started)
 
 
-def bench_in_child(model_config: ModelConfig, train_config: TrainConfig, poems, vocab, windows: int, steps: int,
-                   log) -> dict:
-    """bench() in a fresh process whose glibc allocator is tuned (GLIBC_TUNABLES must be set
-    before a process starts); the same poems file, vocabulary and data order as the caller's."""
-    with tempfile.TemporaryDirectory(prefix="tangshi-torch-") as folder:
-        spec_path, out_path = Path(folder) / "spec.json", Path(folder) / "out.json"
-        spec_path.write_text(json.dumps({"model": to_dict(model_config), "train": to_dict(train_config),
-                                         "vocab": list(vocab), "windows": windows, "steps": steps}), encoding="utf-8")
+class Child:
+    """A Trainer in a fresh process whose glibc allocator is tuned (GLIBC_TUNABLES must be set
+    before a process starts), driven a window at a time so that bench alternates its own
+    windows with PyTorch's: the machine's drift falls on both alike."""
+
+    def __init__(self, model_config: ModelConfig, train_config: TrainConfig, vocab, steps: int, log):
         log(f"PyTorch: the same batches in a child process with GLIBC_TUNABLES={TORCH_ALLOCATOR}")
-        env = dict(os.environ, GLIBC_TUNABLES=TORCH_ALLOCATOR)
-        done = subprocess.run([sys.executable, "-m", "tangshi_jax.torch_model", str(spec_path), str(out_path)], env=env)
-        if done.returncode:
-            raise TangshiError(f"the PyTorch benchmark failed (exit code {done.returncode}; its error is above)")
-        figures = json.loads(out_path.read_text(encoding="utf-8"))
-    return dict(figures, allocator="glibc tuned")
+        self.process = subprocess.Popen([sys.executable, "-m", "tangshi_jax.torch_model"], text=True,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        env=dict(os.environ, GLIBC_TUNABLES=TORCH_ALLOCATOR))
+        self.ask(json.dumps({"model": to_dict(model_config), "train": to_dict(train_config), "vocab": list(vocab),
+                             "steps": steps}))
+
+    def ask(self, line: str) -> dict:
+        self.process.stdin.write(line + "\n")
+        self.process.stdin.flush()
+        answer = self.process.stdout.readline()
+        if not answer:
+            self.process.wait()
+            raise TangshiError(f"the PyTorch benchmark failed (exit code {self.process.returncode}; its error is above)")
+        return json.loads(answer)
+
+    def window(self) -> float:
+        return self.ask("window")["tokens_per_s"]
+
+    def close(self) -> dict:
+        figures = self.ask("done")
+        self.process.wait()
+        return dict(figures, allocator="glibc tuned")
+
+
+def serve() -> None:
+    """The child's side: a spec line, then 'window' lines answered with a rate, then 'done'."""
+    trainer = Trainer(json.loads(sys.stdin.readline()))
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        if line.strip() == "window":
+            print(json.dumps({"tokens_per_s": trainer.window()}), flush=True)
+        else:
+            print(json.dumps({"version": trainer.version, "threads": trainer.threads}), flush=True)
+            return
 
 
 if __name__ == "__main__":
-    spec_file, out_file = sys.argv[1:3]
-    result = bench(json.loads(Path(spec_file).read_text(encoding="utf-8")))
-    Path(out_file).write_text(json.dumps(result), encoding="utf-8")
+    serve()

@@ -1,5 +1,7 @@
 """The PyTorch model of `bench --against-torch` is the same model: optional, skipped without PyTorch."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -27,3 +29,18 @@ def test_pytorch_model_with_our_weights_gives_our_loss_and_first_step():
     assert torch_loss == pytest.approx(float(metrics["nll_sum"] / metrics["tokens"]), rel=1e-5)
     # RMSprop's first step moves each weight by about lr / √0.01 = 0.1: equal to a small share of it.
     np.testing.assert_allclose(model.head.weight.detach().numpy().T, new_state["params"]["head"]["kernel"], atol=1e-4)
+
+
+def test_bench_against_torch_alternates_windows_with_a_child(tmp_path, capsys):
+    from tangshi_jax import bench
+    from tangshi_jax.errors import run_cli
+    from conftest import write_poems
+    data = write_poems(tmp_path / "poems.txt", count=200)
+    out = tmp_path / "bench.json"
+    argv = ["--data", str(data), "--batch-size", "8", "--windows", "2", "--steps", "2", "--json", str(out),
+            "--against-torch"]
+    assert run_cli(bench.main, argv) == 0
+    assert "training, PyTorch" in capsys.readouterr().out
+    figures = json.loads(out.read_text())
+    assert len(figures["torch"]["train_window_tokens_per_s"]) == 2 and figures["torch"]["train_tokens_per_s"] > 0
+    assert figures["torch"]["allocator"] == "glibc tuned" and "torch" not in figures["variants_tokens_per_s"]
