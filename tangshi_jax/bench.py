@@ -68,25 +68,27 @@ PRODUCTS = ("forward", "input_gradient", "weight_gradient")
 def matmul_rates(rows: int, width: int, vocab: int, repeats: int = 15) -> dict:
     """GFLOP/s of float32 products shaped like the head's over one batch (rows × width @ width ×
     vocab, its input gradient and its weight gradient), with XLA and with numpy's BLAS. Each is
-    the best of `repeats` runs: what the units allow. 'all' is the three together."""
+    the best of `repeats` runs, what the units allow; the two take turns run by run, so that a
+    shared machine's load falls on both alike. 'all' is the three together."""
     rng = np.random.default_rng(0)
     h = rng.standard_normal((rows, width), dtype=np.float32)
     w = rng.standard_normal((width, vocab), dtype=np.float32)
     g = rng.standard_normal((rows, vocab), dtype=np.float32)
+    hx, wx, gx = jnp.asarray(h), jnp.asarray(w), jnp.asarray(g)
     xla = [jax.jit(lambda a, b: a @ b), jax.jit(lambda a, b: a @ b.T), jax.jit(lambda a, b: a.T @ b)]
-    runs = {"xla": [(product, args) for product, args in zip(xla, [(h, w), (g, w), (h, g)])],
-            "numpy": [(np.matmul, (h, w)), (np.matmul, (g, w.T)), (np.matmul, (h.T, g))]}
+    runs = {("xla", name): (product, args) for name, product, args in zip(PRODUCTS, xla, [(hx, wx), (gx, wx), (hx, gx)])}
+    runs.update({("numpy", name): (np.matmul, args) for name, args in zip(PRODUCTS, [(h, w), (g, w.T), (h.T, g)])})
+    seconds = {key: float("inf") for key in runs}
+    for product, args in runs.values():
+        jax.block_until_ready(product(*args))
+    for _ in range(repeats):
+        for key, (product, args) in runs.items():
+            seconds[key] = min(seconds[key], timed_runs(lambda: product(*args), 1)[0])
     flops = 2.0 * rows * width * vocab
     rates = {}
-    for backend, products in runs.items():
-        if backend == "xla":
-            products = [(product, tuple(jnp.asarray(a) for a in args)) for product, args in products]
-        seconds = {}
-        for name, (product, args) in zip(PRODUCTS, products):
-            jax.block_until_ready(product(*args))
-            seconds[name] = min(timed_runs(lambda: product(*args), repeats))
-        rates[backend] = {name: flops / t / 1e9 for name, t in seconds.items()}
-        rates[backend]["all"] = 3 * flops / sum(seconds.values()) / 1e9
+    for backend in ("xla", "numpy"):
+        rates[backend] = {name: flops / seconds[backend, name] / 1e9 for name in PRODUCTS}
+        rates[backend]["all"] = 3 * flops / sum(seconds[backend, name] for name in PRODUCTS) / 1e9
     return rates
 
 
