@@ -11,7 +11,7 @@ the unfused layer.
 `steps` time steps go through each loop trip together (their rows stacked), so that the
 products are taller and the loop shorter; `transposed` makes the weight gradient as
 (d_logitsᵀ h)ᵀ, a layout XLA's CPU backend runs at another speed than hᵀ d_logits.
-Measured (PERFORMANCE.md): 2 steps a trip gained 3–4% on one device, but on a mesh of
+Measured (PERFORMANCE.md): 2 steps a trip gained 4–9% on one device, but on a mesh of
 several its parameters drifted from one device's by more than the mesh test allows; the
 transposed layout gained nothing on the development machine. So both defaults keep the step
 as it was.
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 
-HEAD_STEPS = 1           # time steps per loop trip of the head (2 was 3.6% faster on one device: PERFORMANCE.md)
+HEAD_STEPS = 1           # time steps per loop trip of the head (2 was 4–9% faster on one device: PERFORMANCE.md)
 HEAD_TRANSPOSED = False  # the weight gradient as (d_logitsᵀ h)ᵀ
 
 
