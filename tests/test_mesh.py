@@ -94,8 +94,12 @@ def test_checkpoints_resume_on_another_device_count(compared):
 
 def test_sampling_on_one_device_reads_a_checkpoint_of_four(compared):
     one, four = sample.load_model(compared["root"] / "one"), sample.load_model(compared["root"] / "four")
+    # The two runs sum gradients in other orders; RMSprop scales each weight's step by its own
+    # gradient's size, so a weight whose gradient is near zero can differ by rounding in every
+    # one of the 30 steps: the weights must agree to a thousandth of one step of the learning rate.
+    step = one.train_config.lr
     for a, b in zip(jax.tree_util.tree_leaves(one.params), jax.tree_util.tree_leaves(four.params)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-3 * step)
     poems = sample.write_poems(four.params, four.model_config, four.vocab, "春", num=2, max_len=20, seed=0)
     assert len(poems) == 2 and all(poem.startswith("春") for poem in poems)
 
