@@ -28,9 +28,9 @@ from conftest import SMALL_MODEL, small_config  # noqa: E402
 from tangshi_jax import data, train as train_module  # noqa: E402
 from tangshi_jax.devices import Cluster, make_mesh, use_platform  # noqa: E402
 
-# The run every test compares: 2 epochs of 15 steps (a stop can land mid-epoch: the processes
-# agree on it every 10), one bucket (two programs to compile).
-CONFIG = dict(epochs=2, batch_size=8, num_buckets=1, save_every=1)
+# The run every test compares: 2 epochs of 8 steps, one bucket (two programs to compile). Two
+# processes on 2 cores take ~0.3 s a step (gloo over loopback), so steps are kept few.
+CONFIG = dict(epochs=2, batch_size=16, num_buckets=1, save_every=1)
 
 
 def quiet(message):
