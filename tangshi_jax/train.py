@@ -582,8 +582,8 @@ def train(train_config: TrainConfig, model_settings: dict, checkpoint_dir: str |
                 progress["step"] += 1
                 guard.observe(step_metrics, progress["step"], epoch + 1, bar)
                 bar.update()
-                if progress["batch"] % 20 == 0:
-                    bar.set_postfix(loss=f"{float(step_metrics['nll_sum'] / step_metrics['tokens']):.3f}")
+                if progress["batch"] % 20 == 0 and guard.last is not None:   # read by the guard: no extra wait
+                    bar.set_postfix(loss=f"{guard.last:.3f}")
                 if stop.agreed(progress["step"], progress["batch"]) and progress["batch"] < len(plan):   # at the last batch, finish the epoch
                     bar.close()
                     stop_now()
