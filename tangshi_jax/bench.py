@@ -110,7 +110,8 @@ VARIANTS = {
     "plain": {"fused_head": False},                   # all logits, a plain log-softmax
     "bfloat16": {"dtype": "bfloat16"},                # the default step in bfloat16 activations and products
     "wavefront": {"wavefront": True},                 # the stacked layers in one scan
-    "before": {"head_steps": 1, "transposed": False},   # the step before issue 8 (today's default too)
+    "autodiff": {"hand_gradients": False},            # the LSTM differentiated by autodiff of its scan
+    "before": {"head_steps": 1, "transposed": False, "hand_gradients": False},   # the step before issue 8
 }
 
 
@@ -245,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--variants", default="fused",
                         help="comma-separated training variants measured side by side in alternating windows: "
                              "fused (the default step), before (the step before issue 8: the head one time "
-                             "step a loop trip), wavefront (the stacked layers in one scan), plain "
+                             "step a loop trip, the LSTM differentiated by autodiff), autodiff (the LSTM "
+                             "differentiated by autodiff of its scan), wavefront (the stacked layers in one scan), plain "
                              "(all logits and a plain log-softmax), bfloat16 (bfloat16 activations and products), "
                              "stepsN (the head takes N time steps a loop trip), transposed, untransposed "
                              "(the head's weight-gradient layout)")

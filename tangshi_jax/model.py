@@ -11,6 +11,7 @@ halve the loop's overhead, but on 2 CPU cores it was measured no faster (PERFORM
 it is off by default and kept for machines where it may pay (`bench --variants fused,wavefront`).
 """
 
+import functools
 from typing import Any
 
 import jax
@@ -82,15 +83,111 @@ class RNNCell(nn.Module):
 CELLS = {"lstm": LSTMCell, "gru": GRUCell, "rnn": RNNCell}
 
 
+def _lstm_gates(z, c):
+    """σ(i), σ(f), tanh(g), σ(o) of the pre-activations z = [i f g o], the new cell state and its tanh."""
+    i, f, g, o = jnp.split(z, 4, axis=-1)
+    i, f, g, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
+    c = f * c + i * g
+    return (i, f, g, o), c, jnp.tanh(c)
+
+
+def _lstm_forward(kernel, x_proj, h, c, dtype):
+    """The LSTM over time-major x_proj (T, B, 4H), keeping what the backward pass reads."""
+    def step(carry, x):
+        h, c = carry
+        z = x.astype(jnp.float32) + jnp.dot(h.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
+        gates, new_c, tanh_c = _lstm_gates(z, c)
+        new_h = gates[3] * tanh_c
+        return (new_h, new_c), (new_h, c, jnp.concatenate(gates, axis=-1), tanh_c)
+    (h_last, c_last), (hs, cs_before, gates, tanh_cs) = jax.lax.scan(step, (h, c), x_proj)
+    return (h_last, c_last), hs, (cs_before, gates, tanh_cs)
+
+
+def lstm_sequence(kernel, x_proj, h, c, dtype=jnp.float32):
+    """The LSTM cell (LSTMCell's arithmetic) over time-major x_proj (T, B, 4H) from carry (h, c),
+    the products in `dtype`: returns the last (h, c) and every h (T, B, H).
+
+    Its gradient is written by hand: the backward loop makes only d(pre-activations) and one
+    product per time step, d h_{t-1} = dz_t Uᵀ, and U's gradient is one product over all time
+    steps after the loop (Σ_t h_{t-1}ᵀ dz_t), where autodiff of the scan adds a small product
+    and an accumulation to every loop trip (PERFORMANCE.md)."""
+    return _lstm_sequence(jnp.dtype(dtype).name)(kernel, x_proj, h, c)
+
+
+@functools.cache
+def _lstm_sequence(dtype_name: str):
+    dtype = jnp.dtype(dtype_name)
+
+    @jax.custom_vjp
+    def sequence(kernel, x_proj, h, c):
+        (h, c), hs, _ = _lstm_forward(kernel, x_proj, h, c, dtype)
+        return (h, c), hs
+
+    def forward(kernel, x_proj, h, c):
+        (h_last, c_last), hs, saved = _lstm_forward(kernel, x_proj, h, c, dtype)
+        return ((h_last, c_last), hs), (kernel, jnp.zeros((), x_proj.dtype), h, hs, saved)
+
+    def backward(residuals, cotangents):
+        kernel, x_like, h_first, hs, (cs_before, gates, tanh_cs) = residuals
+        (d_h_last, d_c_last), d_hs = cotangents
+        kernel_t = kernel.T.astype(dtype)
+
+        def step(carry, xs):
+            d_h, d_c = carry
+            d_h_out, c_before, step_gates, tanh_c = xs
+            i, f, g, o = jnp.split(step_gates, 4, axis=-1)
+            d_h = d_h + d_h_out
+            d_c = d_c + d_h * o * (1 - tanh_c * tanh_c)
+            d_z = jnp.concatenate([d_c * g * i * (1 - i), d_c * c_before * f * (1 - f),
+                                   d_c * i * (1 - g * g), d_h * tanh_c * o * (1 - o)], axis=-1)
+            d_h_before = jnp.dot(d_z.astype(dtype), kernel_t, preferred_element_type=jnp.float32)
+            return (d_h_before, d_c * f), d_z
+        (d_h_first, d_c_first), d_zs = jax.lax.scan(step, (d_h_last, d_c_last),
+                                                    (d_hs, cs_before, gates, tanh_cs), reverse=True)
+        hs_before = jnp.concatenate([h_first[None], hs[:-1]], axis=0)
+        d_kernel = jnp.einsum("tbh,tbg->hg", hs_before.astype(dtype), d_zs.astype(dtype),
+                              preferred_element_type=jnp.float32)
+        return d_kernel, d_zs.astype(x_like.dtype), d_h_first, d_c_first
+
+    sequence.defvjp(forward, backward)
+    return sequence
+
+
+class RecurrentKernel(nn.Module):
+    """U of a recurrent layer, (hidden, gates × hidden): the parameter a Dense named like this holds."""
+    features: int
+
+    @nn.compact
+    def __call__(self, hidden: int):
+        return self.param("kernel", nn.initializers.orthogonal(), (hidden, self.features))
+
+
+class LSTMSequence(nn.Module):
+    """The LSTM layer's loop through lstm_sequence; its parameters are LSTMCell's under nn.scan
+    (cell/recurrent/kernel), so either runs the other's checkpoints."""
+    hidden: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, carry, x_proj):
+        kernel = RecurrentKernel(4 * self.hidden, name="recurrent")(self.hidden)
+        (h, c) = carry
+        new_carry, hs = lstm_sequence(kernel, jnp.swapaxes(x_proj, 0, 1), h, c, self.dtype)
+        return new_carry, jnp.swapaxes(hs, 0, 1)
+
+
 class RecurrentLayer(nn.Module):
     cell: str
     hidden: int
     dtype: Any = jnp.float32
+    hand_gradients: bool = True   # the LSTM through lstm_sequence; False: nn.scan of LSTMCell and autodiff
 
     @nn.compact
     def __call__(self, carry, inputs):
         # The input half of every gate, for all steps in one product: only h @ U stays in the loop.
         x_proj = nn.Dense(GATES[self.cell] * self.hidden, name="input", dtype=self.dtype)(inputs)
+        if self.cell == "lstm" and self.hand_gradients:
+            return LSTMSequence(self.hidden, self.dtype, name="cell")(carry, x_proj)
         scan = nn.scan(CELLS[self.cell], variable_broadcast="params", split_rngs={"params": False},
                        in_axes=1, out_axes=1)
         return scan(self.hidden, self.dtype, name="cell")(carry, x_proj)
@@ -143,6 +240,7 @@ class PoemModel(nn.Module):
     config: ModelConfig
     dtype: Any = jnp.float32    # of activations and products; parameters are always float32
     wavefront: bool = False     # stacked layers in one scan (`wavefront`); measured not to pay on 2 cores
+    hand_gradients: bool = True  # LSTM layers differentiated by lstm_sequence's own backward pass
 
     @nn.compact
     def __call__(self, tokens, carry, features_only: bool = False, train: bool = False):
@@ -167,7 +265,7 @@ class PoemModel(nn.Module):
         else:
             new_carry = []
             for index, layer_carry in enumerate(carry):
-                layer_carry, x = RecurrentLayer(config.cell, config.hidden, self.dtype,
+                layer_carry, x = RecurrentLayer(config.cell, config.hidden, self.dtype, self.hand_gradients,
                                                 name=f"layer_{index}")(layer_carry, x)
                 x = drop(x)
                 new_carry.append(layer_carry)

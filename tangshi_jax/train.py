@@ -69,15 +69,16 @@ def make_optimizer(train_config: TrainConfig, steps_per_epoch: int = 1) -> optax
 
 def make_steps(model_config: ModelConfig, train_config: TrainConfig, steps_per_epoch: int = 1,
                fused_head: bool = True, head_steps: int = HEAD_STEPS, transposed: bool = HEAD_TRANSPOSED,
-               wavefront: bool = False):
+               wavefront: bool = False, hand_gradients: bool = True):
     """The pure train and eval steps of one model; jit them (or compile them per shape) once.
 
     The other arguments make the variants that `bench --variants` measures side by side, all
     with the same mathematics: fused_head=False builds all logits and a plain log-softmax;
     head_steps and transposed set the fused head's loop (loss.py); wavefront runs the stacked
-    layers in one scan (model.py)."""
+    layers in one scan (model.py); hand_gradients=False differentiates the LSTM layers by
+    autodiff of their scan instead of lstm_sequence's own backward pass (model.py)."""
     dtype = jnp.dtype(train_config.dtype)
-    model = PoemModel(model_config, dtype, wavefront=wavefront)
+    model = PoemModel(model_config, dtype, wavefront=wavefront, hand_gradients=hand_gradients)
     optimizer = make_optimizer(train_config, steps_per_epoch)
 
     def batch_nll(params, batch, dropout_key=None):

@@ -5,7 +5,7 @@ import pytest
 
 from tangshi_jax.config import ModelConfig, TrainConfig
 from tangshi_jax.loss import head_nll, nll_of_logits
-from tangshi_jax.model import PoemModel, RecurrentLayer, head_weights, init_params, initial_carry
+from tangshi_jax.model import LSTMCell, PoemModel, RecurrentLayer, head_weights, init_params, initial_carry, lstm_sequence
 from tangshi_jax.train import init_state, make_optimizer, make_steps
 
 FLOAT32_EPS = np.finfo(np.float32).eps
@@ -241,9 +241,9 @@ def test_wavefront_matches_the_layers_scanned_in_turn_dropout_included(cell, lay
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_the_faster_step_trains_as_the_step_before_it(tied):
-    """Three training steps of the default step and of issue 8's levers together (the
-    wavefront, 3 time steps per head trip, the transposed weight gradient) against the step
-    before issue 8: the same losses and parameters to float32 rounding. The time (7) is not a
+    """Three training steps of the default step (the LSTM's own backward pass) and of issue 8's
+    other levers together (the wavefront, 3 time steps per head trip, the transposed weight
+    gradient) against the step before issue 8 (autodiff of the scanned cell): the same losses and parameters to float32 rounding. The time (7) is not a
     multiple of 3, so a padded trip is included."""
     config = ModelConfig(vocab_size=40, hidden=16, embed=8, tied=tied, dropout=0.2)
     train_config = TrainConfig()
@@ -252,7 +252,8 @@ def test_the_faster_step_trains_as_the_step_before_it(tied):
     mask = (rng.random((5, 7)) < 0.8).astype(np.float32)
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": mask, "chars": mask}
     results = []
-    for settings in ({}, {"wavefront": True, "head_steps": 3, "transposed": True}, {"head_steps": 1, "transposed": False}):
+    before = {"head_steps": 1, "transposed": False, "hand_gradients": False}
+    for settings in ({}, {"wavefront": True, "head_steps": 3, "transposed": True}, before):
         train_step, _ = make_steps(config, train_config, **settings)
         state, losses = init_state(config, train_config), []
         for _ in range(3):
@@ -267,3 +268,31 @@ def test_the_faster_step_trains_as_the_step_before_it(tied):
         # gradient or dropout mask moves them by whole steps).
         for a, b in zip(jax.tree_util.tree_leaves(fast_params), jax.tree_util.tree_leaves(params)):
             np.testing.assert_allclose(a, b, rtol=0, atol=1e-3 * train_config.lr / np.sqrt(1 - 0.99))
+
+
+def test_lstm_hand_gradients_match_autodiff_of_the_scanned_cell():
+    """lstm_sequence's own backward pass against autodiff of LSTMCell scanned over time, with a
+    carry that is not zero and cotangents on every output (each h, the last h and the last c)."""
+    hidden, batch, steps = 6, 3, 5
+    rng = np.random.default_rng(4)
+    kernel = jnp.asarray(rng.normal(size=(hidden, 4 * hidden)) * 0.5, jnp.float32)
+    x_proj = jnp.asarray(rng.normal(size=(steps, batch, 4 * hidden)), jnp.float32)
+    h, c = (jnp.asarray(rng.normal(size=(batch, hidden)), jnp.float32) for _ in range(2))
+    weights = [jnp.asarray(rng.normal(size=shape), jnp.float32)
+               for shape in ((steps, batch, hidden), (batch, hidden), (batch, hidden))]
+
+    def by_cell(kernel, x_proj, h, c):
+        def step(carry, x):
+            return LSTMCell(hidden).apply({"params": {"recurrent": {"kernel": kernel}}}, carry, x)
+        return jax.lax.scan(step, (h, c), x_proj)
+
+    def loss(sequence):
+        def value(*args):
+            (h_last, c_last), hs = sequence(*args)
+            return sum(jnp.sum(w * out) for w, out in zip(weights, (hs, h_last, c_last)))
+        return jax.value_and_grad(value, argnums=(0, 1, 2, 3))(kernel, x_proj, h, c)
+    (hand_loss, hand_grads), (auto_loss, auto_grads) = loss(lstm_sequence), loss(by_cell)
+    assert float(hand_loss) == pytest.approx(float(auto_loss), rel=1e-6)
+    for name, a, b in zip(("kernel", "x_proj", "h", "c"), hand_grads, auto_grads):
+        assert np.abs(b).max() > 0.1, name                      # every gradient is really exercised
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max(), err_msg=name)
