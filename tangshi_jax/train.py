@@ -176,24 +176,46 @@ def place_state(state, mesh: Mesh):
     return jax.tree_util.tree_map(place, state)
 
 
+class Compiling:
+    """Programs still compiling on a thread pool, looked up by bucket length; each lookup
+    waits for its own program only."""
+
+    def __init__(self, futures: dict):
+        self.futures = futures
+
+    def __getitem__(self, length):
+        return self.futures[length].result()
+
+    def cancel(self):
+        """Drop the programs not yet started (a stopped run needs no more)."""
+        for future in self.futures.values():
+            future.cancel()
+
+
 def compile_steps(model_config, train_config, steps_per_epoch, state, buckets, feed: Feed):
     """Ahead-of-time compile both steps for every bucket: these are all the shapes a run uses.
 
     Batches come split along the mesh's data axis, state and metrics replicated; XLA partitions
-    the step and sums the gradients across devices. Programs are built on a thread pool; on 2
-    cores that saves only ~15%, since XLA's CPU compiler does most of its work on one thread
-    (PERFORMANCE.md)."""
+    the step and sums the gradients across devices. Programs are built on a thread pool (on 2
+    cores that saves only ~15%: XLA's CPU compiler does most of its work on one thread,
+    PERFORMANCE.md). The train steps are returned compiled; the eval steps, a third of the
+    compile time and first needed at the end of an epoch, are returned still compiling
+    (`Compiling`), so training starts without waiting for them."""
     train_step, eval_step = make_steps(model_config, train_config, steps_per_epoch)
     whole, rows = replicated(feed.mesh), split_rows(feed.mesh)
     train_jit = jax.jit(train_step, in_shardings=(whole, rows), out_shardings=(whole, whole), donate_argnums=0)
     eval_jit = jax.jit(eval_step, in_shardings=(whole, rows), out_shardings=whole)
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        train_programs = {length: pool.submit(lambda n: train_jit.lower(state, batch_spec(feed.rows, n, rows)).compile(),
-                                              length) for length in buckets}
-        eval_programs = {length: pool.submit(lambda n: eval_jit.lower(state["params"], batch_spec(feed.rows, n, rows)
-                                                                      ).compile(), length) for length in buckets}
-    return ({length: future.result() for length, future in train_programs.items()},
-            {length: future.result() for length, future in eval_programs.items()})
+    pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
+    train_programs = {length: pool.submit(lambda n: train_jit.lower(state, batch_spec(feed.rows, n, rows)).compile(),
+                                          length) for length in buckets}
+    eval_programs = Compiling({length: pool.submit(lambda n: eval_jit.lower(state["params"], batch_spec(feed.rows, n, rows)
+                                                                              ).compile(), length) for length in buckets})
+    pool.shutdown(wait=False)   # its threads end when the last program is built
+    try:
+        return {length: future.result() for length, future in train_programs.items()}, eval_programs
+    except BaseException:
+        eval_programs.cancel()
+        raise
 
 
 def evaluate(eval_programs, params, bucketed: data.BucketedData, batch_size: int, feed: Feed | None = None) -> dict | None:
@@ -539,10 +561,12 @@ def train(train_config: TrainConfig, model_settings: dict, checkpoint_dir: str |
         log(f"resuming from step {progress['step']:,}: epoch {progress['epoch'] + 1}, batch {progress['batch']}")
     record = {}
     # From here on Ctrl-C or SIGTERM means: finish the step, save, stop.
-    with StopRequest() as stop:
+    with StopRequest() as stop, contextlib.ExitStack() as on_exit:
         started = time.perf_counter()
         train_programs, eval_programs = compile_steps(model_config, train_config, steps_per_epoch, state, buckets, feed)
-        log(f"compiled {2 * len(buckets)} programs in {time.perf_counter() - started:.1f} s")
+        on_exit.callback(eval_programs.cancel)
+        log(f"compiled {len(buckets)} training programs in {time.perf_counter() - started:.1f} s "
+            f"(the {len(buckets)} evaluation programs compile as the first epoch runs)")
 
         metrics_path = directory / "metrics.jsonl"
         trace = StepTrace(profile_dir if lead else None)
