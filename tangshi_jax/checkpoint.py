@@ -21,6 +21,7 @@ import orbax.checkpoint as ocp
 
 from tangshi_jax.config import ModelConfig, TrainConfig, from_dict, to_dict
 from tangshi_jax.errors import TangshiError
+from tangshi_jax.model import init_params
 
 # Orbax reports routine events through absl at WARNING, and a failed write or read as a screen
 # of ERROR lines besides the exception it raises; the exception is turned into one line.
@@ -79,10 +80,11 @@ def restore_meta(manager, step: int) -> Meta:
                 list(restored["vocab"]["chars"]), dict(restored["progress"]))
 
 
-def restore_state(manager, step: int, like):
+def restore_state(manager, step: int, like, partial: bool = False):
     """The arrays of a checkpoint, shaped, typed and placed like the pytree `like` (real or
     abstract); leaves without a placement go to the default device, whatever devices or
-    processes wrote the checkpoint."""
+    processes wrote the checkpoint. With `partial`, `like` may name a part of the saved state
+    (the parameters without the optimizer state) and only that part is read."""
     device = jax.config.jax_default_device
     default = jax.sharding.SingleDeviceSharding(device if isinstance(device, jax.Device) else jax.devices()[0])
 
@@ -91,7 +93,12 @@ def restore_state(manager, step: int, like):
         return struct if struct.sharding is not None else jax.ShapeDtypeStruct(struct.shape, struct.dtype,
                                                                                sharding=default)
     abstract = jax.tree_util.tree_map(abstract_leaf, like)
-    return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+    if partial:
+        args = ocp.args.PyTreeRestore(item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+                                      partial_restore=True)
+    else:
+        args = ocp.args.StandardRestore(abstract)
+    return manager.restore(step, args=ocp.args.Composite(state=args))["state"]
 
 
 class Restored(NamedTuple):
@@ -168,9 +175,10 @@ def quiet_loop_closed(previous):
     return hook
 
 
-def restore_newest(manager, like_of: Callable[[Meta], Any], on_skip=None) -> Restored | None:
+def restore_newest(manager, like_of: Callable[[Meta], Any], on_skip=None, partial: bool = False) -> Restored | None:
     """The newest step that reads completely: configs, vocabulary, progress and the arrays,
-    restored like `like_of(meta)` (an abstract or real pytree). None when there is no step.
+    restored like `like_of(meta)` (an abstract or real pytree; with `partial`, a part of the
+    state: restore_state). None when there is no step.
 
     A step that fails to read is reported through on_skip(step, reason) (by default one warning
     line on stderr) and left on disk. A step that disappears while it is read was rotated away
@@ -186,7 +194,7 @@ def restore_newest(manager, like_of: Callable[[Meta], Any], on_skip=None) -> Res
             for attempt in range(2):
                 try:
                     meta = restore_meta(manager, step)
-                    return Restored(step, meta, restore_state(manager, step, like_of(meta)))
+                    return Restored(step, meta, restore_state(manager, step, like_of(meta), partial))
                 except Exception as error:            # any fault of the files, reported by its reason
                     failure = unreadable_reason(error)
                 collect_quietly()
@@ -206,14 +214,23 @@ def restore_newest(manager, like_of: Callable[[Meta], Any], on_skip=None) -> Res
     return None
 
 
-def load_newest(directory: str | Path, like_of: Callable[[Meta], Any], on_skip=None) -> Restored:
+def load_newest(directory: str | Path, like_of: Callable[[Meta], Any], on_skip=None, partial: bool = False) -> Restored:
     """restore_newest for a reader (sample, evaluate): it never creates or changes the directory."""
     manager = open_reader(directory) if Path(directory).is_dir() else None
-    restored = restore_newest(manager, like_of, on_skip) if manager else None
+    restored = restore_newest(manager, like_of, on_skip, partial) if manager else None
     if restored is None:
         raise TangshiError(f"no checkpoint in {directory}; train first with `python -m tangshi_jax.train "
                            f"--checkpoint-dir {directory}`")
     return restored
+
+
+def load_params(directory: str | Path, on_skip=None) -> Restored:
+    """The newest readable step's configs, vocabulary, progress and parameters, read without
+    the optimizer state (or the trainer's code that describes it): what sampling, evaluation
+    and serving need. Its state is {"params": ...}."""
+    def like_of(meta: Meta):
+        return {"params": jax.eval_shape(lambda: init_params(meta.model_config, jax.random.key(0)))}
+    return load_newest(directory, like_of, on_skip, partial=True)
 
 
 def set_aside(directory: str | Path, step: int) -> Path:

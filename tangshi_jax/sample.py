@@ -26,7 +26,6 @@ from tangshi_jax.cache import default_cache_dir
 from tangshi_jax.devices import PLATFORMS, use_platform
 from tangshi_jax.errors import TangshiError, run_cli
 from tangshi_jax.model import PoemModel, initial_carry
-from tangshi_jax.train import init_state
 
 MAX_LEN = 64            # a 七言律诗: 8 lines of 7 characters and 8 punctuation marks
 SENTENCE_END = "。！？"
@@ -304,8 +303,7 @@ def load_model(checkpoint_dir, warn=None) -> Loaded:
     """Configs, vocabulary and parameters of the newest checkpoint that reads completely (each
     one passed over is one warning line, given to `warn`, stderr by default); no poems.txt needed."""
     on_skip = warn and (lambda step, reason: warn(checkpoint.skipped_line(Path(checkpoint_dir), step, reason)))
-    restored = checkpoint.load_newest(checkpoint_dir, lambda meta: jax.eval_shape(
-        lambda: init_state(meta.model_config, meta.train_config, 0)), on_skip)
+    restored = checkpoint.load_params(checkpoint_dir, on_skip)
     model_config, train_config, vocab, progress = restored.meta
     return Loaded(model_config, train_config, vocab, restored.state["params"], progress)
 

@@ -51,12 +51,17 @@ def copy_run(trained_run, tmp_path):
     return copy, data_path
 
 
-def truncate_data(step_dir: Path, size: int = 100) -> Path:
-    """Cut the largest array file of a step short, as a crash of the disk or a bad copy would."""
-    largest = max((p for p in (step_dir / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-    with largest.open("r+b") as file:
-        file.truncate(size)
-    return largest
+def truncate_data(step_dir: Path, size: int = 100) -> list[Path]:
+    """Cut every array data file of a step short, as a crash of the disk or a bad copy would.
+    (Every one: readers restore only the parameters, and which file holds them is Orbax's
+    business.)"""
+    data_files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"
+                  and p.stat().st_size > size]
+    assert data_files, f"no array data file in {step_dir}"
+    for path in data_files:
+        with path.open("r+b") as file:
+            file.truncate(size)
+    return data_files
 
 
 def stderr_lines(capsys):
@@ -89,7 +94,8 @@ def test_a_truncated_newest_step_is_skipped_by_sample_and_train_resumes_from_the
     assert any(f"step {newest}" in m and "truncated" in m and "set aside" in m for m in messages), messages
     assert any(m.startswith(f"resuming from step {older:,}") for m in messages), messages
     aside = [p for p in directory.iterdir() if p.name.startswith(f"{newest}.")]
-    assert len(aside) == 1 and (aside[0] / damaged.relative_to(directory / str(newest))).stat().st_size == 100
+    assert len(aside) == 1 and all((aside[0] / path.relative_to(directory / str(newest))).stat().st_size == 100
+                                   for path in damaged)
     assert [m["epoch"] for m in metrics_of(directory)] == [1, 2, 3, 4]
     assert [epoch_of(directory, step) for step in steps_of(directory)] == [2, 3, 4]
 

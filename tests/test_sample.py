@@ -229,3 +229,24 @@ def test_corpus_lines_are_read_once_then_from_the_cache(tmp_path, capsys):
     assert sample.corpus_lines(path) == {"春眠不觉晓", "处处闻啼鸟"}
     assert sample.corpus_lines(tmp_path / "missing.txt") is None
     assert "cannot penalise copied lines" in capsys.readouterr().err
+
+
+def test_loading_reads_the_parameters_alone_without_the_trainer(trained_run):
+    """sample (and serve, through it) restore the parameters without the optimizer state, so
+    neither the trainer nor optax is imported; the parameters equal a full restore's."""
+    import subprocess
+    import sys
+
+    from tangshi_jax import checkpoint
+    from tangshi_jax.train import init_state
+    directory = trained_run[0]
+    code = ("import sys, tangshi_jax.sample as s, tangshi_jax.serve; s.load_model(sys.argv[1]); "
+            "print(sorted(m for m in ('optax', 'tangshi_jax.train') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code, str(directory)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr[-2000:]
+    params = sample.load_model(directory).params
+    full = checkpoint.load_newest(directory, lambda meta: jax.eval_shape(
+        lambda: init_state(meta.model_config, meta.train_config, 0))).state
+    assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(full["params"])
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(full["params"])):
+        np.testing.assert_array_equal(a, b)
