@@ -33,7 +33,8 @@ from tangshi_jax.errors import TangshiError, run_cli
 from tangshi_jax.model import GATES, init_params
 from tangshi_jax.profile import PROFILE_STEPS
 from tangshi_jax.sample import device_prosody, generate, make_plan
-from tangshi_jax.train import batch_spec, evaluate, init_state, load_poems, make_steps, require_positive
+from tangshi_jax.metrics import mean_nll
+from tangshi_jax.train import batch_spec, init_state, load_poems, make_steps, require_positive
 
 
 def flops_per_token(config: ModelConfig) -> float:
@@ -197,7 +198,7 @@ def bench_training(train_config: TrainConfig, model_config: ModelConfig, poems, 
 
     state = states[variants[0]]
     eval_programs = {length: pair[1] for length, pair in programs[variants[0]].items()}
-    val_s = median_seconds(lambda: evaluate(eval_programs, state["params"], val_data, train_config.batch_size), 3)
+    val_s = median_seconds(lambda: mean_nll(eval_programs, state["params"], val_data, train_config.batch_size), 3)
     return {"buckets": list(buckets), "compile_s": compile_s,
             "compile_s_train": sum(compile_s["train"].values()), "compile_s_eval": sum(compile_s["eval"].values()),
             "train_tokens_per_s": statistics.median(rates[variants[0]]),

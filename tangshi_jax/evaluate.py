@@ -44,7 +44,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from tangshi_jax import checkpoint, data, release, sample, train
+from tangshi_jax import checkpoint, data, metrics, release, sample
 from tangshi_jax.devices import PLATFORMS, use_platform
 from tangshi_jax.errors import TangshiError, run_cli
 from tangshi_jax.data import lines_of
@@ -162,10 +162,9 @@ def load_dataset(data_path, train_config, vocab) -> data.Dataset:
 
 def validation_nll(params, model_config, train_config, val_data) -> dict | None:
     """Mean NLL per target and per Chinese character of the validation split (None when empty)."""
-    _, eval_step = train.make_steps(model_config, train_config)
-    eval_jit = jax.jit(eval_step)
-    return train.evaluate({length: eval_jit for length in val_data.buckets}, params, val_data,
-                          train_config.batch_size)
+    eval_jit = jax.jit(functools.partial(metrics.eval_sums, model_config))
+    return metrics.mean_nll({length: eval_jit for length in val_data.buckets}, params, val_data,
+                            train_config.batch_size)
 
 
 def setting_topics(setting: Setting, num: int, val_titles: list[str], vocab: list[str]) -> list[str] | None:
@@ -230,14 +229,14 @@ def quatrain_perplexity(params, model_config, dataset: data.Dataset, batch_size:
             lines_2_to_4 = batch["chars"][:len(picked)] * (content >= chars + 1)
             total += float((nll[:len(picked)] * lines_2_to_4).sum())
             count += int(lines_2_to_4.sum())
-        result[form] = {"poems": len(rows), "nll": total / count, "ppl": train.perplexity(total / count)}
+        result[form] = {"poems": len(rows), "nll": total / count, "ppl": metrics.perplexity(total / count)}
     return result
 
 
 @functools.cache
 def position_nll(model_config):
-    """train.position_nll of one model, jitted once."""
-    return jax.jit(functools.partial(train.position_nll, model_config))
+    """metrics.position_nll of one model, jitted once."""
+    return jax.jit(functools.partial(metrics.position_nll, model_config))
 
 
 def evaluate_checkpoint(checkpoint_dir, data_path, num: int = 100, seed: int = 0, settings=SETTINGS,
@@ -279,7 +278,7 @@ def evaluate_checkpoint(checkpoint_dir, data_path, num: int = 100, seed: int = 0
         poems = reference_poems(val_poems, form, num, seed)
         rows.append({"setting": f"corpus {form}", **measure(poems, form, training_lines),
                      "poems_per_s": None, "examples": poems[:3]})
-    figures = lambda result, key: (result and result[key], train.perplexity(result[key]) if result else None)
+    figures = lambda result, key: (result and result[key], metrics.perplexity(result[key]) if result else None)
     (nll, ppl), (char_nll, char_ppl) = figures(val, "nll"), figures(val, "char_nll")
     return {"checkpoint_dir": str(model_dir or checkpoint_dir), "step": step, "epoch": progress["epoch"],
             "data": str(data_path), "num": num, "seed": seed, "sampling": sampling, "val_nll": nll,
@@ -306,7 +305,7 @@ def format_report(report: dict) -> str:
     if report["untitled_char_nll"] is not None:
         untitled = report["untitled_char_nll"]
         lines.append(f"the same poems with their titles withheld: NLL {untitled:.3f}, perplexity "
-                     f"{train.perplexity(untitled):.1f} (the titles are worth {untitled - report['val_char_nll']:.3f} nats a character)")
+                     f"{metrics.perplexity(untitled):.1f} (the titles are worth {untitled - report['val_char_nll']:.3f} nats a character)")
     for form, figures in report["quatrains"].items():
         lines.append(f"{form} of the validation split ({figures['poems']}), lines 2-4, characters only: "
                      f"NLL {figures['nll']:.3f}, perplexity {figures['ppl']:.1f}")
@@ -324,8 +323,7 @@ def plot_losses(metrics_path, out_path) -> None:
     metrics_path = Path(metrics_path)
     if not metrics_path.is_file():
         raise TangshiError(f"no {metrics_path}; train into that directory first with `python -m tangshi_jax.train`")
-    records = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines()
-               if train.logged_epoch(line) != float("inf")]     # skip a line cut short by a kill
+    records = metrics.read_metrics(metrics_path)
     if not records:
         raise TangshiError(f"{metrics_path} holds no epoch yet; train at least one epoch first")
     import matplotlib

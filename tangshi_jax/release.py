@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from tangshi_jax import sample
+from tangshi_jax import metrics, sample
 from tangshi_jax.config import ModelConfig, TrainConfig, from_dict, to_dict
 from tangshi_jax.errors import TangshiError
 from tangshi_jax.model import init_params
@@ -132,12 +132,5 @@ def last_metrics(checkpoint_dir, model_dir=None, epoch: int | None = None) -> di
     path = Path(checkpoint_dir) / "metrics.jsonl"
     if not path.is_file():
         return None
-    record = None
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            candidate = json.loads(line)
-        except json.JSONDecodeError:
-            continue            # a line cut short by a kill
-        if epoch is None or candidate.get("epoch", 0) <= epoch:
-            record = candidate
-    return record
+    logged = [record for record in metrics.read_metrics(path) if epoch is None or record["epoch"] <= epoch]
+    return logged[-1] if logged else None

@@ -37,7 +37,8 @@ from tangshi_jax.config import (CELLS, DATA_ORDER_FIELDS, DEFAULT_PRESET, DTYPES
 from tangshi_jax.devices import (PLATFORMS, Cluster, describe_devices, describe_mesh, make_mesh, peak_rss_mb, replicated,
                                  split_rows, use_platform)
 from tangshi_jax.errors import Diverged, TangshiError, run_cli
-from tangshi_jax.loss import HEAD_STEPS, HEAD_TRANSPOSED, head_nll, head_nll_positions, nll_of_logits
+from tangshi_jax.loss import HEAD_STEPS, HEAD_TRANSPOSED, head_nll, nll_of_logits
+from tangshi_jax.metrics import eval_sums, logged_epoch, mean_nll, perplexity
 from tangshi_jax.model import PoemModel, head_weights, init_params, initial_carry
 from tangshi_jax.profile import PROFILE_STEPS, StepTrace
 
@@ -113,20 +114,9 @@ def make_steps(model_config: ModelConfig, train_config: TrainConfig, steps_per_e
         return new_state, {"nll_sum": nll_sum, "tokens": tokens}
 
     def eval_step(params, batch):
-        """Sums over all loss targets and over Chinese characters only (no punctuation, no E)."""
-        nll = position_nll(model_config, params, batch["inputs"], batch["targets"])
-        return {"nll_sum": jnp.sum(nll * batch["mask"]), "tokens": jnp.sum(batch["mask"]),
-                "char_nll_sum": jnp.sum(nll * batch["chars"]), "chars": jnp.sum(batch["chars"])}
+        return eval_sums(model_config, params, batch)
 
     return train_step, eval_step
-
-
-def position_nll(model_config: ModelConfig, params, inputs, targets):
-    """-log p(target) at every position (batch, time), no dropout, one time step's logits at a time."""
-    _, features = PoemModel(model_config).apply({"params": params}, inputs,
-                                                initial_carry(model_config, inputs.shape[0]), features_only=True)
-    kernel, bias = head_weights(params, model_config)
-    return head_nll_positions(features, kernel, bias, targets, model_config.relu_head)
 
 
 def init_state(model_config: ModelConfig, train_config: TrainConfig, seed: int | None = None) -> dict:
@@ -216,29 +206,6 @@ def compile_steps(model_config, train_config, steps_per_epoch, state, buckets, f
     except BaseException:
         eval_programs.cancel()
         raise
-
-
-def evaluate(eval_programs, params, bucketed: data.BucketedData, batch_size: int, feed: Feed | None = None) -> dict | None:
-    """Mean NLL per target over a whole bucketed set, and per Chinese character (None when empty).
-
-    Without a feed, batches are plain host arrays for programs compiled for one device."""
-    totals = []
-    for bucket_index, rows in data.epoch_plan(bucketed, batch_size, 0, 0, shuffle=False):
-        batch = (feed.batch(bucketed, bucket_index, rows) if feed
-                 else data.make_batch(bucketed, bucket_index, rows, batch_size))
-        totals.append(eval_programs[bucketed.buckets[bucket_index]](params, batch))
-    if not totals:
-        return None
-    total = {key: sum(float(part[key]) for part in totals) for key in totals[0]}
-    return {"nll": total["nll_sum"] / total["tokens"], "char_nll": total["char_nll_sum"] / max(total["chars"], 1.0)}
-
-
-def perplexity(nll: float) -> float:
-    """exp(nll), or inf where that would overflow a float (no warning); nan stays nan."""
-    try:
-        return math.exp(nll)
-    except OverflowError:
-        return float("inf")
 
 
 DIVERGED_FACTOR = 2      # a loss above this × ln V (a uniform guess over V characters costs ln V) runs away
@@ -364,14 +331,6 @@ def check_resumable(saved_model, model_config, saved_train, train_config, direct
     if changed:
         raise TangshiError(f"{directory} holds a run with another data order or schedule ({'; '.join(changed)}); "
                            "pass the same flags to resume it, or choose a new --checkpoint-dir")
-
-
-def logged_epoch(line: str) -> float:
-    """The epoch of a metrics line; a line cut short by a kill counts as past every epoch."""
-    try:
-        return json.loads(line)["epoch"]
-    except (ValueError, KeyError, TypeError):
-        return float("inf")
 
 
 def trim_metrics(path: Path, epoch: int) -> None:
@@ -617,7 +576,7 @@ def train(train_config: TrainConfig, model_settings: dict, checkpoint_dir: str |
             nll_sum = sum(float(m["nll_sum"]) for m in sums)
             tokens = sum(float(m["tokens"]) for m in sums)
             train_seconds = time.perf_counter() - epoch_started
-            val = evaluate(eval_programs, state["params"], val_data, train_config.batch_size, feed)
+            val = mean_nll(eval_programs, state["params"], val_data, train_config.batch_size, feed.batch)
             progress.update(epoch=epoch + 1, batch=0)
             record = {"epoch": epoch + 1, "step": progress["step"],
                       "train_loss": nll_sum / max(tokens, 1.0),

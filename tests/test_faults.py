@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from tangshi_jax import checkpoint, data, errors, sample, train as train_module
+from tangshi_jax import checkpoint, data, errors, metrics, sample, train as train_module
 from tangshi_jax.errors import Diverged, TangshiError, run_cli
 from tangshi_jax.train import train
 
@@ -185,9 +185,9 @@ def test_the_guard_stops_on_a_non_finite_loss_or_a_runaway_one():
 def test_perplexity_of_a_huge_loss_is_inf_without_a_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert train_module.perplexity(1e10) == float("inf")
-        assert train_module.perplexity(709.0) == pytest.approx(math.exp(709.0))
-        assert math.isnan(train_module.perplexity(float("nan")))
+        assert metrics.perplexity(1e10) == float("inf")
+        assert metrics.perplexity(709.0) == pytest.approx(math.exp(709.0))
+        assert math.isnan(metrics.perplexity(float("nan")))
 
 
 # --- paths and disks --------------------------------------------------------------------------

@@ -231,16 +231,18 @@ def test_corpus_lines_are_read_once_then_from_the_cache(tmp_path, capsys):
     assert "cannot penalise copied lines" in capsys.readouterr().err
 
 
-def test_loading_reads_the_parameters_alone_without_the_trainer(trained_run):
-    """sample (and serve, through it) restore the parameters without the optimizer state, so
-    neither the trainer nor optax is imported; the parameters equal a full restore's."""
+def test_inference_reads_the_parameters_alone_and_never_imports_the_trainer(trained_run):
+    """sample (and serve, evaluate and export, through it) restore the parameters without the
+    optimizer state, so none of them imports the trainer or optax; the parameters equal a full
+    restore's."""
     import subprocess
     import sys
 
     from tangshi_jax import checkpoint
     from tangshi_jax.train import init_state
     directory = trained_run[0]
-    code = ("import sys, tangshi_jax.sample as s, tangshi_jax.serve; s.load_model(sys.argv[1]); "
+    code = ("import sys, tangshi_jax.sample as s, tangshi_jax.serve, tangshi_jax.evaluate, tangshi_jax.export; "
+            "s.load_model(sys.argv[1]); "
             "print(sorted(m for m in ('optax', 'tangshi_jax.train') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code, str(directory)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr[-2000:]
