@@ -43,9 +43,8 @@ class LSTMCell(nn.Module):
         h, c = carry
         z = (x_proj + nn.Dense(4 * self.hidden, use_bias=False, name="recurrent", dtype=self.dtype,
                                kernel_init=nn.initializers.orthogonal())(h)).astype(jnp.float32)
-        i, f, g, o = jnp.split(z, 4, axis=-1)
-        c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
-        h = jax.nn.sigmoid(o) * jnp.tanh(c)
+        (_, _, _, o), c, tanh_c = _lstm_gates(z, c)
+        h = o * tanh_c
         return (h, c), h
 
 
