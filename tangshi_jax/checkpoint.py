@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 
 from tangshi_jax.config import ModelConfig, TrainConfig, from_dict, to_dict
 from tangshi_jax.errors import TangshiError
-from tangshi_jax.model import init_params
+from tangshi_jax.model import abstract_params
 
 # Orbax reports routine events through absl at WARNING, and a failed write or read as a screen
 # of ERROR lines besides the exception it raises; the exception is turned into one line.
@@ -229,7 +229,7 @@ def load_params(directory: str | Path, on_skip=None) -> Restored:
     the optimizer state (or the trainer's code that describes it): what sampling, evaluation
     and serving need. Its state is {"params": ...}."""
     def like_of(meta: Meta):
-        return {"params": jax.eval_shape(lambda: init_params(meta.model_config, jax.random.key(0)))}
+        return {"params": abstract_params(meta.model_config)}
     return load_newest(directory, like_of, on_skip, partial=True)
 
 

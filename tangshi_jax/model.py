@@ -300,3 +300,8 @@ def init_params(config: ModelConfig, key):
     model = PoemModel(config)
     tokens = jnp.zeros((1, 1), jnp.int32)
     return model.init(key, tokens, initial_carry(config, 1))["params"]
+
+
+def abstract_params(config: ModelConfig):
+    """The shapes and types of a model's parameters, computed without making them."""
+    return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))

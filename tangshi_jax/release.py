@@ -23,7 +23,7 @@ from flax import traverse_util
 from tangshi_jax import metrics, sample
 from tangshi_jax.config import ModelConfig, TrainConfig, from_dict, to_dict
 from tangshi_jax.errors import TangshiError
-from tangshi_jax.model import init_params
+from tangshi_jax.model import abstract_params
 
 FORMAT, FORMAT_VERSION = "tangshi-jax-release", 1
 WEIGHTS, CONFIG, VOCAB, CARD = "model.safetensors", "config.json", "vocab.json", "README.md"
@@ -103,8 +103,7 @@ def load_release(model_dir) -> sample.Loaded:
         flat = load_file(str(folder / WEIGHTS))
     except (OSError, SafetensorError) as error:
         raise TangshiError(f"cannot read {folder / WEIGHTS} ({error}); export the model again") from None
-    expected = traverse_util.flatten_dict(jax.eval_shape(lambda: init_params(model_config, jax.random.key(0))),
-                                          sep=".")
+    expected = traverse_util.flatten_dict(abstract_params(model_config), sep=".")
     for name, like in expected.items():
         got = flat.get(name)
         if got is None or got.shape != like.shape or got.dtype != like.dtype:
