@@ -160,14 +160,13 @@ def bench_training(train_config: TrainConfig, model_config: ModelConfig, poems, 
             if variant == variants[0]:
                 compile_s["train"][str(length)] = compiled - started
                 compile_s["eval"][str(length)] = time.perf_counter() - compiled
-        for bucket_index in range(len(buckets)):        # run every program once, untimed
-            first = next((i for i, (b, _) in enumerate(plan) if b == bucket_index), None)
-            if first is None:                            # a bucket that only validation poems reach
-                continue
-            state, _ = programs[variant][buckets[bucket_index]][0](state, batches[first])
-            programs[variant][buckets[bucket_index]][1](state["params"], batches[first])
+        for first in data.first_of_each_bucket(plan):    # run every program once, untimed
+            train_program, eval_program = programs[variant][buckets[plan[first][0]]]
+            state, _ = train_program(state, batches[first])
+            eval_program(state["params"], batches[first])
         states[variant] = state
-    log(f"compiled {2 * len(buckets)} programs in {sum(map(sum, (d.values() for d in compile_s.values()))):.1f} s")
+    compile_train, compile_eval = (sum(compile_s[kind].values()) for kind in ("train", "eval"))
+    log(f"compiled {2 * len(buckets)} programs in {compile_train + compile_eval:.1f} s")
 
     rates, cursor = {name: [] for name in (*variants, *others)}, len(buckets)
     for _ in range(windows):
@@ -200,7 +199,7 @@ def bench_training(train_config: TrainConfig, model_config: ModelConfig, poems, 
     eval_programs = {length: pair[1] for length, pair in programs[variants[0]].items()}
     val_s = median_seconds(lambda: mean_nll(eval_programs, state["params"], val_data, train_config.batch_size), 3)
     return {"buckets": list(buckets), "compile_s": compile_s,
-            "compile_s_train": sum(compile_s["train"].values()), "compile_s_eval": sum(compile_s["eval"].values()),
+            "compile_s_train": compile_train, "compile_s_eval": compile_eval,
             "train_tokens_per_s": statistics.median(rates[variants[0]]),
             "variants_tokens_per_s": {v: statistics.median(r) for v, r in rates.items()},
             "train_window_tokens_per_s": rates, "val_tokens_per_s": val_data.num_tokens / val_s,

@@ -328,6 +328,15 @@ def make_dataset(corpus: Corpus, train_config, vocab: list[str] | None = None) -
                    val_data, counts)
 
 
+def first_of_each_bucket(plan: list[tuple[int, np.ndarray]]) -> list[int]:
+    """The index in `plan` of the first batch of each bucket it reaches, in bucket order: one
+    batch a shape, to run every compiled program once before timing."""
+    first = {}
+    for index, (bucket_index, _) in enumerate(plan):
+        first.setdefault(bucket_index, index)
+    return [first[bucket_index] for bucket_index in sorted(first)]
+
+
 def epoch_plan(data: BucketedData, batch_size: int, seed: int, epoch: int,
                shuffle: bool = True) -> list[tuple[int, np.ndarray]]:
     """The epoch's batches as (bucket index, poem rows), a pure function of (seed, epoch).

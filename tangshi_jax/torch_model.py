@@ -104,10 +104,8 @@ class Trainer:
         plan = data.epoch_plan(train_data, train_config.batch_size, train_config.seed, 0)
         self.batches = [data.make_batch(train_data, b, rows, train_config.batch_size) for b, rows in plan]
         self.step = make_train_step(make_model(model_config), train_config.lr)
-        for bucket_index in range(len(train_data.buckets)):
-            first = next((i for i, (b, _) in enumerate(plan) if b == bucket_index), None)
-            if first is not None:
-                self.step(self.batches[first])
+        for first in data.first_of_each_bucket(plan):
+            self.step(self.batches[first])
         self.cursor, self.steps = len(train_data.buckets), spec["steps"]
         self.version, self.threads = torch.__version__, torch.get_num_threads()
 

@@ -207,3 +207,10 @@ def test_near_repeats_fall_on_one_side_and_exact_repeats_are_trained_once():
     hashed_train, hashed_val, _ = data.split_indices(poems, 0.3, "hash")
     assert (hashed_train, hashed_val) == tuple(
         [[i for i, p in enumerate(poems) if data.is_validation(p, 0.3) == side] for side in (False, True)])
+
+
+def test_first_of_each_bucket_names_one_batch_a_shape_in_bucket_order():
+    rows = np.arange(2)
+    plan = [(2, rows), (0, rows), (2, rows), (1, rows), (0, rows)]
+    assert data.first_of_each_bucket(plan) == [1, 3, 0]
+    assert data.first_of_each_bucket([]) == []
