@@ -27,6 +27,7 @@ SMALLEST_BUCKET = 1
 @dataclass(frozen=True)
 class PoemRequest:
     """What one request asks for: `sample`'s flags, less those of the machine and --max-len."""
+
     begin: str | None = None
     title: str | None = None
     keywords: tuple[str, ...] | None = None
@@ -78,37 +79,57 @@ def row_buckets(max_rows: int, min_rows: int = SMALLEST_BUCKET) -> list[int]:
 @dataclass
 class Written:
     """The answer to one request."""
+
     poems: list[str]
     scores: list[float]
-    batch_requests: int      # requests answered by the same sampler call
-    batch_rows: int          # rows that call ran (poems × drafts, padded)
+    batch_requests: int  # requests answered by the same sampler call
+    batch_rows: int  # rows that call ran (poems × drafts, padded)
 
 
 class Engine:
     """A loaded model and the sampler calls that serve it."""
 
-    def __init__(self, loaded: sample.Loaded, max_rows: int = 128, corpus_lines: set[str] | None = None,
-                 min_rows: int = SMALLEST_BUCKET):
+    def __init__(
+        self,
+        loaded: sample.Loaded,
+        max_rows: int = 128,
+        corpus_lines: set[str] | None = None,
+        min_rows: int = SMALLEST_BUCKET,
+    ):
         self.model_config, self.train_config, self.vocab, self.params, self.progress = loaded
         self.max_title = self.train_config.max_title if self.train_config.titles else 0
         self.max_rows = max_rows
-        self.buckets = row_buckets(max_rows, min_rows)   # tests compile fewer with a larger min_rows
+        self.buckets = row_buckets(max_rows, min_rows)  # tests compile fewer with a larger min_rows
         self.corpus_lines = corpus_lines
 
     def check(self, request: PoemRequest) -> None:
         """Raise TangshiError if the model cannot write what the request asks (host-side, cheap)."""
         if request.rows > self.max_rows:
-            raise TangshiError(f"num × candidates is {request.rows}, more than this server's batch of "
-                               f"{self.max_rows}; ask for fewer poems or drafts")
+            raise TangshiError(
+                f"num × candidates is {request.rows}, more than this server's batch of "
+                f"{self.max_rows}; ask for fewer poems or drafts"
+            )
         if request.form is not None:
             rules.parse_form(request.form)
         topic = request.topic
         if topic is not None and not self.max_title:
-            raise TangshiError("this model was trained without titles, so title and keywords cannot steer it; "
-                               "leave them out")
-        sample.plan_request(self.vocab, request.begin, sample.MAX_LEN, self.form_of(request), request.acrostic,
-                            request.line_length, request.rhyme, request.rhyme_group, request.tones,
-                            request.loose_tones, title=topic, max_title=self.max_title)
+            raise TangshiError(
+                "this model was trained without titles, so title and keywords cannot steer it; leave them out"
+            )
+        sample.plan_request(
+            self.vocab,
+            request.begin,
+            sample.MAX_LEN,
+            self.form_of(request),
+            request.acrostic,
+            request.line_length,
+            request.rhyme,
+            request.rhyme_group,
+            request.tones,
+            request.loose_tones,
+            title=topic,
+            max_title=self.max_title,
+        )
         if topic is not None:
             sample.title_ids(topic, self.vocab, self.max_title)
 
@@ -123,19 +144,37 @@ class Engine:
         rows = sum(request.rows for request in requests)
         bucket = next(bucket for bucket in self.buckets if bucket >= rows)
         poems, scores = sample.write_poems(
-            self.params, self.model_config, self.vocab, first.begin, num=len(titles),
-            temperature=first.temperature, top_k=first.top_k, top_p=first.top_p,
-            repetition_penalty=first.repetition_penalty, greedy=first.greedy, seed=seed, form=self.form_of(first),
-            acrostic=first.acrostic, line_length=first.line_length, rhyme=first.rhyme,
-            rhyme_group=first.rhyme_group, tones=first.tones, loose_tones=first.loose_tones,
-            title=titles if any(title is not None for title in titles) else None, max_title=self.max_title,
-            candidates=first.candidates, corpus_lines=self.corpus_lines, with_scores=True, rows=bucket)
+            self.params,
+            self.model_config,
+            self.vocab,
+            first.begin,
+            num=len(titles),
+            temperature=first.temperature,
+            top_k=first.top_k,
+            top_p=first.top_p,
+            repetition_penalty=first.repetition_penalty,
+            greedy=first.greedy,
+            seed=seed,
+            form=self.form_of(first),
+            acrostic=first.acrostic,
+            line_length=first.line_length,
+            rhyme=first.rhyme,
+            rhyme_group=first.rhyme_group,
+            tones=first.tones,
+            loose_tones=first.loose_tones,
+            title=titles if any(title is not None for title in titles) else None,
+            max_title=self.max_title,
+            candidates=first.candidates,
+            corpus_lines=self.corpus_lines,
+            with_scores=True,
+            rows=bucket,
+        )
         answers, start = [], 0
         for request in requests:
-            kept = poems[start:start + request.num]
+            kept = poems[start : start + request.num]
             if request.script == "traditional":
                 kept = [rules.opencc_converter("s2t").convert(poem) for poem in kept]
-            answers.append(Written(kept, scores[start:start + request.num], len(requests), bucket))
+            answers.append(Written(kept, scores[start : start + request.num], len(requests), bucket))
             start += request.num
         return answers
 
@@ -147,8 +186,17 @@ class Engine:
         titles = [None, hanzi] if self.max_title else [None]
         for bucket in self.buckets:
             for title in titles:
-                sample.write_poems(self.params, self.model_config, self.vocab, num=1, seed=0, title=title,
-                                   max_title=self.max_title, with_scores=True, rows=bucket)
+                sample.write_poems(
+                    self.params,
+                    self.model_config,
+                    self.vocab,
+                    num=1,
+                    seed=0,
+                    title=title,
+                    max_title=self.max_title,
+                    with_scores=True,
+                    rows=bucket,
+                )
         rules.opencc_converter("s2t").convert(hanzi)
         return len(self.buckets) * len(titles), time.perf_counter() - started
 
@@ -204,17 +252,17 @@ class Batcher:
             pending += self.take_waiting()
             batch, pending = self.next_batch(pending)
             requests = [item.request for item in batch]
-            seed = requests[0].seed if requests[0].seed is not None else secrets.randbelow(2 ** 31)
+            seed = requests[0].seed if requests[0].seed is not None else secrets.randbelow(2**31)
             try:
                 answers = await loop.run_in_executor(self.executor, self.engine.write, requests, seed)
-            except Exception as error:          # noqa: BLE001 -- handed to the waiting requests
+            except Exception as error:  # noqa: BLE001 -- handed to the waiting requests
                 for item in batch:
                     if not item.future.done():
                         item.future.set_exception(error)
                 continue
             self.calls += 1
             for item, answer in zip(batch, answers):
-                if not item.future.done():      # a client that went away leaves a cancelled future
+                if not item.future.done():  # a client that went away leaves a cancelled future
                     item.future.set_result(answer)
 
     def close(self) -> None:

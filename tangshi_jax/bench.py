@@ -43,7 +43,7 @@ def flops_per_token(config: ModelConfig) -> float:
     for _ in range(config.layers):
         forward += 2 * (width + config.hidden) * GATES[config.cell] * config.hidden
         width = config.hidden
-    if config.tied:                  # the projection to the embedding's width, which the head reads
+    if config.tied:  # the projection to the embedding's width, which the head reads
         forward += 2 * config.hidden * config.embed
         width = config.embed
     forward += 2 * width * config.vocab_size
@@ -77,7 +77,9 @@ def matmul_rates(rows: int, width: int, vocab: int, repeats: int = 15) -> dict:
     g = rng.standard_normal((rows, vocab), dtype=np.float32)
     hx, wx, gx = jnp.asarray(h), jnp.asarray(w), jnp.asarray(g)
     xla = [jax.jit(lambda a, b: a @ b), jax.jit(lambda a, b: a @ b.T), jax.jit(lambda a, b: a.T @ b)]
-    runs = {("xla", name): (product, args) for name, product, args in zip(PRODUCTS, xla, [(hx, wx), (gx, wx), (hx, gx)])}
+    runs = {
+        ("xla", name): (product, args) for name, product, args in zip(PRODUCTS, xla, [(hx, wx), (gx, wx), (hx, gx)])
+    }
     runs.update({("numpy", name): (np.matmul, args) for name, args in zip(PRODUCTS, [(h, w), (g, w.T), (h.T, g)])})
     seconds = {key: float("inf") for key in runs}
     for product, args in runs.values():
@@ -107,12 +109,12 @@ def machine_name() -> str:
 # bfloat16 compute the same mathematics. Also accepted: stepsN (the head takes N time steps a
 # loop trip), transposed and untransposed (the head's weight-gradient layout).
 VARIANTS = {
-    "fused": {},                                      # the default step
-    "plain": {"fused_head": False},                   # all logits, a plain log-softmax
-    "bfloat16": {"dtype": "bfloat16"},                # the default step in bfloat16 activations and products
-    "wavefront": {"wavefront": True},                 # the stacked layers in one scan
-    "autodiff": {"hand_gradients": False},            # the LSTM differentiated by autodiff of its scan
-    "before": {"head_steps": 1, "transposed": False, "hand_gradients": False},   # the step before issue 8
+    "fused": {},  # the default step
+    "plain": {"fused_head": False},  # all logits, a plain log-softmax
+    "bfloat16": {"dtype": "bfloat16"},  # the default step in bfloat16 activations and products
+    "wavefront": {"wavefront": True},  # the stacked layers in one scan
+    "autodiff": {"hand_gradients": False},  # the LSTM differentiated by autodiff of its scan
+    "before": {"head_steps": 1, "transposed": False, "hand_gradients": False},  # the step before issue 8
 }
 
 
@@ -123,12 +125,24 @@ def variant_settings(name: str) -> dict:
         return {"head_steps": int(name[5:])}
     if name in ("transposed", "untransposed"):
         return {"transposed": name == "transposed"}
-    raise TangshiError(f"--variants: unknown variant {name!r}; choose from {', '.join(VARIANTS)}, "
-                       "stepsN (N time steps per head trip), transposed, untransposed")
+    raise TangshiError(
+        f"--variants: unknown variant {name!r}; choose from {', '.join(VARIANTS)}, "
+        "stepsN (N time steps per head trip), transposed, untransposed"
+    )
 
 
-def bench_training(train_config: TrainConfig, model_config: ModelConfig, poems, vocab, windows: int,
-                   steps: int, log, variants=("fused",), profile_dir=None, others=None) -> dict:
+def bench_training(
+    train_config: TrainConfig,
+    model_config: ModelConfig,
+    poems,
+    vocab,
+    windows: int,
+    steps: int,
+    log,
+    variants=("fused",),
+    profile_dir=None,
+    others=None,
+) -> dict:
     """Variants' windows alternate; `others` (name: a function that trains one window of the
     same batches elsewhere and returns its tokens/s) take their turn in the alternation."""
     others = others or {}
@@ -138,8 +152,10 @@ def bench_training(train_config: TrainConfig, model_config: ModelConfig, poems, 
     batches = [data.make_batch(train_data, b, rows, train_config.batch_size) for b, rows in plan]
     needed = len(buckets) + windows * steps + (PROFILE_STEPS if profile_dir else 0)
     if len(batches) < needed:
-        raise TangshiError(f"the data gives {len(batches)} batches, the benchmark needs {needed}; "
-                           "use more poems or fewer --windows/--steps")
+        raise TangshiError(
+            f"the data gives {len(batches)} batches, the benchmark needs {needed}; "
+            "use more poems or fewer --windows/--steps"
+        )
 
     # Each variant trains its own copy from the same start on the same batches; windows
     # alternate between variants so that the machine's drift falls on all of them alike.
@@ -151,7 +167,7 @@ def bench_training(train_config: TrainConfig, model_config: ModelConfig, poems, 
         train_step, eval_step = make_steps(model_config, variant_config, **settings)
         train_jit, eval_jit = jax.jit(train_step, donate_argnums=0), jax.jit(eval_step)
         programs[variant] = {}
-        for length in buckets:          # one after another, each timed alone
+        for length in buckets:  # one after another, each timed alone
             spec = batch_spec(train_config.batch_size, length)
             started = time.perf_counter()
             train_program = train_jit.lower(state, spec).compile()
@@ -160,7 +176,7 @@ def bench_training(train_config: TrainConfig, model_config: ModelConfig, poems, 
             if variant == variants[0]:
                 compile_s["train"][str(length)] = compiled - started
                 compile_s["eval"][str(length)] = time.perf_counter() - compiled
-        for first in data.first_of_each_bucket(plan):    # run every program once, untimed
+        for first in data.first_of_each_bucket(plan):  # run every program once, untimed
             train_program, eval_program = programs[variant][buckets[plan[first][0]]]
             state, _ = train_program(state, batches[first])
             eval_program(state["params"], batches[first])
@@ -185,7 +201,7 @@ def bench_training(train_config: TrainConfig, model_config: ModelConfig, poems, 
             rates[name].append(window_rate())
         log("  window: " + ", ".join(f"{v} {rates[v][-1]:,.0f}" for v in rates) + " tokens/s")
     train_rss = peak_rss_mb()
-    if profile_dir:     # a few more steps of each variant, marked by name, in one trace
+    if profile_dir:  # a few more steps of each variant, marked by name, in one trace
         with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
             for variant in variants:
                 with jax.profiler.TraceAnnotation(f"variant {variant}"):
@@ -198,14 +214,19 @@ def bench_training(train_config: TrainConfig, model_config: ModelConfig, poems, 
     state = states[variants[0]]
     eval_programs = {length: pair[1] for length, pair in programs[variants[0]].items()}
     val_s = median_seconds(lambda: mean_nll(eval_programs, state["params"], val_data, train_config.batch_size), 3)
-    return {"buckets": list(buckets), "compile_s": compile_s,
-            "compile_s_train": compile_train, "compile_s_eval": compile_eval,
-            "train_tokens_per_s": statistics.median(rates[variants[0]]),
-            "variants_tokens_per_s": {v: statistics.median(r) for v, r in rates.items()},
-            "train_window_tokens_per_s": rates, "val_tokens_per_s": val_data.num_tokens / val_s,
-            "padded_share": data.padded_share(train_data, train_config.batch_size),
-            "positions_per_batch": int(np.mean([len(b["mask"].ravel()) for b in batches])),
-            "train_peak_rss_mb": train_rss}
+    return {
+        "buckets": list(buckets),
+        "compile_s": compile_s,
+        "compile_s_train": compile_train,
+        "compile_s_eval": compile_eval,
+        "train_tokens_per_s": statistics.median(rates[variants[0]]),
+        "variants_tokens_per_s": {v: statistics.median(r) for v, r in rates.items()},
+        "train_window_tokens_per_s": rates,
+        "val_tokens_per_s": val_data.num_tokens / val_s,
+        "padded_share": data.padded_share(train_data, train_config.batch_size),
+        "positions_per_batch": int(np.mean([len(b["mask"].ravel()) for b in batches])),
+        "train_peak_rss_mb": train_rss,
+    }
 
 
 def bench_sampling(model_config, vocab, params, max_len: int = 64, sizes=(1, 64, 1024)) -> dict:
@@ -220,10 +241,23 @@ def bench_sampling(model_config, vocab, params, max_len: int = 64, sizes=(1, 64,
     figures = {}
     for suffix, plan in plans.items():
         for num in sizes if not suffix else (64,):
+
             def run():
-                return generate(params, plan, prosody, jax.random.key(0), jnp.float32(0.8),
-                                model_config=model_config, num=num, max_len=max_len, top_k=0, greedy=False,
-                                start_id=start_id, end_id=end_id)
+                return generate(
+                    params,
+                    plan,
+                    prosody,
+                    jax.random.key(0),
+                    jnp.float32(0.8),
+                    model_config=model_config,
+                    num=num,
+                    max_len=max_len,
+                    top_k=0,
+                    greedy=False,
+                    start_id=start_id,
+                    end_id=end_id,
+                )
+
             started = time.perf_counter()
             jax.block_until_ready(run())
             figures[f"sample_compile_s_{num}{suffix}"] = time.perf_counter() - started
@@ -246,19 +280,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--windows", type=int, default=5, help="timed windows; the median is reported")
     parser.add_argument("--steps", type=int, default=20, help="training steps per window")
     parser.add_argument("--platform", choices=PLATFORMS, default=None)
-    parser.add_argument("--variants", default="fused",
-                        help="comma-separated training variants measured side by side in alternating windows: "
-                             "fused (the default step), before (the step before issue 8: the head one time "
-                             "step a loop trip, the LSTM differentiated by autodiff), autodiff (the LSTM "
-                             "differentiated by autodiff of its scan), wavefront (the stacked layers in one scan), plain "
-                             "(all logits and a plain log-softmax), bfloat16 (bfloat16 activations and products), "
-                             "stepsN (the head takes N time steps a loop trip), transposed, untransposed "
-                             "(the head's weight-gradient layout)")
-    parser.add_argument("--profile", metavar="DIR",
-                        help=f"write a jax.profiler trace of {PROFILE_STEPS} more steps of each variant to DIR")
-    parser.add_argument("--against-torch", action="store_true",
-                        help="also train the same model on the same batches in PyTorch (if installed), "
-                             "in a child process with glibc's allocator tuned, and print both figures")
+    parser.add_argument(
+        "--variants",
+        default="fused",
+        help="comma-separated training variants measured side by side in alternating windows: "
+        "fused (the default step), before (the step before issue 8: the head one time "
+        "step a loop trip, the LSTM differentiated by autodiff), autodiff (the LSTM "
+        "differentiated by autodiff of its scan), wavefront (the stacked layers in one scan), plain "
+        "(all logits and a plain log-softmax), bfloat16 (bfloat16 activations and products), "
+        "stepsN (the head takes N time steps a loop trip), transposed, untransposed "
+        "(the head's weight-gradient layout)",
+    )
+    parser.add_argument(
+        "--profile",
+        metavar="DIR",
+        help=f"write a jax.profiler trace of {PROFILE_STEPS} more steps of each variant to DIR",
+    )
+    parser.add_argument(
+        "--against-torch",
+        action="store_true",
+        help="also train the same model on the same batches in PyTorch (if installed), "
+        "in a child process with glibc's allocator tuned, and print both figures",
+    )
     parser.add_argument("--json", default=None, help="write the figures to this file")
     return parser
 
@@ -270,7 +313,8 @@ def main(argv=None) -> None:
     for variant in variants:
         variant_settings(variant)
     if args.against_torch:
-        from tangshi_jax import torch_model    # only here: PyTorch is never a dependency
+        from tangshi_jax import torch_model  # only here: PyTorch is never a dependency
+
         torch_model.require_torch()
     use_platform(args.platform)
     # Compile times are measured cold; train and sample use the on-disk cache (README).
@@ -281,64 +325,120 @@ def main(argv=None) -> None:
 
     machine = machine_name()
     train_config = TrainConfig(data=args.data, batch_size=args.batch_size, max_poems=args.max_poems)
-    model_settings = dict(cell=args.cell, layers=args.layers, hidden=args.hidden, embed=args.embed,
-                          tied=args.tied, relu_head=False)
-    poems = load_poems(train_config, log).poems[:train_config.max_poems]
+    model_settings = dict(
+        cell=args.cell, layers=args.layers, hidden=args.hidden, embed=args.embed, tied=args.tied, relu_head=False
+    )
+    poems = load_poems(train_config, log).poems[: train_config.max_poems]
     vocab = data.build_vocab(poems)
     model_config = ModelConfig(vocab_size=len(vocab), **model_settings)
     # Sampling first, on a fresh process's memory; its cost does not depend on the weights.
     sampled = bench_sampling(model_config, vocab, init_params(model_config, jax.random.key(0)))
-    torch_child = (torch_model.Child(model_config, train_config, vocab, args.steps, log)
-                   if args.against_torch else None)
-    trained = bench_training(train_config, model_config, poems, vocab, args.windows, args.steps, log, variants,
-                             args.profile, {"torch": torch_child.window} if torch_child else None)
+    torch_child = torch_model.Child(model_config, train_config, vocab, args.steps, log) if args.against_torch else None
+    trained = bench_training(
+        train_config,
+        model_config,
+        poems,
+        vocab,
+        args.windows,
+        args.steps,
+        log,
+        variants,
+        args.profile,
+        {"torch": torch_child.window} if torch_child else None,
+    )
     width = model_config.embed if model_config.tied else model_config.hidden
     rates = matmul_rates(trained["positions_per_batch"], width, model_config.vocab_size)
     best = max(rates, key=lambda backend: rates[backend]["all"])
     per_token = flops_per_token(model_config)
     ceiling = rates[best]["all"] * 1e9 / per_token
-    figures = {"machine": machine, "platform": jax.default_backend(), "batch_size": args.batch_size,
-               "model": model_settings, "matmul_gflops_by_backend": rates, "matmul_backend": best,
-               "matmul_gflops": rates[best]["all"], "flops_per_token": per_token,
-               "ceiling_tokens_per_s": ceiling, **trained, **sampled}
+    figures = {
+        "machine": machine,
+        "platform": jax.default_backend(),
+        "batch_size": args.batch_size,
+        "model": model_settings,
+        "matmul_gflops_by_backend": rates,
+        "matmul_backend": best,
+        "matmul_gflops": rates[best]["all"],
+        "flops_per_token": per_token,
+        "ceiling_tokens_per_s": ceiling,
+        **trained,
+        **sampled,
+    }
     if torch_child:
-        figures["torch"] = dict(torch_child.close(), train_tokens_per_s=figures["variants_tokens_per_s"].pop("torch"),
-                                train_window_tokens_per_s=figures["train_window_tokens_per_s"].pop("torch"))
+        figures["torch"] = dict(
+            torch_child.close(),
+            train_tokens_per_s=figures["variants_tokens_per_s"].pop("torch"),
+            train_window_tokens_per_s=figures["train_window_tokens_per_s"].pop("torch"),
+        )
     figures["peak_rss_mb"] = peak_rss_mb()
 
     def products(backend):
         rate = rates[backend]
-        return (f"{rate['all']:,.0f} GFLOP/s (forward {rate['forward']:,.0f}, input gradient "
-                f"{rate['input_gradient']:,.0f}, weight gradient {rate['weight_gradient']:,.0f})")
-    rows = [("machine", machine),
-            ("model", f"{args.layers}×{args.hidden} {args.cell}, embedding {args.embed}"
-                      f"{', tied head' if args.tied else ''}, batch {args.batch_size}, {len(vocab):,} characters"),
-            ("matrix products, XLA (float32)", products("xla")),
-            ("matrix products, numpy's BLAS", products("numpy")),
-            ("FLOPs per training token", f"{per_token / 1e6:.2f} M"),
-            ("ceiling", f"{ceiling:,.0f} tokens/s (from {'XLA' if best == 'xla' else 'numpy'}'s rate)"),
-            ("training", f"{figures['train_tokens_per_s']:,.0f} tokens/s ({figures['train_tokens_per_s'] / ceiling:.0%} of ceiling)"),
-            *[(f"training, {v}", f"{r:,.0f} tokens/s ({r / ceiling:.0%})")
-              for v, r in figures["variants_tokens_per_s"].items() if len(variants) > 1]]
+        return (
+            f"{rate['all']:,.0f} GFLOP/s (forward {rate['forward']:,.0f}, input gradient "
+            f"{rate['input_gradient']:,.0f}, weight gradient {rate['weight_gradient']:,.0f})"
+        )
+
+    rows = [
+        ("machine", machine),
+        (
+            "model",
+            f"{args.layers}×{args.hidden} {args.cell}, embedding {args.embed}"
+            f"{', tied head' if args.tied else ''}, batch {args.batch_size}, {len(vocab):,} characters",
+        ),
+        ("matrix products, XLA (float32)", products("xla")),
+        ("matrix products, numpy's BLAS", products("numpy")),
+        ("FLOPs per training token", f"{per_token / 1e6:.2f} M"),
+        ("ceiling", f"{ceiling:,.0f} tokens/s (from {'XLA' if best == 'xla' else 'numpy'}'s rate)"),
+        (
+            "training",
+            f"{figures['train_tokens_per_s']:,.0f} tokens/s ({figures['train_tokens_per_s'] / ceiling:.0%} of ceiling)",
+        ),
+        *[
+            (f"training, {v}", f"{r:,.0f} tokens/s ({r / ceiling:.0%})")
+            for v, r in figures["variants_tokens_per_s"].items()
+            if len(variants) > 1
+        ],
+    ]
     if args.against_torch:
         torch_rate = figures["torch"]["train_tokens_per_s"]
-        rows.append((f"training, PyTorch {figures['torch']['version']} ({figures['torch']['allocator']})",
-                     f"{torch_rate:,.0f} tokens/s ({torch_rate / ceiling:.0%}); JAX's default step is "
-                     f"{figures['train_tokens_per_s'] / torch_rate:.2f}× it"))
-    rows += [("validation", f"{figures['val_tokens_per_s']:,.0f} tokens/s ({figures['val_tokens_per_s'] / (3 * ceiling):.0%} of its ceiling)"),
-             ("compile, training steps", f"{figures['compile_s_train']:.1f} s for {len(figures['buckets'])} buckets, "
-                                         "one after another (train waits for these)"),
-             ("compile, evaluation steps", f"{figures['compile_s_eval']:.1f} s (train builds these during the first epoch)"),
-             ("padding", f"{figures['padded_share']:.1%} of trained positions"),
-             ("sample 1 poem × 64 chars", f"{figures['sample_ms_1']:.1f} ms (compile {figures['sample_compile_s_1']:.1f} s)"),
-             ("sample 64 poems × 64 chars", f"{figures['sample_ms_64']:.1f} ms"),
-             ("sample 1,024 poems × 64 chars", f"{figures['sample_ms_1024']:.1f} ms"),
-             ("peak memory, training", f"{figures['train_peak_rss_mb']:,.0f} MB"),
-             ("peak memory, whole run", f"{figures['peak_rss_mb']:,.0f} MB")]
+        rows.append(
+            (
+                f"training, PyTorch {figures['torch']['version']} ({figures['torch']['allocator']})",
+                f"{torch_rate:,.0f} tokens/s ({torch_rate / ceiling:.0%}); JAX's default step is "
+                f"{figures['train_tokens_per_s'] / torch_rate:.2f}× it",
+            )
+        )
+    rows += [
+        (
+            "validation",
+            f"{figures['val_tokens_per_s']:,.0f} tokens/s ({figures['val_tokens_per_s'] / (3 * ceiling):.0%} of its ceiling)",
+        ),
+        (
+            "compile, training steps",
+            f"{figures['compile_s_train']:.1f} s for {len(figures['buckets'])} buckets, "
+            "one after another (train waits for these)",
+        ),
+        ("compile, evaluation steps", f"{figures['compile_s_eval']:.1f} s (train builds these during the first epoch)"),
+        ("padding", f"{figures['padded_share']:.1%} of trained positions"),
+        (
+            "sample 1 poem × 64 chars",
+            f"{figures['sample_ms_1']:.1f} ms (compile {figures['sample_compile_s_1']:.1f} s)",
+        ),
+        ("sample 64 poems × 64 chars", f"{figures['sample_ms_64']:.1f} ms"),
+        ("sample 1,024 poems × 64 chars", f"{figures['sample_ms_1024']:.1f} ms"),
+        ("peak memory, training", f"{figures['train_peak_rss_mb']:,.0f} MB"),
+        ("peak memory, whole run", f"{figures['peak_rss_mb']:,.0f} MB"),
+    ]
     if "sample_ms_64_rules" in figures:
         rules_ms = figures["sample_ms_64_rules"]
-        rows.insert(-2, ("sample 64 七律 with rhyme and tones", f"{rules_ms:.1f} ms "
-                                                                f"({rules_ms / figures['sample_ms_64']:.2f}× free)"))
+        rows.insert(
+            -2,
+            (
+                "sample 64 七律 with rhyme and tones",
+                f"{rules_ms:.1f} ms ({rules_ms / figures['sample_ms_64']:.2f}× free)",
+            ),
+        )
     width = max(len(name) for name, _ in rows)
     print(f"| {'measure'.ljust(width)} | figure |\n|{'-' * (width + 2)}|--------|")
     for name, value in rows:

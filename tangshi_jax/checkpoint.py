@@ -26,13 +26,14 @@ from tangshi_jax.model import abstract_params
 # Orbax reports routine events through absl at WARNING, and a failed write or read as a screen
 # of ERROR lines besides the exception it raises; the exception is turned into one line.
 logging.getLogger("absl").setLevel(logging.CRITICAL)
-logging.getLogger("asyncio").setLevel(logging.CRITICAL)     # its "exception never retrieved" of the same
+logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # its "exception never retrieved" of the same
 
 
 def open_manager(directory: str | Path, keep: int = 3, create: bool = True) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
-    return ocp.CheckpointManager(Path(directory).resolve(), options=options,
-                                 item_names=("state", "model", "train", "vocab", "progress"))
+    return ocp.CheckpointManager(
+        Path(directory).resolve(), options=options, item_names=("state", "model", "train", "vocab", "progress")
+    )
 
 
 def retried(listing, tries: int = 10):
@@ -52,16 +53,21 @@ def open_reader(directory: str | Path) -> ocp.CheckpointManager:
     return retried(lambda: open_manager(directory, create=False))
 
 
-def save(manager, state, model_config: ModelConfig, train_config: TrainConfig, vocab: list[str],
-         progress: dict) -> None:
+def save(
+    manager, state, model_config: ModelConfig, train_config: TrainConfig, vocab: list[str], progress: dict
+) -> None:
     """Save (asynchronously) under the global step; progress holds epoch and batch position."""
-    manager.save(int(progress["step"]), args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        model=ocp.args.JsonSave(to_dict(model_config)),
-        train=ocp.args.JsonSave(to_dict(train_config)),
-        vocab=ocp.args.JsonSave({"chars": list(vocab)}),
-        progress=ocp.args.JsonSave(progress),
-    ), force=True)
+    manager.save(
+        int(progress["step"]),
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            model=ocp.args.JsonSave(to_dict(model_config)),
+            train=ocp.args.JsonSave(to_dict(train_config)),
+            vocab=ocp.args.JsonSave({"chars": list(vocab)}),
+            progress=ocp.args.JsonSave(progress),
+        ),
+        force=True,
+    )
 
 
 class Meta(NamedTuple):
@@ -73,11 +79,21 @@ class Meta(NamedTuple):
 
 def restore_meta(manager, step: int) -> Meta:
     """Configs, vocabulary and progress of a checkpoint, without reading its arrays."""
-    restored = manager.restore(step, args=ocp.args.Composite(
-        model=ocp.args.JsonRestore(), train=ocp.args.JsonRestore(),
-        vocab=ocp.args.JsonRestore(), progress=ocp.args.JsonRestore()))
-    return Meta(from_dict(ModelConfig, restored["model"]), from_dict(TrainConfig, restored["train"]),
-                list(restored["vocab"]["chars"]), dict(restored["progress"]))
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            model=ocp.args.JsonRestore(),
+            train=ocp.args.JsonRestore(),
+            vocab=ocp.args.JsonRestore(),
+            progress=ocp.args.JsonRestore(),
+        ),
+    )
+    return Meta(
+        from_dict(ModelConfig, restored["model"]),
+        from_dict(TrainConfig, restored["train"]),
+        list(restored["vocab"]["chars"]),
+        dict(restored["progress"]),
+    )
 
 
 def restore_state(manager, step: int, like, partial: bool = False):
@@ -90,12 +106,17 @@ def restore_state(manager, step: int, like, partial: bool = False):
 
     def abstract_leaf(leaf):
         struct = ocp.utils.to_shape_dtype_struct(leaf)
-        return struct if struct.sharding is not None else jax.ShapeDtypeStruct(struct.shape, struct.dtype,
-                                                                               sharding=default)
+        return (
+            struct
+            if struct.sharding is not None
+            else jax.ShapeDtypeStruct(struct.shape, struct.dtype, sharding=default)
+        )
+
     abstract = jax.tree_util.tree_map(abstract_leaf, like)
     if partial:
-        args = ocp.args.PyTreeRestore(item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-                                      partial_restore=True)
+        args = ocp.args.PyTreeRestore(
+            item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract), partial_restore=True
+        )
     else:
         args = ocp.args.StandardRestore(abstract)
     return manager.restore(step, args=ocp.args.Composite(state=args))["state"]
@@ -123,8 +144,13 @@ def unreadable_reason(error: BaseException) -> str:
         return f"wrong shapes: its configs ask for {shapes.group(1)} where {shapes.group(2)} is stored"
     missing = re.search(r"File (\S+) not found|Item .(\w+). was not found", text)
     if missing or re.search(r"NOT_FOUND|does not exist|No such file|FileNotFoundError", text):
-        name = "/".join(Path(missing.group(1)).parts[-2:]) if missing and missing.group(1) else \
-            missing.group(2) if missing else ""
+        name = (
+            "/".join(Path(missing.group(1)).parts[-2:])
+            if missing and missing.group(1)
+            else missing.group(2)
+            if missing
+            else ""
+        )
         return f"files are missing{f' ({name})' if name else where}"
     if "JSONDecodeError" in text:
         return "a JSON file in it is cut short or garbled"
@@ -132,8 +158,10 @@ def unreadable_reason(error: BaseException) -> str:
 
 
 def skipped_line(directory: Path, step: int, reason: str) -> str:
-    return (f"warning: skipping step {step} of {directory}: {reason}; it is left as it is: remove it with "
-            f"`rm -r {directory / str(step)}` once you no longer need it")
+    return (
+        f"warning: skipping step {step} of {directory}: {reason}; it is left as it is: remove it with "
+        f"`rm -r {directory / str(step)}` once you no longer need it"
+    )
 
 
 def collect_quietly() -> None:
@@ -144,7 +172,7 @@ def collect_quietly() -> None:
     late ones."""
     previous, sys.unraisablehook = sys.unraisablehook, (lambda unraisable: None)
     try:
-        with warnings.catch_warnings():       # "coroutine ... was never awaited", of the same failure
+        with warnings.catch_warnings():  # "coroutine ... was never awaited", of the same failure
             warnings.simplefilter("ignore", RuntimeWarning)
             gc.collect()
     finally:
@@ -160,18 +188,21 @@ def loop_closed(error) -> bool:
 
 def quiet_leftovers(previous):
     def hook(unraisable):
-        code = getattr(unraisable.object, "cr_code", None)          # one of Orbax's coroutines
+        code = getattr(unraisable.object, "cr_code", None)  # one of Orbax's coroutines
         if not (code is not None and "orbax" in code.co_filename) and not loop_closed(unraisable.exc_value):
             previous(unraisable)
+
     hook.orbax_leftovers = True
     return hook
 
 
 def quiet_loop_closed(previous):
     """TensorStore's late callbacks into a closed loop are printed through sys.excepthook."""
+
     def hook(kind, error, traceback):
         if not loop_closed(error):
             previous(kind, error, traceback)
+
     return hook
 
 
@@ -195,12 +226,12 @@ def restore_newest(manager, like_of: Callable[[Meta], Any], on_skip=None, partia
                 try:
                     meta = restore_meta(manager, step)
                     return Restored(step, meta, restore_state(manager, step, like_of(meta), partial))
-                except Exception as error:            # any fault of the files, reported by its reason
+                except Exception as error:  # any fault of the files, reported by its reason
                     failure = unreadable_reason(error)
                 collect_quietly()
                 if attempt or not (directory / str(step)).exists():
                     break
-                time.sleep(0.1)                      # a rotation may be removing it right now: look again
+                time.sleep(0.1)  # a rotation may be removing it right now: look again
             if (directory / str(step)).exists():
                 skipped.add(step)
                 on_skip(step, failure)
@@ -209,8 +240,10 @@ def restore_newest(manager, like_of: Callable[[Meta], Any], on_skip=None, partia
         if not vanished:
             break
     if skipped:
-        raise TangshiError(f"no checkpoint in {directory} can be read (steps {', '.join(map(str, sorted(skipped)))}, "
-                           "each named above); train again into a new --checkpoint-dir")
+        raise TangshiError(
+            f"no checkpoint in {directory} can be read (steps {', '.join(map(str, sorted(skipped)))}, "
+            "each named above); train again into a new --checkpoint-dir"
+        )
     return None
 
 
@@ -219,8 +252,9 @@ def load_newest(directory: str | Path, like_of: Callable[[Meta], Any], on_skip=N
     manager = open_reader(directory) if Path(directory).is_dir() else None
     restored = restore_newest(manager, like_of, on_skip, partial) if manager else None
     if restored is None:
-        raise TangshiError(f"no checkpoint in {directory}; train first with `python -m tangshi_jax.train "
-                           f"--checkpoint-dir {directory}`")
+        raise TangshiError(
+            f"no checkpoint in {directory}; train first with `python -m tangshi_jax.train --checkpoint-dir {directory}`"
+        )
     return restored
 
 
@@ -228,8 +262,10 @@ def load_params(directory: str | Path, on_skip=None) -> Restored:
     """The newest readable step's configs, vocabulary, progress and parameters, read without
     the optimizer state (or the trainer's code that describes it): what sampling, evaluation
     and serving need. Its state is {"params": ...}."""
+
     def like_of(meta: Meta):
         return {"params": abstract_params(meta.model_config)}
+
     return load_newest(directory, like_of, on_skip, partial=True)
 
 
@@ -250,6 +286,7 @@ def require_checkpoint(directory: str | Path) -> tuple[ocp.CheckpointManager, in
     manager = open_reader(directory) if Path(directory).is_dir() else None
     step = manager.latest_step() if manager else None
     if step is None:
-        raise TangshiError(f"no checkpoint in {directory}; train first with `python -m tangshi_jax.train "
-                           f"--checkpoint-dir {directory}`")
+        raise TangshiError(
+            f"no checkpoint in {directory}; train first with `python -m tangshi_jax.train --checkpoint-dir {directory}`"
+        )
     return manager, step

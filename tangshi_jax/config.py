@@ -17,46 +17,59 @@ DTYPES = ("float32", "bfloat16")
 
 @dataclass(frozen=True)
 class ModelConfig:
-    vocab_size: int          # characters the model reads and writes, G and E included
-    cell: str = "lstm"       # lstm | gru | rnn (the original's tanh cell)
-    layers: int = 2          # stacked recurrent layers
-    hidden: int = 128        # units per recurrent layer
-    embed: int = 100         # embedding width; initialised uniform(-1, 1) as in the original
+    vocab_size: int  # characters the model reads and writes, G and E included
+    cell: str = "lstm"  # lstm | gru | rnn (the original's tanh cell)
+    layers: int = 2  # stacked recurrent layers
+    hidden: int = 128  # units per recurrent layer
+    embed: int = 100  # embedding width; initialised uniform(-1, 1) as in the original
     relu_head: bool = False  # the original's ReLU on the logits; off by default (its loss stalls near 6)
-    dropout: float = 0.0     # dropped share of the embeddings, between layers and before the head (training only)
-    tied: bool = False       # the head reuses the embedding: last layer -> Dense(embed) -> embeddingᵀ
+    dropout: float = 0.0  # dropped share of the embeddings, between layers and before the head (training only)
+    tied: bool = False  # the head reuses the embedding: last layer -> Dense(embed) -> embeddingᵀ
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    data: str = "poems.txt"            # title:content lines, as the original read them
-    epochs: int = 30                   # total epochs; a resumed run continues up to this
-    batch_size: int = 100              # poems per step, as the original
-    lr: float = 0.01                   # peak learning rate (RMSprop at 0.01, as the original)
-    optimizer: str = "rmsprop"         # rmsprop (PyTorch's definition) | adam; both after clipping at norm 1
-    schedule: str = "constant"         # constant | cosine: linear warm-up, cosine decay, then held at its floor
-    warmup_steps: int = 0              # steps of linear warm-up from 0 (cosine only)
-    decay_epochs: int = 0              # epochs over which the cosine falls to its floor, later ones keep it;
-                                       # 0: the epochs of the run's first start
-    lr_floor: float = 0.05             # the cosine's final learning rate, as a share of lr
-    save_every: int = 5                # epochs between checkpoints (and one at the end)
-    max_poems: int | None = None       # keep only the first N usable poems, for a quick try
-    seed: int = 0                      # initialisation, dropout and the per-epoch data order
-    val_fraction: float = 0.02         # share of poems held out, chosen by a hash (see split)
-    split: str = "hash"                # hash: each poem by its own text (as first released) |
-                                       # grouped: near-repeats kept on one side, exact repeats trained once
-    num_buckets: int = 8               # padded lengths compiled; 8 keeps ~99% of positions real
-    keep: int = 3                      # checkpoints kept by the rotation
-    titles: bool = False               # read title + G + poem; the loss is on the poem only
-    max_title: int = 12                # title characters kept (the first ones; Chinese characters only)
-    dtype: str = "float32"             # training's activations and matrix products: float32 | bfloat16
-                                       # (parameters, optimizer state and the loss stay float32)
+    data: str = "poems.txt"  # title:content lines, as the original read them
+    epochs: int = 30  # total epochs; a resumed run continues up to this
+    batch_size: int = 100  # poems per step, as the original
+    lr: float = 0.01  # peak learning rate (RMSprop at 0.01, as the original)
+    optimizer: str = "rmsprop"  # rmsprop (PyTorch's definition) | adam; both after clipping at norm 1
+    schedule: str = "constant"  # constant | cosine: linear warm-up, cosine decay, then held at its floor
+    warmup_steps: int = 0  # steps of linear warm-up from 0 (cosine only)
+    decay_epochs: int = 0  # epochs over which the cosine falls to its floor, later ones keep it;
+    # 0: the epochs of the run's first start
+    lr_floor: float = 0.05  # the cosine's final learning rate, as a share of lr
+    save_every: int = 5  # epochs between checkpoints (and one at the end)
+    max_poems: int | None = None  # keep only the first N usable poems, for a quick try
+    seed: int = 0  # initialisation, dropout and the per-epoch data order
+    val_fraction: float = 0.02  # share of poems held out, chosen by a hash (see split)
+    split: str = "hash"  # hash: each poem by its own text (as first released) |
+    # grouped: near-repeats kept on one side, exact repeats trained once
+    num_buckets: int = 8  # padded lengths compiled; 8 keeps ~99% of positions real
+    keep: int = 3  # checkpoints kept by the rotation
+    titles: bool = False  # read title + G + poem; the loss is on the poem only
+    max_title: int = 12  # title characters kept (the first ones; Chinese characters only)
+    dtype: str = "float32"  # training's activations and matrix products: float32 | bfloat16
+    # (parameters, optimizer state and the loss stay float32)
 
 
 # Settings that decide the data or the optimisation path; a resumed run must keep them to
 # replay the same batches with the same learning rates.
-DATA_ORDER_FIELDS = ("batch_size", "max_poems", "seed", "val_fraction", "split", "num_buckets", "titles",
-                     "max_title", "optimizer", "schedule", "warmup_steps", "decay_epochs", "lr_floor")
+DATA_ORDER_FIELDS = (
+    "batch_size",
+    "max_poems",
+    "seed",
+    "val_fraction",
+    "split",
+    "num_buckets",
+    "titles",
+    "max_title",
+    "optimizer",
+    "schedule",
+    "warmup_steps",
+    "decay_epochs",
+    "lr_floor",
+)
 
 
 # Named configurations: fields of ModelConfig and TrainConfig that differ from the defaults.
@@ -66,15 +79,46 @@ PRESETS = {
     "original": {"epochs": 5},
     # The README's first command, at most 15 minutes of training on 2 CPU cores: the first quarter
     # of the hour preset (the learning rate is still near its peak; a cosine over 3 epochs did worse).
-    "quick": {"epochs": 3, "hidden": 256, "embed": 128, "tied": True, "dropout": 0.2, "schedule": "cosine",
-              "warmup_steps": 50, "decay_epochs": 12, "split": "grouped", "titles": True},
+    "quick": {
+        "epochs": 3,
+        "hidden": 256,
+        "embed": 128,
+        "tied": True,
+        "dropout": 0.2,
+        "schedule": "cosine",
+        "warmup_steps": 50,
+        "decay_epochs": 12,
+        "split": "grouped",
+        "titles": True,
+    },
     # About an hour on 2 CPU cores; `--preset hour` resumes a quick run in the same directory.
-    "hour": {"epochs": 12, "hidden": 256, "embed": 128, "tied": True, "dropout": 0.2, "schedule": "cosine",
-             "warmup_steps": 50, "decay_epochs": 12, "split": "grouped", "titles": True},
+    "hour": {
+        "epochs": 12,
+        "hidden": 256,
+        "embed": 128,
+        "tied": True,
+        "dropout": 0.2,
+        "schedule": "cosine",
+        "warmup_steps": 50,
+        "decay_epochs": 12,
+        "split": "grouped",
+        "titles": True,
+    },
     # A larger model meant for a GPU (untested on one here: no device was lent).
-    "gpu": {"epochs": 30, "layers": 3, "hidden": 768, "embed": 256, "tied": True, "dropout": 0.35,
-            "lr": 0.005, "schedule": "cosine", "warmup_steps": 500, "batch_size": 128,
-            "split": "grouped", "titles": True},
+    "gpu": {
+        "epochs": 30,
+        "layers": 3,
+        "hidden": 768,
+        "embed": 256,
+        "tied": True,
+        "dropout": 0.35,
+        "lr": 0.005,
+        "schedule": "cosine",
+        "warmup_steps": 500,
+        "batch_size": 128,
+        "split": "grouped",
+        "titles": True,
+    },
 }
 DEFAULT_PRESET = "quick"
 
@@ -84,8 +128,11 @@ def preset_configs(name: str, **overrides) -> tuple[dict, "TrainConfig"]:
     that are not None."""
     values = {**PRESETS[name], **{key: value for key, value in overrides.items() if value is not None}}
     model_names = {field.name for field in dataclasses.fields(ModelConfig)} - {"vocab_size"}
-    model_settings = {field.name: values.get(field.name, field.default)
-                      for field in dataclasses.fields(ModelConfig) if field.name in model_names}
+    model_settings = {
+        field.name: values.get(field.name, field.default)
+        for field in dataclasses.fields(ModelConfig)
+        if field.name in model_names
+    }
     unknown = set(values) - model_names - {field.name for field in dataclasses.fields(TrainConfig)}
     if unknown:
         raise ValueError(f"unknown settings {sorted(unknown)}")
@@ -104,5 +151,8 @@ def from_dict(cls, values: dict):
 def differences(old, new, fields=None) -> list[str]:
     """Fields whose values differ, as 'name: old -> new' strings."""
     names = fields or [field.name for field in dataclasses.fields(old)]
-    return [f"{name}: {getattr(old, name)!r} -> {getattr(new, name)!r}"
-            for name in names if getattr(old, name) != getattr(new, name)]
+    return [
+        f"{name}: {getattr(old, name)!r} -> {getattr(new, name)!r}"
+        for name in names
+        if getattr(old, name) != getattr(new, name)
+    ]

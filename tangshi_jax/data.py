@@ -15,17 +15,17 @@ import numpy as np
 
 from tangshi_jax.errors import TangshiError
 
-START, END = "G", "E"                       # the original's begin and end tokens
-FORBIDDEN = set("_(（《[") | {START, END}     # a poem holding any of these is skipped
-MIN_CHARS, MAX_CHARS = 5, 80                # content length limits, after spaces are removed
+START, END = "G", "E"  # the original's begin and end tokens
+FORBIDDEN = set("_(（《[") | {START, END}  # a poem holding any of these is skipped
+MIN_CHARS, MAX_CHARS = 5, 80  # content length limits, after spaces are removed
 
 
 @dataclass(frozen=True)
 class Corpus:
-    poems: list[str]   # kept poems, each wrapped as G + content + E, in file order
+    poems: list[str]  # kept poems, each wrapped as G + content + E, in file order
     titles: list[str]  # the title of each kept poem, Chinese characters only
-    skipped: int       # parsed lines dropped by the content rules
-    unparsable: int    # lines that are not exactly one 'title:content'
+    skipped: int  # parsed lines dropped by the content rules
+    unparsable: int  # lines that are not exactly one 'title:content'
     first_unparsable: int | None  # its line number, to point the user at it
 
 
@@ -45,8 +45,9 @@ def parse_line(line: str) -> str | None:
 
 
 def is_hanzi(char: str) -> bool:
-    return len(char) == 1 and ("\u4e00" <= char <= "\u9fff" or "\u3400" <= char <= "\u4dbf"
-                               or "\U00020000" <= char <= "\U0002ffff")
+    return len(char) == 1 and (
+        "\u4e00" <= char <= "\u9fff" or "\u3400" <= char <= "\u4dbf" or "\U00020000" <= char <= "\U0002ffff"
+    )
 
 
 def clean_title(title: str) -> str:
@@ -68,8 +69,9 @@ def read_corpus(path: str | Path) -> Corpus:
         try:
             line = raw_line.decode("utf-8")
         except UnicodeDecodeError as error:
-            raise TangshiError(f"{path}:{number}: not UTF-8 ({error.reason} at byte {error.start}); "
-                               "save the file as UTF-8") from None
+            raise TangshiError(
+                f"{path}:{number}: not UTF-8 ({error.reason} at byte {error.start}); save the file as UTF-8"
+            ) from None
         if not line.strip():
             continue
         try:
@@ -84,8 +86,10 @@ def read_corpus(path: str | Path) -> Corpus:
             poems.append(poem)
             titles.append(clean_title(line.split(":")[0]))
     if not poems:
-        raise TangshiError(f"{path}: no usable poem (need 'title:content' lines with {MIN_CHARS}-{MAX_CHARS} "
-                           "characters of content); build the real one with `python -m tangshi_jax.corpus`")
+        raise TangshiError(
+            f"{path}: no usable poem (need 'title:content' lines with {MIN_CHARS}-{MAX_CHARS} "
+            "characters of content); build the real one with `python -m tangshi_jax.corpus`"
+        )
     return Corpus(poems, titles, skipped, unparsable, first_unparsable)
 
 
@@ -100,8 +104,10 @@ def encode(poems: list[str], vocab: list[str]) -> list[np.ndarray]:
     try:
         return [np.array([ids[char] for char in poem], np.int32) for poem in poems]
     except KeyError as error:
-        raise TangshiError(f"character {error.args[0]!r} of the data is not in the checkpoint's vocabulary; "
-                           "train from the poems.txt the checkpoint was made with, or use a new --checkpoint-dir") from None
+        raise TangshiError(
+            f"character {error.args[0]!r} of the data is not in the checkpoint's vocabulary; "
+            "train from the poems.txt the checkpoint was made with, or use a new --checkpoint-dir"
+        ) from None
 
 
 def is_validation(poem: str, fraction: float) -> bool:
@@ -123,7 +129,7 @@ def lines_of(poem: str) -> list[str]:
     return [line for line in VERSE_BREAKS.split(poem.strip(START + END)) if line]
 
 
-MIN_SHARED_LINE = 4     # lines shorter than this (e.g. 3-character refrains) never make poems near-repeats
+MIN_SHARED_LINE = 4  # lines shorter than this (e.g. 3-character refrains) never make poems near-repeats
 
 
 def near_repeat_groups(poems: list[str]) -> list[int]:
@@ -152,9 +158,9 @@ def near_repeat_groups(poems: list[str]) -> list[int]:
 
 @dataclass(frozen=True)
 class SplitCounts:
-    exact_repeats: int      # copies of an earlier poem dropped from training (grouped split)
-    near_groups: int        # groups of 2+ poems that share most lines (exact repeats included)
-    near_poems: int         # poems in those groups
+    exact_repeats: int  # copies of an earlier poem dropped from training (grouped split)
+    near_groups: int  # groups of 2+ poems that share most lines (exact repeats included)
+    near_poems: int  # poems in those groups
 
 
 def split_indices(poems: list[str], fraction: float, method: str = "hash") -> tuple[list[int], list[int], SplitCounts]:
@@ -191,19 +197,21 @@ def sequences(corpus: Corpus, indices, titles: bool, max_title: int) -> list[str
     return [corpus.titles[i][:max_title] + corpus.poems[i] for i in indices]
 
 
-FINGERPRINT_BLOCK = 100     # poems a block of the fingerprint, so a mismatch can say where it starts
+FINGERPRINT_BLOCK = 100  # poems a block of the fingerprint, so a mismatch can say where it starts
 
 
 def fingerprint(corpus: Corpus, train_config) -> dict:
     """What a run reads, in order (each kept poem after its title when the run reads titles),
     as a count and hashes: a resumed run checks it against the checkpoint's. A poem's hash is
     over its text, so a BOM, CRLF line ends or another file name change nothing."""
-    read = sequences(corpus, range(len(corpus.poems[:train_config.max_poems])), train_config.titles,
-                     train_config.max_title)
-    blocks = [hashlib.blake2b("\n".join(read[i:i + FINGERPRINT_BLOCK]).encode("utf-8"), digest_size=6).hexdigest()
-              for i in range(0, len(read), FINGERPRINT_BLOCK)]
-    return {"poems": len(read), "blocks": blocks,
-            "sha256": hashlib.sha256("\n".join(read).encode("utf-8")).hexdigest()}
+    read = sequences(
+        corpus, range(len(corpus.poems[: train_config.max_poems])), train_config.titles, train_config.max_title
+    )
+    blocks = [
+        hashlib.blake2b("\n".join(read[i : i + FINGERPRINT_BLOCK]).encode("utf-8"), digest_size=6).hexdigest()
+        for i in range(0, len(read), FINGERPRINT_BLOCK)
+    ]
+    return {"poems": len(read), "blocks": blocks, "sha256": hashlib.sha256("\n".join(read).encode("utf-8")).hexdigest()}
 
 
 def shift(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -232,7 +240,7 @@ def choose_buckets(lengths: list[int], num_buckets: int) -> tuple[int, ...]:
         return sizes[j] * (count_sum[j + 1] - count_sum[i]) - (token_sum[j + 1] - token_sum[i])
 
     n = len(sizes)
-    best = [[padding(0, j) for j in range(n)]]     # best[k - 1][j]: k buckets covering sizes[..j]
+    best = [[padding(0, j) for j in range(n)]]  # best[k - 1][j]: k buckets covering sizes[..j]
     start = [[0] * n]
     for k in range(1, num_buckets):
         row, starts = [np.inf] * n, [0] * n
@@ -253,11 +261,12 @@ def choose_buckets(lengths: list[int], num_buckets: int) -> tuple[int, ...]:
 @dataclass(frozen=True)
 class BucketedData:
     """Poems grouped by bucket, each group padded once into a (poems, length + 1) array."""
-    buckets: tuple[int, ...]    # padded input lengths
-    tokens: list[np.ndarray]    # per bucket: (poems, length + 1) token ids, padded with END
-    lengths: list[np.ndarray]   # per bucket: real input length of each poem
-    starts: list[np.ndarray]    # per bucket: position of G in each row (the title's length; 0 without one)
-    is_char: np.ndarray         # per vocabulary id: a Chinese character (not punctuation, G or E)
+
+    buckets: tuple[int, ...]  # padded input lengths
+    tokens: list[np.ndarray]  # per bucket: (poems, length + 1) token ids, padded with END
+    lengths: list[np.ndarray]  # per bucket: real input length of each poem
+    starts: list[np.ndarray]  # per bucket: position of G in each row (the title's length; 0 without one)
+    is_char: np.ndarray  # per vocabulary id: a Chinese character (not punctuation, G or E)
 
     @property
     def num_poems(self) -> int:
@@ -268,8 +277,9 @@ class BucketedData:
         return int(sum(group.sum() for group in self.lengths))
 
 
-def bucketize(encoded: list[np.ndarray], buckets: tuple[int, ...], start_id: int, end_id: int,
-              is_char: np.ndarray) -> BucketedData:
+def bucketize(
+    encoded: list[np.ndarray], buckets: tuple[int, ...], start_id: int, end_id: int, is_char: np.ndarray
+) -> BucketedData:
     groups = [[] for _ in buckets]
     for tokens in encoded:
         length = len(tokens) - 1
@@ -281,35 +291,40 @@ def bucketize(encoded: list[np.ndarray], buckets: tuple[int, ...], start_id: int
     for bucket, group in zip(buckets, groups):
         array = np.full((len(group), bucket + 1), end_id, np.int32)
         for row, tokens in enumerate(group):
-            array[row, :len(tokens)] = tokens
+            array[row, : len(tokens)] = tokens
         padded.append(array)
         lengths.append(np.array([len(tokens) - 1 for tokens in group], np.int32))
         starts.append(np.argmax(array == start_id, axis=1).astype(np.int32))
     return BucketedData(tuple(buckets), padded, lengths, starts, is_char)
 
 
-def prepare(poems: list[str], vocab: list[str], val_fraction: float,
-            num_buckets: int) -> tuple[BucketedData, BucketedData]:
+def prepare(
+    poems: list[str], vocab: list[str], val_fraction: float, num_buckets: int
+) -> tuple[BucketedData, BucketedData]:
     """Training and validation sets of title-free poems, split by hash and bucketed alike."""
     return bucket_split(*split(poems, val_fraction), vocab, num_buckets)
 
 
-def bucket_split(train: list[str], val: list[str], vocab: list[str],
-                 num_buckets: int) -> tuple[BucketedData, BucketedData]:
+def bucket_split(
+    train: list[str], val: list[str], vocab: list[str], num_buckets: int
+) -> tuple[BucketedData, BucketedData]:
     """Both halves of a split bucketed alike; bucket lengths come from all their sequences."""
     buckets = choose_buckets([len(poem) - 1 for poem in train + val], num_buckets)
     start_id, end_id = vocab.index(START), vocab.index(END)
     is_char = np.array([is_hanzi(char) for char in vocab])
-    return (bucketize(encode(train, vocab), buckets, start_id, end_id, is_char),
-            bucketize(encode(val, vocab), buckets, start_id, end_id, is_char))
+    return (
+        bucketize(encode(train, vocab), buckets, start_id, end_id, is_char),
+        bucketize(encode(val, vocab), buckets, start_id, end_id, is_char),
+    )
 
 
 @dataclass(frozen=True)
 class Dataset:
     """A run's data as training sees it: the split, the vocabulary and the bucketed sets."""
-    train_poems: list[str]     # wrapped poems (G ... E) of the training side, without titles
+
+    train_poems: list[str]  # wrapped poems (G ... E) of the training side, without titles
     val_poems: list[str]
-    val_sequences: list[str]   # what the model reads of each validation poem (title + poem with titles)
+    val_sequences: list[str]  # what the model reads of each validation poem (title + poem with titles)
     vocab: list[str]
     train: BucketedData
     val: BucketedData
@@ -318,14 +333,15 @@ class Dataset:
 
 def make_dataset(corpus: Corpus, train_config, vocab: list[str] | None = None) -> Dataset:
     """Split, vocabulary (unless a checkpoint brings its own) and buckets, as train_config says."""
-    poems = corpus.poems[:train_config.max_poems]
+    poems = corpus.poems[: train_config.max_poems]
     train_ids, val_ids, counts = split_indices(poems, train_config.val_fraction, train_config.split)
     read = functools.partial(sequences, corpus, titles=train_config.titles, max_title=train_config.max_title)
     vocab = vocab or build_vocab(read(range(len(poems))))
     val_sequences = read(val_ids)
     train_data, val_data = bucket_split(read(train_ids), val_sequences, vocab, train_config.num_buckets)
-    return Dataset([poems[i] for i in train_ids], [poems[i] for i in val_ids], val_sequences, vocab, train_data,
-                   val_data, counts)
+    return Dataset(
+        [poems[i] for i in train_ids], [poems[i] for i in val_ids], val_sequences, vocab, train_data, val_data, counts
+    )
 
 
 def first_of_each_bucket(plan: list[tuple[int, np.ndarray]]) -> list[int]:
@@ -337,8 +353,9 @@ def first_of_each_bucket(plan: list[tuple[int, np.ndarray]]) -> list[int]:
     return [first[bucket_index] for bucket_index in sorted(first)]
 
 
-def epoch_plan(data: BucketedData, batch_size: int, seed: int, epoch: int,
-               shuffle: bool = True) -> list[tuple[int, np.ndarray]]:
+def epoch_plan(
+    data: BucketedData, batch_size: int, seed: int, epoch: int, shuffle: bool = True
+) -> list[tuple[int, np.ndarray]]:
     """The epoch's batches as (bucket index, poem rows), a pure function of (seed, epoch).
 
     Resuming at batch k of an epoch replays exactly the batches an uninterrupted run would.
@@ -347,7 +364,7 @@ def epoch_plan(data: BucketedData, batch_size: int, seed: int, epoch: int,
     plan = []
     for bucket_index, group in enumerate(data.lengths):
         rows = rng.permutation(len(group)) if shuffle else np.arange(len(group))
-        plan += [(bucket_index, rows[start:start + batch_size]) for start in range(0, len(rows), batch_size)]
+        plan += [(bucket_index, rows[start : start + batch_size]) for start in range(0, len(rows), batch_size)]
     if shuffle:
         plan = [plan[i] for i in rng.permutation(len(plan))]
     return plan
@@ -360,20 +377,25 @@ def make_batch(data: BucketedData, bucket_index: int, rows: np.ndarray, batch_si
     that are Chinese characters (punctuation and E excluded), for the character-only metrics."""
     length = data.buckets[bucket_index]
     tokens = np.zeros((batch_size, length + 1), np.int32)
-    tokens[:len(rows)] = data.tokens[bucket_index][rows]
+    tokens[: len(rows)] = data.tokens[bucket_index][rows]
     real = np.zeros(batch_size, np.int32)
-    real[:len(rows)] = data.lengths[bucket_index][rows]
+    real[: len(rows)] = data.lengths[bucket_index][rows]
     start = np.zeros(batch_size, np.int32)
-    start[:len(rows)] = data.starts[bucket_index][rows]
+    start[: len(rows)] = data.starts[bucket_index][rows]
     inputs, targets = shift(tokens)
     positions = np.arange(length)[None, :]
     mask = (positions < real[:, None]) & (positions >= start[:, None])
-    return {"inputs": inputs, "targets": targets, "mask": mask.astype(np.float32),
-            "chars": (mask & data.is_char[targets]).astype(np.float32)}
+    return {
+        "inputs": inputs,
+        "targets": targets,
+        "mask": mask.astype(np.float32),
+        "chars": (mask & data.is_char[targets]).astype(np.float32),
+    }
 
 
 def padded_share(data: BucketedData, batch_size: int) -> float:
     """Share of computed positions that are padding, counting the fill of short batches."""
-    computed = sum(-(-len(group) // batch_size) * batch_size * bucket
-                   for bucket, group in zip(data.buckets, data.lengths))
+    computed = sum(
+        -(-len(group) // batch_size) * batch_size * bucket for bucket, group in zip(data.buckets, data.lengths)
+    )
     return 1 - data.num_tokens / computed if computed else 0.0

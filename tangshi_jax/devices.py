@@ -13,14 +13,15 @@ from tangshi_jax.cache import default_cache_dir
 from tangshi_jax.errors import TangshiError
 
 PLATFORMS = ("cpu", "gpu", "tpu")
-DATA_AXIS = "data"   # the mesh axis that batches are split along
-JOIN_TIMEOUT_S = 300        # how long a process waits for the others to join the run
-HEARTBEAT_TIMEOUT_S = 60    # a process silent this long is taken as dead, and the others stop
+DATA_AXIS = "data"  # the mesh axis that batches are split along
+JOIN_TIMEOUT_S = 300  # how long a process waits for the others to join the run
+HEARTBEAT_TIMEOUT_S = 60  # a process silent this long is taken as dead, and the others stop
 
 
 class Cluster(NamedTuple):
     """The flags that join processes into one run; all None: a single process, or a cluster
     launcher (SLURM, Open MPI) that JAX reads by itself."""
+
     coordinator: str | None = None
     num_processes: int | None = None
     process_id: int | None = None
@@ -29,7 +30,7 @@ class Cluster(NamedTuple):
 def enable_compilation_cache() -> None:
     """Keep compiled programs on disk, so a second run with the same shapes starts at once."""
     jax.config.update("jax_compilation_cache_dir", str(default_cache_dir() / "xla"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)   # ours take 0.3-1 s each
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # ours take 0.3-1 s each
 
 
 def launched_by_cluster() -> bool:
@@ -41,15 +42,21 @@ def launched_by_cluster() -> bool:
 def check_cluster(cluster: Cluster) -> None:
     given = [value is not None for value in cluster]
     if any(given) and not all(given):
-        raise TangshiError("--coordinator, --num-processes and --process-id go together: give all three "
-                           "(the same --coordinator HOST:PORT and --num-processes to every process), or none")
+        raise TangshiError(
+            "--coordinator, --num-processes and --process-id go together: give all three "
+            "(the same --coordinator HOST:PORT and --num-processes to every process), or none"
+        )
     if all(given):
         host, _, port = cluster.coordinator.rpartition(":")
         if not host or not port.isdigit():
-            raise TangshiError(f"--coordinator {cluster.coordinator}: expected HOST:PORT of process 0, e.g. 10.0.0.1:1234")
+            raise TangshiError(
+                f"--coordinator {cluster.coordinator}: expected HOST:PORT of process 0, e.g. 10.0.0.1:1234"
+            )
         if cluster.num_processes < 1 or not 0 <= cluster.process_id < cluster.num_processes:
-            raise TangshiError(f"--process-id {cluster.process_id} with --num-processes {cluster.num_processes}: "
-                               "ids run from 0 to num-processes − 1")
+            raise TangshiError(
+                f"--process-id {cluster.process_id} with --num-processes {cluster.num_processes}: "
+                "ids run from 0 to num-processes − 1"
+            )
 
 
 def join_cluster(cluster: Cluster) -> None:
@@ -58,15 +65,21 @@ def join_cluster(cluster: Cluster) -> None:
     if cluster.coordinator is None and not launched_by_cluster():
         return
     try:
-        jax.distributed.initialize(cluster.coordinator, cluster.num_processes, cluster.process_id,
-                                   initialization_timeout=JOIN_TIMEOUT_S,
-                                   heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S)
-    except Exception as error:   # JAX raises several types here; all mean the same to the user
+        jax.distributed.initialize(
+            cluster.coordinator,
+            cluster.num_processes,
+            cluster.process_id,
+            initialization_timeout=JOIN_TIMEOUT_S,
+            heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S,
+        )
+    except Exception as error:  # JAX raises several types here; all mean the same to the user
         first_line = (str(error).splitlines() or ["no reason given"])[0]
         where = cluster.coordinator or "the cluster's coordinator"
-        raise TangshiError(f"could not join the run at {where} ({first_line}); start every process with the same "
-                           "--coordinator and --num-processes, and process 0 first or within "
-                           f"{JOIN_TIMEOUT_S} s of the others") from None
+        raise TangshiError(
+            f"could not join the run at {where} ({first_line}); start every process with the same "
+            "--coordinator and --num-processes, and process 0 first or within "
+            f"{JOIN_TIMEOUT_S} s of the others"
+        ) from None
 
 
 def use_platform(name: str | None, cluster: Cluster = Cluster()) -> str:
@@ -84,8 +97,10 @@ def use_platform(name: str | None, cluster: Cluster = Cluster()) -> str:
         devices = jax.devices(name) if name else jax.devices()
     except RuntimeError as error:
         first_line = str(error).splitlines()[0] if str(error) else "no such backend"
-        raise TangshiError(f"--platform {name}: JAX finds no {name} device ({first_line}); install JAX "
-                           f"for it (for an NVIDIA GPU: pip install 'jax[cuda13]' or 'jax[cuda12]') or use --platform cpu") from None
+        raise TangshiError(
+            f"--platform {name}: JAX finds no {name} device ({first_line}); install JAX "
+            f"for it (for an NVIDIA GPU: pip install 'jax[cuda13]' or 'jax[cuda12]') or use --platform cpu"
+        ) from None
     if name and jax.default_backend() != name:
         jax.config.update("jax_default_device", devices[0])
     return devices[0].platform
@@ -99,8 +114,10 @@ def make_mesh(devices_per_process: int | None = None, platform: str | None = Non
     local_count = sum(device.process_index == jax.process_index() for device in devices)
     count = devices_per_process or local_count
     if count > local_count:
-        raise TangshiError(f"--devices {count}: this process sees only {local_count} {devices[0].platform} "
-                           f"device{'s' * (local_count != 1)}; give at most {local_count}")
+        raise TangshiError(
+            f"--devices {count}: this process sees only {local_count} {devices[0].platform} "
+            f"device{'s' * (local_count != 1)}; give at most {local_count}"
+        )
     by_process = {}
     for device in sorted(devices, key=lambda d: (d.process_index, d.id)):
         by_process.setdefault(device.process_index, []).append(device)
@@ -120,8 +137,10 @@ def split_rows(mesh: Mesh) -> NamedSharding:
 def describe_mesh(mesh: Mesh, rows: int) -> str:
     processes = len({device.process_index for device in mesh.devices.flat})
     per_device = rows // mesh.size
-    return (f"mesh: {mesh.size} device{'s' * (mesh.size != 1)} × {processes} process{'es' * (processes != 1)}, "
-            f"{per_device} row{'s' * (per_device != 1)} per device")
+    return (
+        f"mesh: {mesh.size} device{'s' * (mesh.size != 1)} × {processes} process{'es' * (processes != 1)}, "
+        f"{per_device} row{'s' * (per_device != 1)} per device"
+    )
 
 
 def describe_devices() -> str:

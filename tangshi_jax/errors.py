@@ -12,11 +12,13 @@ EXIT_USER_ERROR, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 
 class TangshiError(Exception):
     """A problem the user can fix; its message names the problem and the fix."""
+
     exit_code = EXIT_USER_ERROR
 
 
 class Diverged(TangshiError):
     """Training stopped on a non-finite or runaway loss; nothing of the diverged state was saved."""
+
     exit_code = EXIT_DIVERGED
 
 

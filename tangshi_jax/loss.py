@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 
-HEAD_STEPS = 2           # time steps per loop trip of the head (2: 3–9% faster than 1, PERFORMANCE.md)
+HEAD_STEPS = 2  # time steps per loop trip of the head (2: 3–9% faster than 1, PERFORMANCE.md)
 HEAD_TRANSPOSED = False  # the weight gradient as (d_logitsᵀ h)ᵀ
 
 
@@ -60,10 +60,12 @@ def nll_of_logits(logits, targets):
 
 def head_nll_positions(features, kernel, bias, targets, relu=False, steps=HEAD_STEPS):
     """-log p(target) at every position (B, T), `steps` time steps' logits at a time (no gradient)."""
+
     def step(_, xs):
         h, t, _ = xs
         logits, _ = _step_logits(h, kernel, bias, relu)
         return None, nll_of_logits(logits, t)[0]
+
     _, nll = jax.lax.scan(step, None, _time_major(features, targets, jnp.zeros(targets.shape), steps))
     return _batch_major(nll, *targets.shape)
 
@@ -72,11 +74,13 @@ def head_nll_positions(features, kernel, bias, targets, relu=False, steps=HEAD_S
 def head_nll(features, kernel, bias, targets, mask, relu=False, steps=HEAD_STEPS, transposed=HEAD_TRANSPOSED):
     """Sum over real positions of -log p(target), p = softmax(features @ kernel + bias)
     (with the original's ReLU on the logits when `relu`). features (B, T, H); targets, mask (B, T)."""
+
     def step(total, xs):
         h, t, m = xs
         logits, _ = _step_logits(h, kernel, bias, relu)
         nll, _ = nll_of_logits(logits, t)
         return total + jnp.sum(nll * m), None
+
     total, _ = jax.lax.scan(step, jnp.zeros((), jnp.float32), _time_major(features, targets, mask, steps))
     return total
 
@@ -95,6 +99,7 @@ def _head_nll_forward(features, kernel, bias, targets, mask, relu, steps, transp
         d_kernel += _product(d_logits.astype(h.dtype).T, h) if transposed else _product(h.T, d_logits)
         carry = (total + jnp.sum(nll * m), d_kernel, d_bias + jnp.sum(d_logits, axis=0))
         return carry, _product(d_logits.astype(h.dtype), kernel.T).astype(h.dtype)
+
     d_kernel = jnp.zeros_like(kernel.T if transposed else kernel)
     init = (jnp.zeros((), jnp.float32), d_kernel, jnp.zeros_like(bias))
     (total, d_kernel, d_bias), d_features = jax.lax.scan(step, init, _time_major(features, targets, mask, steps))

@@ -26,6 +26,7 @@ GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 def uniform_init(low: float, high: float):
     def init(key, shape, dtype=jnp.float32):
         return jax.random.uniform(key, shape, dtype, low, high)
+
     return init
 
 
@@ -35,14 +36,23 @@ def uniform_init(low: float, high: float):
 
 class LSTMCell(nn.Module):
     """i, f, g, o = σ, σ, tanh, σ of (x W + b + h U); c' = f⊙c + i⊙g; h' = o⊙tanh(c')."""
+
     hidden: int
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, carry, x_proj):
         h, c = carry
-        z = (x_proj + nn.Dense(4 * self.hidden, use_bias=False, name="recurrent", dtype=self.dtype,
-                               kernel_init=nn.initializers.orthogonal())(h)).astype(jnp.float32)
+        z = (
+            x_proj
+            + nn.Dense(
+                4 * self.hidden,
+                use_bias=False,
+                name="recurrent",
+                dtype=self.dtype,
+                kernel_init=nn.initializers.orthogonal(),
+            )(h)
+        ).astype(jnp.float32)
         (_, _, _, o), c, tanh_c = _lstm_gates(z, c)
         h = o * tanh_c
         return (h, c), h
@@ -51,31 +61,60 @@ class LSTMCell(nn.Module):
 class GRUCell(nn.Module):
     """The seed's GRU: z, r = σ(x W + b + h U); h̃ = tanh(x W_h + b_h + (r⊙h) U_h);
     h' = (1−z)⊙h + z⊙h̃. (Flax's GRUCell gives z the opposite role.)"""
+
     hidden: int
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, h, x_proj):
         x_gates, x_candidate = jnp.split(x_proj, [2 * self.hidden], axis=-1)
-        gates = (x_gates + nn.Dense(2 * self.hidden, use_bias=False, name="recurrent_gates", dtype=self.dtype,
-                                    kernel_init=nn.initializers.orthogonal())(h)).astype(jnp.float32)
+        gates = (
+            x_gates
+            + nn.Dense(
+                2 * self.hidden,
+                use_bias=False,
+                name="recurrent_gates",
+                dtype=self.dtype,
+                kernel_init=nn.initializers.orthogonal(),
+            )(h)
+        ).astype(jnp.float32)
         z, r = jnp.split(jax.nn.sigmoid(gates), 2, axis=-1)
-        candidate = jnp.tanh((x_candidate + nn.Dense(self.hidden, use_bias=False, name="recurrent_candidate",
-                                                     dtype=self.dtype, kernel_init=nn.initializers.orthogonal())(r * h)
-                              ).astype(jnp.float32))
+        candidate = jnp.tanh(
+            (
+                x_candidate
+                + nn.Dense(
+                    self.hidden,
+                    use_bias=False,
+                    name="recurrent_candidate",
+                    dtype=self.dtype,
+                    kernel_init=nn.initializers.orthogonal(),
+                )(r * h)
+            ).astype(jnp.float32)
+        )
         h = (1 - z) * h + z * candidate
         return h, h
 
 
 class RNNCell(nn.Module):
     """The original's plain cell: h' = tanh(x W + b + h U)."""
+
     hidden: int
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, h, x_proj):
-        h = jnp.tanh((x_proj + nn.Dense(self.hidden, use_bias=False, name="recurrent", dtype=self.dtype,
-                                        kernel_init=nn.initializers.orthogonal())(h)).astype(jnp.float32))
+        h = jnp.tanh(
+            (
+                x_proj
+                + nn.Dense(
+                    self.hidden,
+                    use_bias=False,
+                    name="recurrent",
+                    dtype=self.dtype,
+                    kernel_init=nn.initializers.orthogonal(),
+                )(h)
+            ).astype(jnp.float32)
+        )
         return h, h
 
 
@@ -92,12 +131,14 @@ def _lstm_gates(z, c):
 
 def _lstm_forward(kernel, x_proj, h, c, dtype):
     """The LSTM over time-major x_proj (T, B, 4H), keeping what the backward pass reads."""
+
     def step(carry, x):
         h, c = carry
         z = x.astype(jnp.float32) + jnp.dot(h.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
         gates, new_c, tanh_c = _lstm_gates(z, c)
         new_h = gates[3] * tanh_c
         return (new_h, new_c), (new_h, c, jnp.concatenate(gates, axis=-1), tanh_c)
+
     (h_last, c_last), (hs, cs_before, gates, tanh_cs) = jax.lax.scan(step, (h, c), x_proj)
     return (h_last, c_last), hs, (cs_before, gates, tanh_cs)
 
@@ -137,15 +178,25 @@ def _lstm_sequence(dtype_name: str):
             i, f, g, o = jnp.split(step_gates, 4, axis=-1)
             d_h = d_h + d_h_out
             d_c = d_c + d_h * o * (1 - tanh_c * tanh_c)
-            d_z = jnp.concatenate([d_c * g * i * (1 - i), d_c * c_before * f * (1 - f),
-                                   d_c * i * (1 - g * g), d_h * tanh_c * o * (1 - o)], axis=-1)
+            d_z = jnp.concatenate(
+                [
+                    d_c * g * i * (1 - i),
+                    d_c * c_before * f * (1 - f),
+                    d_c * i * (1 - g * g),
+                    d_h * tanh_c * o * (1 - o),
+                ],
+                axis=-1,
+            )
             d_h_before = jnp.dot(d_z.astype(dtype), kernel_t, preferred_element_type=jnp.float32)
             return (d_h_before, d_c * f), d_z
-        (d_h_first, d_c_first), d_zs = jax.lax.scan(step, (d_h_last, d_c_last),
-                                                    (d_hs, cs_before, gates, tanh_cs), reverse=True)
+
+        (d_h_first, d_c_first), d_zs = jax.lax.scan(
+            step, (d_h_last, d_c_last), (d_hs, cs_before, gates, tanh_cs), reverse=True
+        )
         hs_before = jnp.concatenate([h_first[None], hs[:-1]], axis=0)
-        d_kernel = jnp.einsum("tbh,tbg->hg", hs_before.astype(dtype), d_zs.astype(dtype),
-                              preferred_element_type=jnp.float32)
+        d_kernel = jnp.einsum(
+            "tbh,tbg->hg", hs_before.astype(dtype), d_zs.astype(dtype), preferred_element_type=jnp.float32
+        )
         return d_kernel, d_zs.astype(x_like.dtype), d_h_first, d_c_first
 
     sequence.defvjp(forward, backward)
@@ -154,6 +205,7 @@ def _lstm_sequence(dtype_name: str):
 
 class RecurrentKernel(nn.Module):
     """U of a recurrent layer, (hidden, gates × hidden): the parameter a Dense named like this holds."""
+
     features: int
 
     @nn.compact
@@ -164,6 +216,7 @@ class RecurrentKernel(nn.Module):
 class LSTMSequence(nn.Module):
     """The LSTM layer's loop through lstm_sequence; its parameters are LSTMCell's under nn.scan
     (cell/recurrent/kernel), so either runs the other's checkpoints."""
+
     hidden: int
     dtype: Any = jnp.float32
 
@@ -179,7 +232,7 @@ class RecurrentLayer(nn.Module):
     cell: str
     hidden: int
     dtype: Any = jnp.float32
-    hand_gradients: bool = True   # the LSTM through lstm_sequence; False: nn.scan of LSTMCell and autodiff
+    hand_gradients: bool = True  # the LSTM through lstm_sequence; False: nn.scan of LSTMCell and autodiff
 
     @nn.compact
     def __call__(self, carry, inputs):
@@ -187,8 +240,9 @@ class RecurrentLayer(nn.Module):
         x_proj = nn.Dense(GATES[self.cell] * self.hidden, name="input", dtype=self.dtype)(inputs)
         if self.cell == "lstm" and self.hand_gradients:
             return LSTMSequence(self.hidden, self.dtype, name="cell")(carry, x_proj)
-        scan = nn.scan(CELLS[self.cell], variable_broadcast="params", split_rngs={"params": False},
-                       in_axes=1, out_axes=1)
+        scan = nn.scan(
+            CELLS[self.cell], variable_broadcast="params", split_rngs={"params": False}, in_axes=1, out_axes=1
+        )
         return scan(self.hidden, self.dtype, name="cell")(carry, x_proj)
 
 
@@ -209,7 +263,7 @@ def wavefront(config: ModelConfig, params, carry, x, keep=None, keep_prob=1.0, d
     def step(index, layer_carry, x_proj):
         return cell.apply({"params": params[f"layer_{index}"]["cell"]}, layer_carry, x_proj)
 
-    def pad(sequence, before):   # time-major, padded to the T + L − 1 trips with trip s at index s
+    def pad(sequence, before):  # time-major, padded to the T + L − 1 trips with trip s at index s
         return jnp.pad(sequence, [(before, layers - 1 - before)] + [(0, 0)] * (sequence.ndim - 1))
 
     first = pad(jnp.swapaxes(project(0, x), 0, 1), 0)
@@ -221,24 +275,25 @@ def wavefront(config: ModelConfig, params, carry, x, keep=None, keep_prob=1.0, d
         for index, layer_carry in enumerate(carries):
             if index == 0:
                 inputs = x_proj
-            else:       # the layer below's output from the previous trip: its time step s − index
+            else:  # the layer below's output from the previous trip: its time step s − index
                 below = carries[index - 1][0] if config.cell == "lstm" else carries[index - 1]
                 if trip_masks is not None:
                     below = jax.lax.select(trip_masks[index - 1], below / keep_prob, jnp.zeros_like(below))
                 inputs = project(index, below)
             updated, _ = step(index, layer_carry, inputs)
-            live = (s >= index) & (s - index < steps)   # layer `index` has a time step in this trip
+            live = (s >= index) & (s - index < steps)  # layer `index` has a time step in this trip
             new.append(jax.tree_util.tree_map(lambda a, b: jnp.where(live, a, b), updated, layer_carry))
         top = new[-1][0] if config.cell == "lstm" else new[-1]
         return tuple(new), top
+
     new_carry, outputs = jax.lax.scan(trip, tuple(carry), (jnp.arange(steps + layers - 1), first, masks))
-    return new_carry, jnp.swapaxes(outputs[layers - 1:], 0, 1)
+    return new_carry, jnp.swapaxes(outputs[layers - 1 :], 0, 1)
 
 
 class PoemModel(nn.Module):
     config: ModelConfig
-    dtype: Any = jnp.float32    # of activations and products; parameters are always float32
-    wavefront: bool = False     # stacked layers in one scan (`wavefront`); measured not to pay on 2 cores
+    dtype: Any = jnp.float32  # of activations and products; parameters are always float32
+    wavefront: bool = False  # stacked layers in one scan (`wavefront`); measured not to pay on 2 cores
     hand_gradients: bool = True  # LSTM layers differentiated by lstm_sequence's own backward pass
 
     @nn.compact
@@ -249,8 +304,11 @@ class PoemModel(nn.Module):
         the fused head and loss (loss.head_nll with head_weights), which never builds all
         logits at once. With train, dropout is drawn from the 'dropout' RNG stream."""
         config = self.config
-        embed_init = (nn.initializers.normal(config.embed ** -0.5) if config.tied   # it also makes logits
-                      else uniform_init(-1.0, 1.0))
+        embed_init = (
+            nn.initializers.normal(config.embed**-0.5)
+            if config.tied  # it also makes logits
+            else uniform_init(-1.0, 1.0)
+        )
         embed = nn.Embed(config.vocab_size, config.embed, embedding_init=embed_init, name="embed", dtype=self.dtype)
         drop = nn.Dropout(config.dropout, deterministic=not train or config.dropout == 0.0)
         x = drop(embed(tokens))
@@ -258,14 +316,22 @@ class PoemModel(nn.Module):
             # Dropout between layers: the masks nn.Dropout would draw, in the same order and shape.
             hidden_shape = x.shape[:2] + (config.hidden,)
             keep = [drop(jnp.ones(hidden_shape, jnp.float32)) != 0 for _ in carry[1:]]
-            new_carry, x = wavefront(config, self.variables["params"], carry, x, None if drop.deterministic else keep,
-                                     1.0 - config.dropout, self.dtype)
+            new_carry, x = wavefront(
+                config,
+                self.variables["params"],
+                carry,
+                x,
+                None if drop.deterministic else keep,
+                1.0 - config.dropout,
+                self.dtype,
+            )
             x = drop(x)
         else:
             new_carry = []
             for index, layer_carry in enumerate(carry):
-                layer_carry, x = RecurrentLayer(config.cell, config.hidden, self.dtype, self.hand_gradients,
-                                                name=f"layer_{index}")(layer_carry, x)
+                layer_carry, x = RecurrentLayer(
+                    config.cell, config.hidden, self.dtype, self.hand_gradients, name=f"layer_{index}"
+                )(layer_carry, x)
                 x = drop(x)
                 new_carry.append(layer_carry)
         if config.tied:
@@ -273,8 +339,13 @@ class PoemModel(nn.Module):
             bias = self.param("head_bias", nn.initializers.zeros, (config.vocab_size,))
             logits = None if features_only else embed.attend(x) + bias
         else:
-            head = nn.Dense(config.vocab_size, kernel_init=nn.initializers.xavier_uniform(),
-                            bias_init=nn.initializers.zeros, name="head", dtype=self.dtype)
+            head = nn.Dense(
+                config.vocab_size,
+                kernel_init=nn.initializers.xavier_uniform(),
+                bias_init=nn.initializers.zeros,
+                name="head",
+                dtype=self.dtype,
+            )
             logits = None if features_only else head(x)
         if features_only:
             return tuple(new_carry), x

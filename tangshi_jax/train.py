@@ -32,10 +32,30 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from tangshi_jax import checkpoint, data
-from tangshi_jax.config import (CELLS, DATA_ORDER_FIELDS, DEFAULT_PRESET, DTYPES, OPTIMIZERS, PRESETS, SCHEDULES,
-                                ModelConfig, TrainConfig, differences, preset_configs)
-from tangshi_jax.devices import (PLATFORMS, Cluster, describe_devices, describe_mesh, make_mesh, peak_rss_mb, replicated,
-                                 split_rows, use_platform)
+from tangshi_jax.config import (
+    CELLS,
+    DATA_ORDER_FIELDS,
+    DEFAULT_PRESET,
+    DTYPES,
+    OPTIMIZERS,
+    PRESETS,
+    SCHEDULES,
+    ModelConfig,
+    TrainConfig,
+    differences,
+    preset_configs,
+)
+from tangshi_jax.devices import (
+    PLATFORMS,
+    Cluster,
+    describe_devices,
+    describe_mesh,
+    make_mesh,
+    peak_rss_mb,
+    replicated,
+    split_rows,
+    use_platform,
+)
 from tangshi_jax.errors import Diverged, TangshiError, run_cli
 from tangshi_jax.loss import HEAD_STEPS, HEAD_TRANSPOSED, head_nll, nll_of_logits
 from tangshi_jax.metrics import eval_sums, logged_epoch, mean_nll, perplexity
@@ -43,7 +63,7 @@ from tangshi_jax.model import PoemModel, head_weights, init_params, initial_carr
 from tangshi_jax.profile import PROFILE_STEPS, StepTrace
 
 DEFAULT_DATA = "poems.txt"
-STOP_CHECK_EVERY = 10   # batches between the processes' agreement on whether to stop
+STOP_CHECK_EVERY = 10  # batches between the processes' agreement on whether to stop
 
 
 def learning_rate(train_config: TrainConfig, steps_per_epoch: int):
@@ -53,8 +73,12 @@ def learning_rate(train_config: TrainConfig, steps_per_epoch: int):
         return train_config.lr
     decay_steps = max(train_config.decay_epochs * steps_per_epoch - train_config.warmup_steps, 1)
     return optax.warmup_cosine_decay_schedule(
-        0.0, train_config.lr, train_config.warmup_steps, train_config.warmup_steps + decay_steps,
-        end_value=train_config.lr * train_config.lr_floor)
+        0.0,
+        train_config.lr,
+        train_config.warmup_steps,
+        train_config.warmup_steps + decay_steps,
+        end_value=train_config.lr * train_config.lr_floor,
+    )
 
 
 def make_optimizer(train_config: TrainConfig, steps_per_epoch: int = 1) -> optax.GradientTransformation:
@@ -68,9 +92,16 @@ def make_optimizer(train_config: TrainConfig, steps_per_epoch: int = 1) -> optax
     return optax.chain(optax.clip_by_global_norm(1.0), update)
 
 
-def make_steps(model_config: ModelConfig, train_config: TrainConfig, steps_per_epoch: int = 1,
-               fused_head: bool = True, head_steps: int = HEAD_STEPS, transposed: bool = HEAD_TRANSPOSED,
-               wavefront: bool = False, hand_gradients: bool = True):
+def make_steps(
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    steps_per_epoch: int = 1,
+    fused_head: bool = True,
+    head_steps: int = HEAD_STEPS,
+    transposed: bool = HEAD_TRANSPOSED,
+    wavefront: bool = False,
+    hand_gradients: bool = True,
+):
     """The pure train and eval steps of one model; jit them (or compile them per shape) once.
 
     The other arguments make the variants that `bench --variants` measures side by side, all
@@ -89,11 +120,13 @@ def make_steps(model_config: ModelConfig, train_config: TrainConfig, steps_per_e
         train = dropout_key is not None
         rngs = {"dropout": dropout_key} if train else {}
         if fused_head:
-            _, features = model.apply({"params": params}, batch["inputs"], carry, features_only=True,
-                                      train=train, rngs=rngs)
+            _, features = model.apply(
+                {"params": params}, batch["inputs"], carry, features_only=True, train=train, rngs=rngs
+            )
             kernel, bias = head_weights(params, model_config)
-            nll_sum = head_nll(features.astype(dtype), kernel, bias, targets, mask, model_config.relu_head,
-                               head_steps, transposed)
+            nll_sum = head_nll(
+                features.astype(dtype), kernel, bias, targets, mask, model_config.relu_head, head_steps, transposed
+            )
         else:
             _, logits = model.apply({"params": params}, batch["inputs"], carry, train=train, rngs=rngs)
             nll_sum = jnp.sum(nll_of_logits(logits, targets)[0] * mask)
@@ -106,11 +139,11 @@ def make_steps(model_config: ModelConfig, train_config: TrainConfig, steps_per_e
     def train_step(state, batch):
         # A key of its own for every step, so a resumed run draws what an uninterrupted one would.
         dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-        (_, (nll_sum, tokens)), grads = jax.value_and_grad(mean_nll, has_aux=True)(
-            state["params"], batch, dropout_key)
+        (_, (nll_sum, tokens)), grads = jax.value_and_grad(mean_nll, has_aux=True)(state["params"], batch, dropout_key)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-        new_state = dict(state, params=optax.apply_updates(state["params"], updates),
-                         opt_state=opt_state, step=state["step"] + 1)
+        new_state = dict(
+            state, params=optax.apply_updates(state["params"], updates), opt_state=opt_state, step=state["step"] + 1
+        )
         return new_state, {"nll_sum": nll_sum, "tokens": tokens}
 
     def eval_step(params, batch):
@@ -124,8 +157,12 @@ def init_state(model_config: ModelConfig, train_config: TrainConfig, seed: int |
     seed = train_config.seed if seed is None else seed
     init_key, rng = jax.random.split(jax.random.key(seed))
     params = init_params(model_config, init_key)
-    return {"params": params, "opt_state": make_optimizer(train_config).init(params),
-            "step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(rng)}
+    return {
+        "params": params,
+        "opt_state": make_optimizer(train_config).init(params),
+        "step": jnp.zeros((), jnp.int32),
+        "rng": jax.random.key_data(rng),
+    }
 
 
 def batch_spec(batch_size: int, length: int, sharding=None) -> dict:
@@ -137,6 +174,7 @@ def batch_spec(batch_size: int, length: int, sharding=None) -> dict:
 class Feed(NamedTuple):
     """How batches reach a mesh: `rows` per global batch (the batch size rounded up to a multiple
     of the devices; the extra rows are masked) and the block of them this process feeds."""
+
     mesh: Mesh
     rows: int
     local: slice
@@ -145,8 +183,10 @@ class Feed(NamedTuple):
         """The global batch of `poems` (rows of one bucket), built from this process's rows only."""
         local = data.make_batch(bucketed, bucket_index, poems[self.local], self.local.stop - self.local.start)
         shape = (self.rows, bucketed.buckets[bucket_index])
-        return {key: jax.make_array_from_process_local_data(split_rows(self.mesh), value, shape)
-                for key, value in local.items()}
+        return {
+            key: jax.make_array_from_process_local_data(split_rows(self.mesh), value, shape)
+            for key, value in local.items()
+        }
 
 
 def make_feed(mesh: Mesh, batch_size: int) -> Feed:
@@ -163,6 +203,7 @@ def place_state(state, mesh: Mesh):
     def place(leaf):
         value = np.asarray(leaf)
         return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
     return jax.tree_util.tree_map(place, state)
 
 
@@ -196,11 +237,19 @@ def compile_steps(model_config, train_config, steps_per_epoch, state, buckets, f
     train_jit = jax.jit(train_step, in_shardings=(whole, rows), out_shardings=(whole, whole), donate_argnums=0)
     eval_jit = jax.jit(eval_step, in_shardings=(whole, rows), out_shardings=whole)
     pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
-    train_programs = {length: pool.submit(lambda n: train_jit.lower(state, batch_spec(feed.rows, n, rows)).compile(),
-                                          length) for length in buckets}
-    eval_programs = Compiling({length: pool.submit(lambda n: eval_jit.lower(state["params"], batch_spec(feed.rows, n, rows)
-                                                                              ).compile(), length) for length in buckets})
-    pool.shutdown(wait=False)   # its threads end when the last program is built
+    train_programs = {
+        length: pool.submit(lambda n: train_jit.lower(state, batch_spec(feed.rows, n, rows)).compile(), length)
+        for length in buckets
+    }
+    eval_programs = Compiling(
+        {
+            length: pool.submit(
+                lambda n: eval_jit.lower(state["params"], batch_spec(feed.rows, n, rows)).compile(), length
+            )
+            for length in buckets
+        }
+    )
+    pool.shutdown(wait=False)  # its threads end when the last program is built
     try:
         return {length: future.result() for length, future in train_programs.items()}, eval_programs
     except BaseException:
@@ -208,8 +257,8 @@ def compile_steps(model_config, train_config, steps_per_epoch, state, buckets, f
         raise
 
 
-DIVERGED_FACTOR = 2      # a loss above this × ln V (a uniform guess over V characters costs ln V) runs away
-DIVERGED_STEPS = 10      # ... for this many steps running, or at the end of an epoch, stops training
+DIVERGED_FACTOR = 2  # a loss above this × ln V (a uniform guess over V characters costs ln V) runs away
+DIVERGED_STEPS = 10  # ... for this many steps running, or at the end of an epoch, stops training
 
 
 class DivergenceGuard:
@@ -226,8 +275,10 @@ class DivergenceGuard:
         self.above, self.last, self.pending = 0, None, None
 
     def limit_text(self) -> str:
-        return (f"{self.limit:.1f} ({DIVERGED_FACTOR} × ln {self.vocab_size:,}: a uniform guess over the vocabulary "
-                f"costs ln {self.vocab_size:,})")
+        return (
+            f"{self.limit:.1f} ({DIVERGED_FACTOR} × ln {self.vocab_size:,}: a uniform guess over the vocabulary "
+            f"costs ln {self.vocab_size:,})"
+        )
 
     def check(self, loss: float, step: int, epoch: int) -> None:
         self.above, self.last = (self.above + 1 if not loss <= self.limit else 0), loss
@@ -267,8 +318,10 @@ class DivergenceGuard:
             self.manager.wait_until_finished()
             self.manager.reload()
             if self.manager.latest_step() is not None:
-                kept = (f"nothing of it was saved: the newest checkpoint in {self.manager.directory} is still step "
-                        f"{self.manager.latest_step():,}; run the command again with a lower --lr{lower} to resume from it")
+                kept = (
+                    f"nothing of it was saved: the newest checkpoint in {self.manager.directory} is still step "
+                    f"{self.manager.latest_step():,}; run the command again with a lower --lr{lower} to resume from it"
+                )
         raise Diverged(f"training diverged{where}: {what}; {kept}")
 
 
@@ -302,7 +355,7 @@ class StopRequest:
         if jax.process_count() == 1:
             return self.requested
         if not epoch_end and multihost_utils.reached_preemption_sync_point(step):
-            self.requested = True   # kept for the epoch's end, should this be its last batch
+            self.requested = True  # kept for the epoch's end, should this be its last batch
             return True
         if batch % STOP_CHECK_EVERY and not epoch_end:
             return False
@@ -312,10 +365,13 @@ class StopRequest:
 def load_poems(train_config: TrainConfig, log) -> data.Corpus:
     path = Path(train_config.data)
     if not path.exists() and train_config.data == DEFAULT_DATA and jax.process_count() > 1:
-        raise TangshiError(f"{path} not found; build it once before a run of several processes: "
-                           "python -m tangshi_jax.corpus (on a filesystem every host reads)")
+        raise TangshiError(
+            f"{path} not found; build it once before a run of several processes: "
+            "python -m tangshi_jax.corpus (on a filesystem every host reads)"
+        )
     if not path.exists() and train_config.data == DEFAULT_DATA:
         from tangshi_jax import corpus
+
         log(f"{path} not found: building it from the chinese-poetry package (downloaded once)")
         corpus.build_corpus(path)
     return data.read_corpus(path)
@@ -324,13 +380,17 @@ def load_poems(train_config: TrainConfig, log) -> data.Corpus:
 def check_resumable(saved_model, model_config, saved_train, train_config, directory):
     changed = differences(saved_model, model_config)
     if changed:
-        raise TangshiError(f"{directory} holds a run with another model ({'; '.join(changed)}); "
-                           "pass the same --preset and model flags to resume it (a run made before presets existed: "
-                           "--preset original with --epochs N for the total you want), or choose a new --checkpoint-dir")
+        raise TangshiError(
+            f"{directory} holds a run with another model ({'; '.join(changed)}); "
+            "pass the same --preset and model flags to resume it (a run made before presets existed: "
+            "--preset original with --epochs N for the total you want), or choose a new --checkpoint-dir"
+        )
     changed = differences(saved_train, train_config, DATA_ORDER_FIELDS)
     if changed:
-        raise TangshiError(f"{directory} holds a run with another data order or schedule ({'; '.join(changed)}); "
-                           "pass the same flags to resume it, or choose a new --checkpoint-dir")
+        raise TangshiError(
+            f"{directory} holds a run with another data order or schedule ({'; '.join(changed)}); "
+            "pass the same flags to resume it, or choose a new --checkpoint-dir"
+        )
 
 
 def trim_metrics(path: Path, epoch: int) -> None:
@@ -348,8 +408,9 @@ def writable_directory(directory: Path) -> Path:
     under a file or a directory that cannot be written is one line before any work is done."""
     for parent in (directory, *directory.parents):
         if parent.exists() and not parent.is_dir():
-            raise TangshiError(f"--checkpoint-dir {directory}: {parent} is a file, not a directory; "
-                               "choose another --checkpoint-dir")
+            raise TangshiError(
+                f"--checkpoint-dir {directory}: {parent} is a file, not a directory; choose another --checkpoint-dir"
+            )
         if parent.exists():
             break
     probe = directory / f".write-test-{os.getpid()}"
@@ -358,15 +419,19 @@ def writable_directory(directory: Path) -> Path:
         probe.write_bytes(b"tangshi")
         probe.unlink()
     except OSError as error:
-        raise TangshiError(f"cannot write checkpoints in {directory}: {error.strerror or error}; make it writable, "
-                           "free some space or choose another --checkpoint-dir") from None
+        raise TangshiError(
+            f"cannot write checkpoints in {directory}: {error.strerror or error}; make it writable, "
+            "free some space or choose another --checkpoint-dir"
+        ) from None
     return directory
 
 
 def abstract_state(model_config: ModelConfig, train_config: TrainConfig, mesh: Mesh):
     """Shapes, types and shardings (replicated on the mesh) of a run's state, for restoring it."""
-    return jax.tree_util.tree_map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=replicated(mesh)),
-                                  jax.eval_shape(lambda: init_state(model_config, train_config)))
+    return jax.tree_util.tree_map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=replicated(mesh)),
+        jax.eval_shape(lambda: init_state(model_config, train_config)),
+    )
 
 
 def set_aside_unreadable(directory: Path, step: int, reason: str, log) -> None:
@@ -375,8 +440,10 @@ def set_aside_unreadable(directory: Path, step: int, reason: str, log) -> None:
     if log is None:
         return
     target = checkpoint.set_aside(directory, step)
-    log(f"warning: step {step} of {directory} cannot be read ({reason}); set aside as {target.name} and resuming "
-        f"from the step before it; remove it with `rm -r {target}` once you no longer need it")
+    log(
+        f"warning: step {step} of {directory} cannot be read ({reason}); set aside as {target.name} and resuming "
+        f"from the step before it; remove it with `rm -r {target}` once you no longer need it"
+    )
 
 
 def write_failure(error: BaseException) -> str | None:
@@ -398,16 +465,21 @@ def write_checkpoint(manager, directory: Path, write=None) -> None:
         reason = write_failure(error)
         if reason is None:
             raise
-    with contextlib.suppress(Exception):      # let the writes still in flight end before cleaning up
+    with contextlib.suppress(Exception):  # let the writes still in flight end before cleaning up
         manager.close()
     checkpoint.collect_quietly()
     failed = ", ".join(remove_half_written(directory))
     manager.reload()
-    intact = (f"the newest complete checkpoint, step {manager.latest_step():,}, is intact"
-              if manager.latest_step() is not None else "no complete checkpoint was written before it")
-    raise TangshiError(f"could not write checkpoint{f' step {failed}' if failed else ''} in {directory}: {reason}; "
-                       f"{intact}; free some space (or choose another --checkpoint-dir) and run the same "
-                       "command again to resume")
+    intact = (
+        f"the newest complete checkpoint, step {manager.latest_step():,}, is intact"
+        if manager.latest_step() is not None
+        else "no complete checkpoint was written before it"
+    )
+    raise TangshiError(
+        f"could not write checkpoint{f' step {failed}' if failed else ''} in {directory}: {reason}; "
+        f"{intact}; free some space (or choose another --checkpoint-dir) and run the same "
+        "command again to resume"
+    )
 
 
 def remove_half_written(directory: Path, quiet_for: float = 1.0, at_most: float = 10.0) -> list[str]:
@@ -430,8 +502,9 @@ def append_metrics(path: Path, record: dict) -> None:
         with path.open("a", encoding="utf-8") as metrics_file:
             metrics_file.write(json.dumps(record) + "\n")
     except OSError as error:
-        raise TangshiError(f"cannot write {path}: {error.strerror}; free some space and run the same command "
-                           "again to resume") from None
+        raise TangshiError(
+            f"cannot write {path}: {error.strerror}; free some space and run the same command again to resume"
+        ) from None
 
 
 def check_same_poems(saved: dict | None, current: dict, data_path, directory) -> None:
@@ -443,25 +516,38 @@ def check_same_poems(saved: dict | None, current: dict, data_path, directory) ->
     else:
         block = next(i for i, (a, b) in enumerate(zip(saved["blocks"], current["blocks"])) if a != b)
         first = block * data.FINGERPRINT_BLOCK + 1
-        differs = (f"{data_path} has as many poems ({current['poems']:,}) but other poems or another order from "
-                   f"poem {first:,} to {min(first + data.FINGERPRINT_BLOCK - 1, current['poems']):,}")
-    raise TangshiError(f"{directory} was trained on other poems: {differs}; resume with the poems file it was "
-                       "trained on, or start a new run with a new --checkpoint-dir")
+        differs = (
+            f"{data_path} has as many poems ({current['poems']:,}) but other poems or another order from "
+            f"poem {first:,} to {min(first + data.FINGERPRINT_BLOCK - 1, current['poems']):,}"
+        )
+    raise TangshiError(
+        f"{directory} was trained on other poems: {differs}; resume with the poems file it was "
+        "trained on, or start a new run with a new --checkpoint-dir"
+    )
 
 
-def train(train_config: TrainConfig, model_settings: dict, checkpoint_dir: str | Path,
-          log=print, show_progress: bool = True, mesh: Mesh | None = None, profile_dir: str | None = None) -> dict:
+def train(
+    train_config: TrainConfig,
+    model_settings: dict,
+    checkpoint_dir: str | Path,
+    log=print,
+    show_progress: bool = True,
+    mesh: Mesh | None = None,
+    profile_dir: str | None = None,
+) -> dict:
     """Train (or resume) into checkpoint_dir on `mesh` (default: every local device of the
     default platform, in every process); returns the last epoch's metrics. With profile_dir,
     the first few steps go to a jax.profiler trace there (profile.py)."""
     directory = writable_directory(Path(checkpoint_dir))
     mesh = mesh or make_mesh()
-    lead = jax.process_index() == 0   # the process that writes metrics.jsonl
+    lead = jax.process_index() == 0  # the process that writes metrics.jsonl
     manager = checkpoint.open_manager(directory, keep=train_config.keep)
     restored = checkpoint.restore_newest(
-        manager, lambda meta: abstract_state(meta.model_config, meta.train_config, mesh),
-        on_skip=lambda step, reason: set_aside_unreadable(directory, step, reason, log if lead else None))
-    if jax.process_count() > 1:     # every process sees the steps the lead set aside
+        manager,
+        lambda meta: abstract_state(meta.model_config, meta.train_config, mesh),
+        on_skip=lambda step, reason: set_aside_unreadable(directory, step, reason, log if lead else None),
+    )
+    if jax.process_count() > 1:  # every process sees the steps the lead set aside
         multihost_utils.sync_global_devices("tangshi_jax: unreadable steps set aside")
     manager.reload()
     saved = restored and restored.meta
@@ -470,9 +556,14 @@ def train(train_config: TrainConfig, model_settings: dict, checkpoint_dir: str |
         # Unset: a new run decays over the epochs it is asked for; a resumed run keeps its own.
         decay_epochs = saved.train_config.decay_epochs if saved else train_config.epochs
         train_config = dataclasses.replace(train_config, decay_epochs=decay_epochs)
-    if saved:     # before reading any data: a mismatch is named, not met as an odd character later
-        check_resumable(saved.model_config, ModelConfig(vocab_size=len(saved.vocab), **model_settings),
-                        saved.train_config, train_config, directory)
+    if saved:  # before reading any data: a mismatch is named, not met as an odd character later
+        check_resumable(
+            saved.model_config,
+            ModelConfig(vocab_size=len(saved.vocab), **model_settings),
+            saved.train_config,
+            train_config,
+            directory,
+        )
     corpus = load_poems(train_config, log)
     poems_read = data.fingerprint(corpus, train_config)
     check_same_poems(saved and saved.progress.get("data"), poems_read, train_config.data, directory)
@@ -485,35 +576,52 @@ def train(train_config: TrainConfig, model_settings: dict, checkpoint_dir: str |
         return {}
 
     if not train_data.num_poems:
-        raise TangshiError(f"all {len(dataset.val_poems)} poems fell into the validation split; use more poems (--max-poems)")
+        raise TangshiError(
+            f"all {len(dataset.val_poems)} poems fell into the validation split; use more poems (--max-poems)"
+        )
     buckets = train_data.buckets
-    kept = len(corpus.poems[:train_config.max_poems])
+    kept = len(corpus.poems[: train_config.max_poems])
     used = f"{kept:,} of {len(corpus.poems):,} usable" if kept < len(corpus.poems) else f"{kept:,} usable"
-    log(f"poems: {used} ({train_data.num_poems:,} train, {val_data.num_poems:,} validation), "
+    log(
+        f"poems: {used} ({train_data.num_poems:,} train, {val_data.num_poems:,} validation), "
         f"{corpus.skipped:,} skipped by the rules, {corpus.unparsable:,} unparsable lines"
-        + (f" (first at line {corpus.first_unparsable})" if corpus.unparsable else ""))
+        + (f" (first at line {corpus.first_unparsable})" if corpus.unparsable else "")
+    )
     if train_config.split == "grouped":
         counts = dataset.counts
-        log(f"split: {counts.near_poems:,} poems in {counts.near_groups:,} groups of near-repeats kept on one side; "
-            f"{counts.exact_repeats:,} exact repeats not trained again")
-    log(f"vocabulary: {len(vocab):,} characters; model: {model_config.layers}×{model_config.hidden} "
+        log(
+            f"split: {counts.near_poems:,} poems in {counts.near_groups:,} groups of near-repeats kept on one side; "
+            f"{counts.exact_repeats:,} exact repeats not trained again"
+        )
+    log(
+        f"vocabulary: {len(vocab):,} characters; model: {model_config.layers}×{model_config.hidden} "
         f"{model_config.cell}, embed {model_config.embed}{', tied head' if model_config.tied else ''}"
         f"{', relu head' if model_config.relu_head else ''}{f', dropout {model_config.dropout}' if model_config.dropout else ''}"
-        f"{', titles' if train_config.titles else ''}")
+        f"{', titles' if train_config.titles else ''}"
+    )
     steps_per_epoch = len(data.epoch_plan(train_data, train_config.batch_size, train_config.seed, 0))
-    schedule = (f"peak {train_config.lr}, warm-up {train_config.warmup_steps} steps, cosine to "
-                f"{train_config.lr * train_config.lr_floor:.2g} by epoch {train_config.decay_epochs}"
-                if train_config.schedule == "cosine" else f"{train_config.lr} constant")
-    log(f"optimizer: {train_config.optimizer}, learning rate {schedule}, batch {train_config.batch_size}, "
-        f"{steps_per_epoch:,} steps an epoch")
-    log(f"buckets: {len(buckets)} lengths {list(buckets)}, "
-        f"{data.padded_share(train_data, train_config.batch_size):.1%} of trained positions are padding")
+    schedule = (
+        f"peak {train_config.lr}, warm-up {train_config.warmup_steps} steps, cosine to "
+        f"{train_config.lr * train_config.lr_floor:.2g} by epoch {train_config.decay_epochs}"
+        if train_config.schedule == "cosine"
+        else f"{train_config.lr} constant"
+    )
+    log(
+        f"optimizer: {train_config.optimizer}, learning rate {schedule}, batch {train_config.batch_size}, "
+        f"{steps_per_epoch:,} steps an epoch"
+    )
+    log(
+        f"buckets: {len(buckets)} lengths {list(buckets)}, "
+        f"{data.padded_share(train_data, train_config.batch_size):.1%} of trained positions are padding"
+    )
     log(f"platform: {describe_devices()}")
     feed = make_feed(mesh, train_config.batch_size)
     padding = feed.rows - train_config.batch_size
-    log(describe_mesh(mesh, feed.rows) + (f" (each batch padded with {padding} masked row{'s' * (padding != 1)} "
-                                          f"to split evenly)" if padding else "")
-        + (f"; {train_config.dtype} activations and products" if train_config.dtype != "float32" else ""))
+    log(
+        describe_mesh(mesh, feed.rows)
+        + (f" (each batch padded with {padding} masked row{'s' * (padding != 1)} to split evenly)" if padding else "")
+        + (f"; {train_config.dtype} activations and products" if train_config.dtype != "float32" else "")
+    )
 
     state = restored.state if saved else place_state(init_state(model_config, train_config), mesh)
     if saved:
@@ -524,8 +632,10 @@ def train(train_config: TrainConfig, model_settings: dict, checkpoint_dir: str |
         started = time.perf_counter()
         train_programs, eval_programs = compile_steps(model_config, train_config, steps_per_epoch, state, buckets, feed)
         on_exit.callback(eval_programs.cancel)
-        log(f"compiled {len(buckets)} training programs in {time.perf_counter() - started:.1f} s "
-            f"(the {len(buckets)} evaluation programs compile as the first epoch runs)")
+        log(
+            f"compiled {len(buckets)} training programs in {time.perf_counter() - started:.1f} s "
+            f"(the {len(buckets)} evaluation programs compile as the first epoch runs)"
+        )
 
         metrics_path = directory / "metrics.jsonl"
         trace = StepTrace(profile_dir if lead else None)
@@ -536,27 +646,39 @@ def train(train_config: TrainConfig, model_settings: dict, checkpoint_dir: str |
 
         def save_now():
             guard.settle()
-            write_checkpoint(manager, directory, lambda: checkpoint.save(manager, state, model_config, train_config,
-                                                                         vocab, dict(progress)))
+            write_checkpoint(
+                manager,
+                directory,
+                lambda: checkpoint.save(manager, state, model_config, train_config, vocab, dict(progress)),
+            )
 
         def stop_now():
             if manager.latest_step() != progress["step"]:
                 save_now()
             write_checkpoint(manager, directory)
-            message = (f"stopped: saved step {progress['step']:,} (epoch {progress['epoch'] + 1}, batch "
-                       f"{progress['batch']}); run the same command to resume")
+            message = (
+                f"stopped: saved step {progress['step']:,} (epoch {progress['epoch'] + 1}, batch "
+                f"{progress['batch']}); run the same command to resume"
+            )
             if lead:
                 log(message)
-            else:   # every process says where it stopped: the one that was signalled may be any
+            else:  # every process says where it stopped: the one that was signalled may be any
                 print(f"process {jax.process_index()}: {message}", file=sys.stderr)
             raise KeyboardInterrupt
 
         for epoch in range(progress["epoch"], train_config.epochs):
             plan = data.epoch_plan(train_data, train_config.batch_size, train_config.seed, epoch)
             epoch_started, sums = time.perf_counter(), []
-            bar = tqdm(total=len(plan), initial=progress["batch"], desc=f"epoch {epoch + 1}/{train_config.epochs}",
-                       unit="batch", disable=not show_progress, leave=False, file=sys.stderr)
-            for bucket_index, rows in plan[progress["batch"]:]:
+            bar = tqdm(
+                total=len(plan),
+                initial=progress["batch"],
+                desc=f"epoch {epoch + 1}/{train_config.epochs}",
+                unit="batch",
+                disable=not show_progress,
+                leave=False,
+                file=sys.stderr,
+            )
+            for bucket_index, rows in plan[progress["batch"] :]:
                 batch = feed.batch(train_data, bucket_index, rows)
                 trace.before_step(progress["step"])
                 state, step_metrics = train_programs[train_data.buckets[bucket_index]](state, batch)
@@ -566,9 +688,11 @@ def train(train_config: TrainConfig, model_settings: dict, checkpoint_dir: str |
                 progress["step"] += 1
                 guard.observe(step_metrics, progress["step"], epoch + 1, bar)
                 bar.update()
-                if progress["batch"] % 20 == 0 and guard.last is not None:   # read by the guard: no extra wait
+                if progress["batch"] % 20 == 0 and guard.last is not None:  # read by the guard: no extra wait
                     bar.set_postfix(loss=f"{guard.last:.3f}")
-                if stop.agreed(progress["step"], progress["batch"]) and progress["batch"] < len(plan):   # at the last batch, finish the epoch
+                if stop.agreed(progress["step"], progress["batch"]) and progress["batch"] < len(
+                    plan
+                ):  # at the last batch, finish the epoch
                     bar.close()
                     stop_now()
             bar.close()
@@ -578,19 +702,31 @@ def train(train_config: TrainConfig, model_settings: dict, checkpoint_dir: str |
             train_seconds = time.perf_counter() - epoch_started
             val = mean_nll(eval_programs, state["params"], val_data, train_config.batch_size, feed.batch)
             progress.update(epoch=epoch + 1, batch=0)
-            record = {"epoch": epoch + 1, "step": progress["step"],
-                      "train_loss": nll_sum / max(tokens, 1.0),
-                      "val_loss": val and val["nll"], "val_ppl": val and perplexity(val["nll"]),
-                      "val_char_loss": val and val["char_nll"], "val_char_ppl": val and perplexity(val["char_nll"]),
-                      "tokens_per_s": tokens / train_seconds, "epoch_s": train_seconds,
-                      "elapsed_s": time.perf_counter() - started,
-                      "peak_rss_mb": peak_rss_mb()}
+            record = {
+                "epoch": epoch + 1,
+                "step": progress["step"],
+                "train_loss": nll_sum / max(tokens, 1.0),
+                "val_loss": val and val["nll"],
+                "val_ppl": val and perplexity(val["nll"]),
+                "val_char_loss": val and val["char_nll"],
+                "val_char_ppl": val and perplexity(val["char_nll"]),
+                "tokens_per_s": tokens / train_seconds,
+                "epoch_s": train_seconds,
+                "elapsed_s": time.perf_counter() - started,
+                "peak_rss_mb": peak_rss_mb(),
+            }
             if lead:
                 append_metrics(metrics_path, record)
-            log(f"epoch {epoch + 1}/{train_config.epochs}: train {record['train_loss']:.3f}  "
-                + (f"val {val['nll']:.3f} (ppl {record['val_ppl']:.1f}; characters {val['char_nll']:.3f}, "
-                   f"ppl {record['val_char_ppl']:.1f})  " if val else "")
-                + f"{record['tokens_per_s']:,.0f} tokens/s  {train_seconds:.0f} s  {record['peak_rss_mb']:,.0f} MB")
+            log(
+                f"epoch {epoch + 1}/{train_config.epochs}: train {record['train_loss']:.3f}  "
+                + (
+                    f"val {val['nll']:.3f} (ppl {record['val_ppl']:.1f}; characters {val['char_nll']:.3f}, "
+                    f"ppl {record['val_char_ppl']:.1f})  "
+                    if val
+                    else ""
+                )
+                + f"{record['tokens_per_s']:,.0f} tokens/s  {train_seconds:.0f} s  {record['peak_rss_mb']:,.0f} MB"
+            )
             if (epoch + 1) % train_config.save_every == 0 or epoch + 1 == train_config.epochs:
                 save_now()
                 log(f"saved checkpoint at epoch {epoch + 1} (step {progress['step']:,}) in {directory}")
@@ -612,10 +748,17 @@ def require_positive(args, names) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """Flags default to None: the preset decides, and the preset's gaps are the dataclass defaults."""
     parser = argparse.ArgumentParser(prog="python -m tangshi_jax.train", description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=PRESETS, default=DEFAULT_PRESET,
-                        help=f"a named configuration (default {DEFAULT_PRESET}; original: the course exercise's)")
-    parser.add_argument("--data", default=DEFAULT_DATA,
-                        help="poems file of title:content lines (built from the corpus package if the default is missing)")
+    parser.add_argument(
+        "--preset",
+        choices=PRESETS,
+        default=DEFAULT_PRESET,
+        help=f"a named configuration (default {DEFAULT_PRESET}; original: the course exercise's)",
+    )
+    parser.add_argument(
+        "--data",
+        default=DEFAULT_DATA,
+        help="poems file of title:content lines (built from the corpus package if the default is missing)",
+    )
     parser.add_argument("--checkpoint-dir", default="checkpoints", help="where checkpoints and metrics.jsonl go")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--batch-size", type=int)
@@ -623,38 +766,58 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--optimizer", choices=OPTIMIZERS)
     parser.add_argument("--schedule", choices=SCHEDULES)
     parser.add_argument("--warmup-steps", type=int)
-    parser.add_argument("--decay-epochs", type=int, help="epochs of the cosine decay (default: the epochs of a new run)")
+    parser.add_argument(
+        "--decay-epochs", type=int, help="epochs of the cosine decay (default: the epochs of a new run)"
+    )
     parser.add_argument("--cell", choices=CELLS)
     parser.add_argument("--layers", type=int)
     parser.add_argument("--hidden", type=int)
     parser.add_argument("--embed", type=int)
-    parser.add_argument("--dropout", type=float, help="share dropped at the embeddings, between layers and before the head")
-    parser.add_argument("--tied", action=argparse.BooleanOptionalAction, default=None,
-                        help="the head reuses the embedding through a projection")
-    parser.add_argument("--titles", action=argparse.BooleanOptionalAction, default=None,
-                        help="read each poem after its title, so that `sample --title` can steer it")
+    parser.add_argument(
+        "--dropout", type=float, help="share dropped at the embeddings, between layers and before the head"
+    )
+    parser.add_argument(
+        "--tied",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the head reuses the embedding through a projection",
+    )
+    parser.add_argument(
+        "--titles",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="read each poem after its title, so that `sample --title` can steer it",
+    )
     parser.add_argument("--split", choices=("hash", "grouped"), help="grouped keeps near-repeat poems on one side")
     parser.add_argument("--relu-head", action="store_true", default=None, help="the original's ReLU on the logits")
     parser.add_argument("--save-every", type=int, help="epochs between checkpoints")
     parser.add_argument("--max-poems", type=int, default=None, help="train on the first N poems only")
     parser.add_argument("--seed", type=int)
-    parser.add_argument("--dtype", choices=DTYPES,
-                        help="activations and matrix products (parameters and optimizer state stay float32)")
+    parser.add_argument(
+        "--dtype", choices=DTYPES, help="activations and matrix products (parameters and optimizer state stay float32)"
+    )
     parser.add_argument("--platform", choices=PLATFORMS, default=None, help="default: the best JAX finds")
     parser.add_argument("--devices", type=int, help="use the first N local devices of each process (default: all)")
-    parser.add_argument("--coordinator", metavar="HOST:PORT",
-                        help="several processes make one run: process 0's address, the same for all")
+    parser.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        help="several processes make one run: process 0's address, the same for all",
+    )
     parser.add_argument("--num-processes", type=int, help="processes in the run (with --coordinator)")
     parser.add_argument("--process-id", type=int, help="this process's number, 0 to N-1 (with --coordinator)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar within epochs")
-    parser.add_argument("--profile", metavar="DIR", help=f"write a jax.profiler trace of the first {PROFILE_STEPS} steps to DIR")
+    parser.add_argument(
+        "--profile", metavar="DIR", help=f"write a jax.profiler trace of the first {PROFILE_STEPS} steps to DIR"
+    )
     return parser
 
 
 def configs_from_args(args) -> tuple[dict, TrainConfig]:
     """The preset with the flags given on top, checked."""
-    require_positive(args, ("epochs", "batch_size", "layers", "hidden", "embed", "save_every", "max_poems",
-                            "decay_epochs", "devices"))
+    require_positive(
+        args,
+        ("epochs", "batch_size", "layers", "hidden", "embed", "save_every", "max_poems", "decay_epochs", "devices"),
+    )
     if args.seed is not None and not 0 <= args.seed < 2**63:
         raise TangshiError(f"--seed must be 0 or more (and below 2^63), got {args.seed}")
     if args.lr is not None and not args.lr > 0:
@@ -663,10 +826,31 @@ def configs_from_args(args) -> tuple[dict, TrainConfig]:
         raise TangshiError(f"--dropout must be in [0, 1), got {args.dropout}")
     if args.warmup_steps is not None and args.warmup_steps < 0:
         raise TangshiError(f"--warmup-steps must be 0 or more, got {args.warmup_steps}")
-    flags = {name: getattr(args, name) for name in (
-        "epochs", "batch_size", "lr", "optimizer", "schedule", "warmup_steps", "decay_epochs", "cell", "layers",
-        "hidden", "embed", "dropout", "tied", "titles", "split", "relu_head", "save_every", "max_poems", "seed",
-        "dtype")}
+    flags = {
+        name: getattr(args, name)
+        for name in (
+            "epochs",
+            "batch_size",
+            "lr",
+            "optimizer",
+            "schedule",
+            "warmup_steps",
+            "decay_epochs",
+            "cell",
+            "layers",
+            "hidden",
+            "embed",
+            "dropout",
+            "tied",
+            "titles",
+            "split",
+            "relu_head",
+            "save_every",
+            "max_poems",
+            "seed",
+            "dtype",
+        )
+    }
     return preset_configs(args.preset, data=args.data, **flags)
 
 
@@ -675,9 +859,16 @@ def main(argv=None) -> None:
     model_settings, train_config = configs_from_args(args)
     use_platform(args.platform, Cluster(args.coordinator, args.num_processes, args.process_id))
     mesh = make_mesh(args.devices, args.platform)
-    lead = jax.process_index() == 0   # only process 0 speaks
-    train(train_config, model_settings, args.checkpoint_dir, log=print if lead else (lambda message: None),
-          show_progress=lead and not args.no_progress, mesh=mesh, profile_dir=args.profile)
+    lead = jax.process_index() == 0  # only process 0 speaks
+    train(
+        train_config,
+        model_settings,
+        args.checkpoint_dir,
+        log=print if lead else (lambda message: None),
+        show_progress=lead and not args.no_progress,
+        mesh=mesh,
+        profile_dir=args.profile,
+    )
 
 
 if __name__ == "__main__":

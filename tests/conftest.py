@@ -2,7 +2,7 @@ import os
 
 import tempfile
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")   # the suite runs on JAX's CPU backend
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the suite runs on JAX's CPU backend
 # Downloads and compiled programs go to a throw-away cache, never the user's.
 os.environ.setdefault("TANGSHI_CACHE_DIR", tempfile.mkdtemp(prefix="tangshi-test-cache-"))
 
@@ -42,8 +42,14 @@ def trained_run(tmp_path_factory):
     """One small run shared by the tests that only read its checkpoints."""
     root = tmp_path_factory.mktemp("run")
     data = write_poems(root / "poems.txt")
-    record = train(small_config(data, epochs=3, save_every=2), SMALL_MODEL, root / "checkpoints",
-                   log=lambda message: None, show_progress=False, profile_dir=root / "profile")
+    record = train(
+        small_config(data, epochs=3, save_every=2),
+        SMALL_MODEL,
+        root / "checkpoints",
+        log=lambda message: None,
+        show_progress=False,
+        profile_dir=root / "profile",
+    )
     return root / "checkpoints", data, record
 
 
@@ -52,6 +58,11 @@ def titles_run(tmp_path_factory):
     """A small run that reads each poem after its title (题 and the first line's first two characters)."""
     root = tmp_path_factory.mktemp("titles")
     data = write_poems(root / "poems.txt")
-    train(small_config(data, epochs=2, save_every=2, titles=True), SMALL_MODEL, root / "checkpoints",
-          log=lambda message: None, show_progress=False)
+    train(
+        small_config(data, epochs=2, save_every=2, titles=True),
+        SMALL_MODEL,
+        root / "checkpoints",
+        log=lambda message: None,
+        show_progress=False,
+    )
     return root / "checkpoints", data

@@ -60,17 +60,18 @@ def batch_facts(mesh) -> dict:
     batch = feed.batch(dataset.train, bucket_index, rows)
     expected = train_module.split_rows(mesh)
     program = programs[dataset.train.buckets[bucket_index]]
-    return {"program_takes_split_batch": program.input_shardings[0][1]["inputs"].is_equivalent_to(expected, 2),
-            "batch_devices": len(batch["inputs"].sharding.device_set),
-            "shard_rows": sorted({shard.data.shape[0] for shard in batch["inputs"].addressable_shards})}
+    return {
+        "program_takes_split_batch": program.input_shardings[0][1]["inputs"].is_equivalent_to(expected, 2),
+        "batch_devices": len(batch["inputs"].sharding.device_set),
+        "shard_rows": sorted({shard.data.shape[0] for shard in batch["inputs"].addressable_shards}),
+    }
 
 
 def main():
     if args.mode == "compare":
         use_platform("cpu")
         one, four = make_mesh(1), make_mesh(4)
-        result = {"one": run(args.root / "one", one), "four": run(args.root / "four", four),
-                  "batch": batch_facts(four)}
+        result = {"one": run(args.root / "one", one), "four": run(args.root / "four", four), "batch": batch_facts(four)}
         # Stop after epoch 1 on one mesh, resume to epoch 2 on the other.
         run(args.root / "four_then_one", four, epochs=1)
         result["four_then_one"] = run(args.root / "four_then_one", one)
@@ -79,8 +80,14 @@ def main():
     else:
         cluster = Cluster(args.coordinator, 2, args.process_id) if args.coordinator else Cluster()
         use_platform("cpu", cluster)
-        train_module.train(small_config(args.root / "poems.txt", **CONFIG), SMALL_MODEL, args.root / "checkpoints",
-                           log=print if jax.process_index() == 0 else quiet, show_progress=False, mesh=make_mesh())
+        train_module.train(
+            small_config(args.root / "poems.txt", **CONFIG),
+            SMALL_MODEL,
+            args.root / "checkpoints",
+            log=print if jax.process_index() == 0 else quiet,
+            show_progress=False,
+            mesh=make_mesh(),
+        )
         result = {"process": jax.process_index()}
     print(json.dumps(result), flush=True)
 

@@ -11,30 +11,54 @@ def test_flops_per_token_counts_every_product_three_times():
     config = ModelConfig(vocab_size=7179)
     forward = 2 * (100 + 128) * 4 * 128 + 2 * (128 + 128) * 4 * 128 + 2 * 128 * 7179
     assert bench.flops_per_token(config) == 3 * forward
-    assert round(bench.flops_per_token(config) / 1e6, 1) == 7.0       # the 7.0 MFLOP per token
+    assert round(bench.flops_per_token(config) / 1e6, 1) == 7.0  # the 7.0 MFLOP per token
     tied = ModelConfig(vocab_size=7319, hidden=256, embed=128, tied=True)
     forward = 2 * (128 + 256) * 4 * 256 + 2 * (256 + 256) * 4 * 256 + 2 * 256 * 128 + 2 * 128 * 7319
-    assert bench.flops_per_token(tied) == 3 * forward                  # the head reads the 128-wide projection
+    assert bench.flops_per_token(tied) == 3 * forward  # the head reads the 128-wide projection
 
 
 def test_bench_prints_the_table_and_writes_json(tmp_path, capsys):
     data = write_poems(tmp_path / "poems.txt", count=200)
     out = tmp_path / "bench.json"
-    argv = ["--data", str(data), "--batch-size", "8", "--windows", "2", "--steps", "2", "--json", str(out),
-            "--variants", "fused,plain,wavefront", "--profile", str(tmp_path / "profile")]
+    argv = [
+        "--data",
+        str(data),
+        "--batch-size",
+        "8",
+        "--windows",
+        "2",
+        "--steps",
+        "2",
+        "--json",
+        str(out),
+        "--variants",
+        "fused,plain,wavefront",
+        "--profile",
+        str(tmp_path / "profile"),
+    ]
     assert run_cli(bench.main, argv) == 0
     table = capsys.readouterr().out
     assert "ceiling" in table and "training, plain" in table and "training, wavefront" in table
     assert "matrix products, XLA" in table and "matrix products, numpy's BLAS" in table
     assert list((tmp_path / "profile").glob("**/perfetto_trace.json.gz"))
     figures = json.loads(out.read_text())
-    for key in ("train_tokens_per_s", "ceiling_tokens_per_s", "compile_s_train", "compile_s_eval", "sample_ms_1", "sample_ms_64",
-                "sample_ms_1024", "sample_ms_64_rules", "peak_rss_mb", "machine"):
+    for key in (
+        "train_tokens_per_s",
+        "ceiling_tokens_per_s",
+        "compile_s_train",
+        "compile_s_eval",
+        "sample_ms_1",
+        "sample_ms_64",
+        "sample_ms_1024",
+        "sample_ms_64_rules",
+        "peak_rss_mb",
+        "machine",
+    ):
         assert figures[key], key
     assert figures["train_tokens_per_s"] == figures["variants_tokens_per_s"]["fused"]
     rates = figures["matmul_gflops_by_backend"]
     assert figures["matmul_gflops"] == max(rates["xla"]["all"], rates["numpy"]["all"]) > 0
-    assert figures["model"]["hidden"] == 128 and figures["model"]["embed"] == 100    # the original's, by default
+    assert figures["model"]["hidden"] == 128 and figures["model"]["embed"] == 100  # the original's, by default
 
 
 def test_an_unknown_variant_is_named_with_the_choices(capsys):

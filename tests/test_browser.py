@@ -23,12 +23,20 @@ CHROMIUM, DRIVER = shutil.which("chromium") or shutil.which("chromium-browser"),
 def browser():
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[test]')")
     if not CHROMIUM or not DRIVER:
-        pytest.skip("no chromium and chromedriver on PATH; install them with "
-                    "`apt-get install chromium chromium-driver` (.ci/run does)")
+        pytest.skip(
+            "no chromium and chromedriver on PATH; install them with "
+            "`apt-get install chromium chromium-driver` (.ci/run does)"
+        )
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                     "--window-size=760,900", "--force-device-scale-factor=1"):
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=760,900",
+        "--force-device-scale-factor=1",
+    ):
         options.add_argument(argument)
     driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=DRIVER))
     yield driver
@@ -41,8 +49,12 @@ def page_url(titles_run):
     loaded = release.load_model(directory)
     engine = Engine(loaded, max_rows=16, corpus_lines=sample.corpus_lines(loaded.train_config.data), min_rows=4)
     engine.warm_up()
-    app = serve.create_app(engine, release.last_metrics(directory, epoch=loaded.progress.get("epoch")),
-                           max_poems=2, log=lambda message: None)
+    app = serve.create_app(
+        engine,
+        release.last_metrics(directory, epoch=loaded.progress.get("epoch")),
+        max_poems=2,
+        log=lambda message: None,
+    )
     with serve.serving(app) as url:
         yield url, loaded.vocab
 
@@ -54,8 +66,11 @@ def test_a_rhymed_tonal_qijue_acrostic_in_the_browser(browser, page_url, tmp_pat
     from selenium.webdriver.support.ui import WebDriverWait
 
     url, vocab = page_url
-    heads = "春花秋月" if set("春花秋月") <= set(vocab) else \
-        "".join([char for char in vocab if sample.data.is_hanzi(char)][:4])
+    heads = (
+        "春花秋月"
+        if set("春花秋月") <= set(vocab)
+        else "".join([char for char in vocab if sample.data.is_hanzi(char)][:4])
+    )
     browser.get(url + "/")
     WebDriverWait(browser, 20).until(lambda driver: driver.find_element(By.ID, "model").text)
     browser.find_element(By.ID, "acrostic").send_keys(heads)
@@ -89,7 +104,7 @@ def test_the_browser_shows_a_refusal_inline(browser, page_url):
 
     url, _ = page_url
     browser.get(url + "/")
-    browser.find_element(By.ID, "rhyme").click()          # rhyme without a form
+    browser.find_element(By.ID, "rhyme").click()  # rhyme without a form
     browser.find_element(By.ID, "write").click()
     error = browser.find_element(By.ID, "error")
     WebDriverWait(browser, 30).until(lambda driver: error.get_attribute("hidden") is None)

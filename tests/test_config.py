@@ -11,9 +11,16 @@ from tangshi_jax.train import build_parser, configs_from_args, learning_rate
 def test_the_original_preset_is_the_course_exercise():
     model_settings, train_config = preset_configs("original")
     assert ModelConfig(vocab_size=10, **model_settings) == ModelConfig(
-        vocab_size=10, cell="lstm", layers=2, hidden=128, embed=100, relu_head=False, dropout=0.0, tied=False)
-    assert (train_config.optimizer, train_config.lr, train_config.schedule, train_config.batch_size,
-            train_config.split, train_config.titles) == ("rmsprop", 0.01, "constant", 100, "hash", False)
+        vocab_size=10, cell="lstm", layers=2, hidden=128, embed=100, relu_head=False, dropout=0.0, tied=False
+    )
+    assert (
+        train_config.optimizer,
+        train_config.lr,
+        train_config.schedule,
+        train_config.batch_size,
+        train_config.split,
+        train_config.titles,
+    ) == ("rmsprop", 0.01, "constant", 100, "hash", False)
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -38,11 +45,11 @@ def test_cosine_schedule_warms_up_decays_and_holds_its_floor():
     schedule = learning_rate(config, steps_per_epoch=55)
     values = np.array([float(schedule(step)) for step in range(0, 200)])
     assert values[0] == 0.0 and values[5] == pytest.approx(0.005) and values[10] == pytest.approx(0.01)
-    middle = 10 + (110 - 10) // 2                             # half way through the cosine: the mean of peak and floor
+    middle = 10 + (110 - 10) // 2  # half way through the cosine: the mean of peak and floor
     assert values[middle] == pytest.approx((0.01 + 0.001) / 2, rel=1e-4)
     assert np.all(np.diff(values[10:111]) <= 1e-9)
-    assert values[110:] == pytest.approx(0.001)              # later epochs keep the floor
-    assert learning_rate(TrainConfig(), 55) == 0.01          # the original's constant rate
+    assert values[110:] == pytest.approx(0.001)  # later epochs keep the floor
+    assert learning_rate(TrainConfig(), 55) == 0.01  # the original's constant rate
     assert isinstance(optax.rmsprop(learning_rate(TrainConfig(), 55)), optax.GradientTransformation)
 
 
@@ -50,6 +57,7 @@ def test_the_hour_preset_resumes_a_quick_run():
     """quick is the first epochs of hour: every setting that fixes the trajectory is shared."""
     quick, hour = preset_configs("quick"), preset_configs("hour")
     assert quick[0] == hour[0]
-    assert [(name, getattr(quick[1], name)) for name in DATA_ORDER_FIELDS] == \
-        [(name, getattr(hour[1], name)) for name in DATA_ORDER_FIELDS]
+    assert [(name, getattr(quick[1], name)) for name in DATA_ORDER_FIELDS] == [
+        (name, getattr(hour[1], name)) for name in DATA_ORDER_FIELDS
+    ]
     assert quick[1].lr == hour[1].lr and quick[1].epochs < hour[1].epochs

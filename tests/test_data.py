@@ -17,8 +17,15 @@ def original_process_poems(file_name):
             try:
                 title, content = line.strip().split(":")
                 content = content.replace(" ", "")
-                if "_" in content or "(" in content or "（" in content or "《" in content or "[" in content or \
-                        "G" in content or "E" in content:
+                if (
+                    "_" in content
+                    or "(" in content
+                    or "（" in content
+                    or "《" in content
+                    or "[" in content
+                    or "G" in content
+                    or "E" in content
+                ):
                     continue
                 if len(content) < 5 or len(content) > 80:
                     continue
@@ -28,22 +35,25 @@ def original_process_poems(file_name):
     return poems
 
 
-@pytest.mark.parametrize("line, expected", [
-    ("静夜思:床前明月光，疑是地上霜。", "G床前明月光，疑是地上霜。E"),
-    ("t: 床 前 明 月 光 ", "G床前明月光E"),                 # spaces removed before the length test
-    ("t:五个字啊呀", "G五个字啊呀E"),                        # 5 characters: kept
-    ("t:四个字啊", None),                                    # 4: too short
-    ("t:" + "字" * 80, "G" + "字" * 80 + "E"),               # 80: kept
-    ("t:" + "字" * 81, None),                                # 81: too long
-    ("t:床前明月光_疑是", None),
-    ("t:床前明月光(疑是", None),
-    ("t:床前明月光（疑是", None),
-    ("t:床前明月光《疑是", None),
-    ("t:床前明月光[疑是", None),
-    ("t:床前明月光G疑是", None),
-    ("t:床前明月光E疑是", None),
-    ("t:床前明月光]疑是", "G床前明月光]疑是E"),              # only the opening bracket is a rule
-])
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        ("静夜思:床前明月光，疑是地上霜。", "G床前明月光，疑是地上霜。E"),
+        ("t: 床 前 明 月 光 ", "G床前明月光E"),  # spaces removed before the length test
+        ("t:五个字啊呀", "G五个字啊呀E"),  # 5 characters: kept
+        ("t:四个字啊", None),  # 4: too short
+        ("t:" + "字" * 80, "G" + "字" * 80 + "E"),  # 80: kept
+        ("t:" + "字" * 81, None),  # 81: too long
+        ("t:床前明月光_疑是", None),
+        ("t:床前明月光(疑是", None),
+        ("t:床前明月光（疑是", None),
+        ("t:床前明月光《疑是", None),
+        ("t:床前明月光[疑是", None),
+        ("t:床前明月光G疑是", None),
+        ("t:床前明月光E疑是", None),
+        ("t:床前明月光]疑是", "G床前明月光]疑是E"),  # only the opening bracket is a rule
+    ],
+)
 def test_parse_line_rules(line, expected):
     assert data.parse_line(line) == expected
 
@@ -55,9 +65,17 @@ def test_parse_line_rejects_lines_without_exactly_one_colon(line):
 
 
 def test_read_corpus_matches_original_parser(tmp_path):
-    lines = ["静夜思:床前明月光，疑是地上霜。举头望明月，低头思故乡。", "坏行没有冒号", "a:b:c",
-             "短:四个字啊", "括号:床前明月光（注）疑是地上霜。", "空 格:春 眠 不 觉 晓 ， 处 处 闻 啼 鸟 。",
-             "长:" + "风" * 81, "英文:床前明月光GOOD疑是地上霜。", "好:白日依山尽，黄河入海流。"]
+    lines = [
+        "静夜思:床前明月光，疑是地上霜。举头望明月，低头思故乡。",
+        "坏行没有冒号",
+        "a:b:c",
+        "短:四个字啊",
+        "括号:床前明月光（注）疑是地上霜。",
+        "空 格:春 眠 不 觉 晓 ， 处 处 闻 啼 鸟 。",
+        "长:" + "风" * 81,
+        "英文:床前明月光GOOD疑是地上霜。",
+        "好:白日依山尽，黄河入海流。",
+    ]
     path = tmp_path / "poems.txt"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     corpus = data.read_corpus(path)
@@ -92,7 +110,7 @@ def test_read_corpus_without_usable_poems_is_an_error(tmp_path):
 def test_vocab_by_descending_frequency_with_ties_by_character():
     poems = ["G春春春花花月E", "G月花春E"]
     vocab = data.build_vocab(poems)
-    assert vocab == ["春", "花", "E", "G", "月"]   # 4, 3, then E, G, 月 tie at 2 and sort by character
+    assert vocab == ["春", "花", "E", "G", "月"]  # 4, 3, then E, G, 月 tie at 2 and sort by character
     assert data.build_vocab(list(reversed(poems))) == vocab
 
 
@@ -143,7 +161,8 @@ def test_batches_cover_every_poem_once_with_fixed_shapes():
 
     def listed(plan):
         return [(bucket_index, rows.tolist()) for bucket_index, rows in plan]
-    assert listed(plan) == listed(data.epoch_plan(bucketed, 10, seed=1, epoch=0))   # a pure function
+
+    assert listed(plan) == listed(data.epoch_plan(bucketed, 10, seed=1, epoch=0))  # a pure function
     assert listed(plan) != listed(data.epoch_plan(bucketed, 10, seed=1, epoch=1))
     seen, real = [], 0
     for bucket_index, rows in plan:
@@ -152,12 +171,12 @@ def test_batches_cover_every_poem_once_with_fixed_shapes():
         real += int(batch["mask"].sum())
         for row, poem_row in enumerate(rows):
             length = int(bucketed.lengths[bucket_index][poem_row])
-            poem = bucketed.tokens[bucket_index][poem_row][:length + 1]
+            poem = bucketed.tokens[bucket_index][poem_row][: length + 1]
             seen.append(tuple(poem))
             assert batch["inputs"][row, :length].tolist() == poem[:-1].tolist()
             assert batch["targets"][row, :length].tolist() == poem[1:].tolist()
             assert batch["mask"][row].sum() == length
-        assert batch["mask"][len(rows):].sum() == 0                            # the fill of a short batch
+        assert batch["mask"][len(rows) :].sum() == 0  # the fill of a short batch
     assert sorted(seen) == sorted(tuple(t) for t in encoded)
     assert real == bucketed.num_tokens == sum(len(t) - 1 for t in encoded)
     computed = sum(buckets[b] * 10 for b, _ in plan)
@@ -166,13 +185,16 @@ def test_batches_cover_every_poem_once_with_fixed_shapes():
 
 def test_titles_are_kept_beside_their_poems_with_chinese_characters_only(tmp_path):
     path = tmp_path / "poems.txt"
-    path.write_text("春夜喜雨 (其一):好雨知时节，当春乃发生。\n短:四个字啊\n《静夜思》:床前明月光，疑是地上霜。\n",
-                    encoding="utf-8")
+    path.write_text(
+        "春夜喜雨 (其一):好雨知时节，当春乃发生。\n短:四个字啊\n《静夜思》:床前明月光，疑是地上霜。\n", encoding="utf-8"
+    )
     corpus = data.read_corpus(path)
     assert corpus.poems == ["G好雨知时节，当春乃发生。E", "G床前明月光，疑是地上霜。E"]
     assert corpus.titles == ["春夜喜雨其一", "静夜思"]
-    assert data.sequences(corpus, [1, 0], titles=True, max_title=3) == ["静夜思G床前明月光，疑是地上霜。E",
-                                                                        "春夜喜G好雨知时节，当春乃发生。E"]
+    assert data.sequences(corpus, [1, 0], titles=True, max_title=3) == [
+        "静夜思G床前明月光，疑是地上霜。E",
+        "春夜喜G好雨知时节，当春乃发生。E",
+    ]
     assert data.sequences(corpus, [1], titles=False, max_title=3) == ["G床前明月光，疑是地上霜。E"]
 
 
@@ -184,29 +206,31 @@ def test_a_title_is_read_but_not_trained_and_chars_exclude_punctuation_and_end()
     # Row 0 reads 春 夜 G 好 雨 ， 知 。 ; targets 夜 G 好 雨 ， 知 。 E: the loss starts at the target after G.
     assert batch["mask"][0].tolist() == [0, 0, 1, 1, 1, 1, 1, 1]
     assert batch["chars"][0].tolist() == [0, 0, 1, 1, 0, 1, 0, 0]
-    assert batch["mask"][1].tolist() == [1, 1, 1, 1, 0, 0, 0, 0]   # 好 雨 。 E, then padding
+    assert batch["mask"][1].tolist() == [1, 1, 1, 1, 0, 0, 0, 0]  # 好 雨 。 E, then padding
     assert batch["chars"][1].tolist() == [1, 1, 0, 0, 0, 0, 0, 0]
-    assert not batch["mask"][2].any()                                 # the fill of a short batch
+    assert not batch["mask"][2].any()  # the fill of a short batch
 
 
 def test_near_repeats_fall_on_one_side_and_exact_repeats_are_trained_once():
     base = "白日依山尽，黄河入海流。欲穷千里目，更上一层楼。"
-    variant = "白日依山尽，黄河入海流。欲穷千里目，更上二层楼。"      # one line changed: 3 of 4 shared
-    distant = "白日依山尽，春风不度关。明月何时照，我还故乡来。"       # 1 of 4 shared: not a near-repeat
-    others = [f"G{'春夏秋冬'[i % 4]}江{i:03d}水，花月{i:03d}明。E".replace("0", "零").replace("1", "一")
-              for i in range(200)]
+    variant = "白日依山尽，黄河入海流。欲穷千里目，更上二层楼。"  # one line changed: 3 of 4 shared
+    distant = "白日依山尽，春风不度关。明月何时照，我还故乡来。"  # 1 of 4 shared: not a near-repeat
+    others = [
+        f"G{'春夏秋冬'[i % 4]}江{i:03d}水，花月{i:03d}明。E".replace("0", "零").replace("1", "一") for i in range(200)
+    ]
     poems = ["G" + base + "E", "G" + variant + "E", "G" + distant + "E", "G" + base + "E"] + others
     groups = data.near_repeat_groups(poems)
     assert groups[0] == groups[1] == groups[3] and groups[2] != groups[0]
     for fraction in (0.0, 1.0, 0.3):
         train, val, counts = data.split_indices(poems, fraction, "grouped")
-        assert 3 not in train + val and counts.exact_repeats == 1        # the second copy of base
-        assert (0 in val) == (1 in val)                                  # the group stays together
+        assert 3 not in train + val and counts.exact_repeats == 1  # the second copy of base
+        assert (0 in val) == (1 in val)  # the group stays together
         assert sorted(train + val) == [i for i in range(len(poems)) if i != 3]
     assert counts.near_groups == 1 and counts.near_poems == 3
     hashed_train, hashed_val, _ = data.split_indices(poems, 0.3, "hash")
     assert (hashed_train, hashed_val) == tuple(
-        [[i for i, p in enumerate(poems) if data.is_validation(p, 0.3) == side] for side in (False, True)])
+        [[i for i, p in enumerate(poems) if data.is_validation(p, 0.3) == side] for side in (False, True)]
+    )
 
 
 def test_first_of_each_bucket_names_one_batch_a_shape_in_bucket_order():

@@ -55,8 +55,9 @@ def truncate_data(step_dir: Path, size: int = 100) -> list[Path]:
     """Cut every array data file of a step short, as a crash of the disk or a bad copy would.
     (Every one: readers restore only the parameters, and which file holds them is Orbax's
     business.)"""
-    data_files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"
-                  and p.stat().st_size > size]
+    data_files = [
+        p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d" and p.stat().st_size > size
+    ]
     assert data_files, f"no array data file in {step_dir}"
     for path in data_files:
         with path.open("r+b") as file:
@@ -70,14 +71,15 @@ def stderr_lines(capsys):
 
 # --- unreadable checkpoints -------------------------------------------------------------------
 
+
 def test_a_truncated_newest_step_is_skipped_by_sample_and_train_resumes_from_the_one_before(
-        trained_run, tmp_path, capsys):
+    trained_run, tmp_path, capsys
+):
     directory, data_path = copy_run(trained_run, tmp_path)
     older, newest = steps_of(directory)
     damaged = truncate_data(directory / str(newest))
 
-    assert run_cli(sample.main, ["--checkpoint-dir", str(directory), "--num", "2", "--candidates", "1",
-                                 "--json"]) == 0
+    assert run_cli(sample.main, ["--checkpoint-dir", str(directory), "--num", "2", "--candidates", "1", "--json"]) == 0
     captured = capsys.readouterr()
     assert len(captured.out.splitlines()) == 2
     err = captured.err.strip().splitlines()
@@ -89,22 +91,31 @@ def test_a_truncated_newest_step_is_skipped_by_sample_and_train_resumes_from_the
     # Training resumes from the older step, sets the damaged one aside (never deletes it) and
     # trims metrics.jsonl to the epoch it resumes from.
     messages = []
-    train(small_config(data_path, epochs=4, save_every=1), SMALL_MODEL, directory, log=messages.append,
-          show_progress=False)               # epoch 3 saves a new step under the damaged one's number
+    train(
+        small_config(data_path, epochs=4, save_every=1),
+        SMALL_MODEL,
+        directory,
+        log=messages.append,
+        show_progress=False,
+    )  # epoch 3 saves a new step under the damaged one's number
     assert any(f"step {newest}" in m and "truncated" in m and "set aside" in m for m in messages), messages
     assert any(m.startswith(f"resuming from step {older:,}") for m in messages), messages
     aside = [p for p in directory.iterdir() if p.name.startswith(f"{newest}.")]
-    assert len(aside) == 1 and all((aside[0] / path.relative_to(directory / str(newest))).stat().st_size == 100
-                                   for path in damaged)
+    assert len(aside) == 1 and all(
+        (aside[0] / path.relative_to(directory / str(newest))).stat().st_size == 100 for path in damaged
+    )
     assert [m["epoch"] for m in metrics_of(directory)] == [1, 2, 3, 4]
     assert [epoch_of(directory, step) for step in steps_of(directory)] == [2, 3, 4]
 
 
-@pytest.mark.parametrize("damage, reason", [
-    ("truncate", "truncated"),
-    ("delete-json", "missing"),
-    ("shapes", "wrong shapes"),
-])
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        ("truncate", "truncated"),
+        ("delete-json", "missing"),
+        ("shapes", "wrong shapes"),
+    ],
+)
 def test_each_skipped_step_gets_one_line_that_says_why(trained_run, tmp_path, capsys, damage, reason):
     directory, _ = copy_run(trained_run, tmp_path)
     older, newest = steps_of(directory)
@@ -130,10 +141,11 @@ def test_no_readable_step_is_one_clear_error(trained_run, tmp_path, capsys):
     err = stderr_lines(capsys)
     assert len(err) == 3 and all(line.startswith("warning: ") for line in err[:2]), err
     assert err[2].startswith("error: ") and "no checkpoint in" in err[2] and "can be read" in err[2]
-    assert len(steps_of(directory)) == 2                 # nothing deleted
+    assert len(steps_of(directory)) == 2  # nothing deleted
 
 
 # --- divergence -------------------------------------------------------------------------------
+
 
 def test_a_diverging_run_stops_with_its_own_exit_code_and_keeps_the_last_good_checkpoint(tmp_path):
     data_path = write_poems(tmp_path / "poems.txt", count=60)
@@ -146,7 +158,7 @@ def test_a_diverging_run_stops_with_its_own_exit_code_and_keeps_the_last_good_ch
     message = str(raised.value)
     assert raised.value.exit_code == errors.EXIT_DIVERGED == 3
     assert "epoch 2" in message and "step" in message and "--lr" in message and f"step {good}" in message
-    assert steps_of(directory) == [good]                 # the diverged state was not saved
+    assert steps_of(directory) == [good]  # the diverged state was not saved
     assert [m["epoch"] for m in metrics_of(directory)] == [1]
     assert sample.load_model(directory).progress["step"] == good
 
@@ -155,7 +167,9 @@ def test_run_cli_gives_each_outcome_its_exit_code(capsys):
     def raising(error):
         def main(argv):
             raise error
+
         return main
+
     assert run_cli(lambda argv: None) == 0
     assert run_cli(raising(TangshiError("bad flag"))) == 2
     assert run_cli(raising(Diverged("loss is nan"))) == 3
@@ -167,7 +181,7 @@ def test_the_guard_stops_on_a_non_finite_loss_or_a_runaway_one():
     vocab_size = 50
     limit = 2 * math.log(vocab_size)
     guard = train_module.DivergenceGuard(vocab_size)
-    for step in range(1, 30):                     # a healthy run, one spike above the limit
+    for step in range(1, 30):  # a healthy run, one spike above the limit
         guard.check(limit - 1 if step != 7 else limit + 1, step, 1)
     guard.settle(29, 1)
     with pytest.raises(Diverged, match="step 31 .*epoch 2.*loss is nan"):
@@ -178,7 +192,7 @@ def test_the_guard_stops_on_a_non_finite_loss_or_a_runaway_one():
             guard.check(limit * 3, step, 1)
     guard = train_module.DivergenceGuard(vocab_size)
     guard.check(limit * 3, 1, 1)
-    with pytest.raises(Diverged):                 # never save a state whose last loss runs away
+    with pytest.raises(Diverged):  # never save a state whose last loss runs away
         guard.settle(1, 1)
 
 
@@ -191,6 +205,7 @@ def test_perplexity_of_a_huge_loss_is_inf_without_a_warning():
 
 
 # --- paths and disks --------------------------------------------------------------------------
+
 
 def test_a_checkpoint_dir_under_a_file_is_one_clear_line(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
@@ -232,8 +247,9 @@ def test_a_read_only_checkpoint_dir_refuses_training_and_still_samples(trained_r
     before = steps_of(directory)
     with read_only(directory):
         with pytest.raises(TangshiError, match="cannot write .*checkpoints"):
-            train(small_config(data_path, epochs=4, save_every=1), SMALL_MODEL, directory, log=quiet,
-                  show_progress=False)
+            train(
+                small_config(data_path, epochs=4, save_every=1), SMALL_MODEL, directory, log=quiet, show_progress=False
+            )
         assert run_cli(sample.main, ["--checkpoint-dir", str(directory), "--candidates", "1"]) == 0
         assert not capsys.readouterr().err.strip()
     assert steps_of(directory) == before
@@ -276,8 +292,7 @@ def fill(mount_point: Path, spare_bytes: int) -> None:
 
 
 @pytest.mark.parametrize("how", ["file size limit", "full filesystem"])
-def test_a_save_that_cannot_be_written_is_one_line_and_keeps_the_previous_checkpoint(
-        trained_run, tmp_path, how):
+def test_a_save_that_cannot_be_written_is_one_line_and_keeps_the_previous_checkpoint(trained_run, tmp_path, how):
     with contextlib.ExitStack() as stack:
         if how == "file size limit":
             directory, data_path = copy_run(trained_run, tmp_path)
@@ -291,22 +306,24 @@ def test_a_save_that_cannot_be_written_is_one_line_and_keeps_the_previous_checkp
         if how == "file size limit":
             stack.enter_context(file_size_limit(4096))
         with pytest.raises(TangshiError) as raised:
-            train(small_config(data_path, epochs=4, save_every=1), SMALL_MODEL, directory, log=quiet,
-                  show_progress=False)
+            train(
+                small_config(data_path, epochs=4, save_every=1), SMALL_MODEL, directory, log=quiet, show_progress=False
+            )
         message = str(raised.value)
         assert "\n" not in message and f"step {before[-1]}" in message and "is intact" in message, message
         assert ("No space left" in message) if how == "full filesystem" else ("File too large" in message)
         assert steps_of(directory) == before
-        assert not [p for p in directory.iterdir() if "tmp" in p.name]     # nothing half-written left
+        assert not [p for p in directory.iterdir() if "tmp" in p.name]  # nothing half-written left
         assert sample.load_model(directory).progress["step"] == before[-1]
 
 
 # --- data identity ----------------------------------------------------------------------------
 
+
 def test_resuming_with_other_poems_is_refused_and_says_what_differs(trained_run, tmp_path):
     directory, data_path = copy_run(trained_run, tmp_path)
     lines = data_path.read_text(encoding="utf-8").splitlines()
-    shuffled = tmp_path / "other.txt"           # the same characters, poems 5 and 6 swapped
+    shuffled = tmp_path / "other.txt"  # the same characters, poems 5 and 6 swapped
     lines[5], lines[6] = lines[6], lines[5]
     shuffled.write_text("\n".join(lines) + "\n", encoding="utf-8")
     before = sorted(p.name for p in directory.iterdir())
@@ -322,7 +339,7 @@ def test_resuming_with_other_poems_is_refused_and_says_what_differs(trained_run,
 def test_the_fingerprint_follows_the_poems_read_not_the_file(tmp_path):
     first = write_poems(tmp_path / "a.txt", count=30)
     second = tmp_path / "b.txt"
-    second.write_bytes(b"\xef\xbb\xbf" + first.read_bytes().replace(b"\n", b"\r\n"))   # BOM and CRLF
+    second.write_bytes(b"\xef\xbb\xbf" + first.read_bytes().replace(b"\n", b"\r\n"))  # BOM and CRLF
     config = small_config(first)
     print_a = data.fingerprint(data.read_corpus(first), config)
     assert print_a == data.fingerprint(data.read_corpus(second), config)
@@ -332,16 +349,24 @@ def test_the_fingerprint_follows_the_poems_read_not_the_file(tmp_path):
 
 # --- readers beside a writer --------------------------------------------------------------------
 
+
 def test_sampling_while_training_saves_every_epoch_never_fails(tmp_path):
     data_path = write_poems(tmp_path / "poems.txt", count=60)
     directory = tmp_path / "run"
-    script = (f"import sys; sys.path.insert(0, {str(TESTS)!r})\n"
-              "from conftest import SMALL_MODEL, small_config\n"
-              "from tangshi_jax.train import train\n"
-              f"train(small_config({str(data_path)!r}, epochs=30, save_every=1, num_buckets=1), SMALL_MODEL, "
-              f"{str(directory)!r}, log=lambda m: print(m, flush=True), show_progress=False)\n")
-    writer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    script = (
+        f"import sys; sys.path.insert(0, {str(TESTS)!r})\n"
+        "from conftest import SMALL_MODEL, small_config\n"
+        "from tangshi_jax.train import train\n"
+        f"train(small_config({str(data_path)!r}, epochs=30, save_every=1, num_buckets=1), SMALL_MODEL, "
+        f"{str(directory)!r}, log=lambda m: print(m, flush=True), show_progress=False)\n"
+    )
+    writer = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
     seen, problems = [], []
     try:
         while writer.poll() is None:
@@ -351,7 +376,7 @@ def test_sampling_while_training_saves_every_epoch_never_fails(tmp_path):
             messages = []
             try:
                 loaded = sample.load_model(directory, warn=messages.append)
-            except Exception as error:          # any failure fails the test, after the writer stops
+            except Exception as error:  # any failure fails the test, after the writer stops
                 problems.append(repr(error))
                 continue
             problems.extend(messages)
@@ -360,12 +385,13 @@ def test_sampling_while_training_saves_every_epoch_never_fails(tmp_path):
         output = writer.communicate(timeout=120)[0]
     assert writer.returncode == 0, output
     assert not problems, problems
-    assert len(set(seen)) >= 5, seen                 # the reads really overlapped the saves
-    assert seen == sorted(seen)                      # never an older step once a newer one was read
+    assert len(set(seen)) >= 5, seen  # the reads really overlapped the saves
+    assert seen == sorted(seen)  # never an older step once a newer one was read
     assert epoch_of(directory, steps_of(directory)[-1]) == 30
 
 
 # --- large requests -----------------------------------------------------------------------------
+
 
 def test_many_poems_are_written_in_bounded_batches_and_streamed(trained_run, monkeypatch, capsys):
     directory, _, _ = trained_run
@@ -378,11 +404,12 @@ def test_many_poems_are_written_in_bounded_batches_and_streamed(trained_run, mon
     def counting(*args, **kwargs):
         calls.append(kwargs["num"])
         return generate(*args, **kwargs)
+
     monkeypatch.setattr(sample, "generate", counting)
     monkeypatch.setattr(sample, "MAX_ROWS", 6)
     assert run_cli(sample.main, argv + ["--num", "10"]) == 0
     many = [json.loads(line)["poem"] for line in capsys.readouterr().out.splitlines()]
-    assert calls == [6, 6, 6, 6]                     # 3 poems × 2 drafts a batch, the last one padded
+    assert calls == [6, 6, 6, 6]  # 3 poems × 2 drafts a batch, the last one padded
     assert len(many) == 10 and many[:3] == few and len(set(many)) > 3
 
 

@@ -19,11 +19,34 @@ FUZZ_SAMPLING = settings(max_examples=20, deadline=None, suppress_health_check=[
 
 POEM = "春花秋月何时了，往事知多少。"
 # Pieces a hostile or merely unlucky poems file is made of.
-FRAGMENTS = st.sampled_from([
-    f"题:{POEM}".encode(), f"题:{POEM}".encode("gbk"), f"题:{POEM}".encode("utf-16"), "無題:白日依山盡，黃河入海流。".encode(),
-    b"\r\n", b"\n", b"\r", b"\x00", b"\xef\xbb\xbf", b":", b"::", b" ", b"\t", b"_", b"(", "《".encode(), b"G", b"E",
-    b"\xff\xfe", b"\xed\xa0\x80", "\u2028".encode(), "𠀀".encode(), b"title:" + b"x" * 100, b"a:bcdef",
-])
+FRAGMENTS = st.sampled_from(
+    [
+        f"题:{POEM}".encode(),
+        f"题:{POEM}".encode("gbk"),
+        f"题:{POEM}".encode("utf-16"),
+        "無題:白日依山盡，黃河入海流。".encode(),
+        b"\r\n",
+        b"\n",
+        b"\r",
+        b"\x00",
+        b"\xef\xbb\xbf",
+        b":",
+        b"::",
+        b" ",
+        b"\t",
+        b"_",
+        b"(",
+        "《".encode(),
+        b"G",
+        b"E",
+        b"\xff\xfe",
+        b"\xed\xa0\x80",
+        "\u2028".encode(),
+        "𠀀".encode(),
+        b"title:" + b"x" * 100,
+        b"a:bcdef",
+    ]
+)
 
 
 def check_corpus_or_refusal(path: Path) -> None:
@@ -63,14 +86,17 @@ def test_any_bytes_as_a_poems_file_are_read_or_refused_in_one_line(content):
         check_corpus_or_refusal(path)
 
 
-@pytest.mark.parametrize("content", [
-    b"t:" + "春".encode() * 3_500_000,                                   # a 10 MB single line
-    (f"题:{POEM}\r\n" * 50 + f"题:{POEM}\r" * 50 + f"题:{POEM}\n" * 50).encode(),   # mixed line ends
-    b"\xef\xbb\xbf" + f"题:{POEM}\n".encode() * 10,                      # a BOM
-    f"题:{POEM}\n".encode("utf-16") * 10,                                # another encoding
-    b"a:b\nc:dd\n_:_____\n" * 1000,                                     # only invalid poems
-    b"\x00" * 100_000,                                                   # NUL bytes
-])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"t:" + "春".encode() * 3_500_000,  # a 10 MB single line
+        (f"题:{POEM}\r\n" * 50 + f"题:{POEM}\r" * 50 + f"题:{POEM}\n" * 50).encode(),  # mixed line ends
+        b"\xef\xbb\xbf" + f"题:{POEM}\n".encode() * 10,  # a BOM
+        f"题:{POEM}\n".encode("utf-16") * 10,  # another encoding
+        b"a:b\nc:dd\n_:_____\n" * 1000,  # only invalid poems
+        b"\x00" * 100_000,  # NUL bytes
+    ],
+)
 def test_hostile_poems_files_are_read_or_refused_quickly_in_proportion(tmp_path, content):
     path = tmp_path / "poems.txt"
     path.write_bytes(content)
@@ -87,7 +113,7 @@ def test_hostile_poems_files_are_read_or_refused_quickly_in_proportion(tmp_path,
 
 def test_an_unreadable_poems_file_is_one_line(tmp_path):
     with pytest.raises(TangshiError, match="no such file"):
-        data.read_corpus(tmp_path)                       # a directory
+        data.read_corpus(tmp_path)  # a directory
 
 
 @pytest.fixture(scope="module")
@@ -113,20 +139,39 @@ def test_any_begin_or_acrostic_text_writes_poems_or_is_refused(model, text, acro
 NUMBERS = st.floats(allow_nan=True, allow_infinity=True)
 
 
-@pytest.mark.filterwarnings("error::RuntimeWarning")     # numpy's overflow warnings count as failures
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # numpy's overflow warnings count as failures
 @FUZZ_SAMPLING
-@given(temperature=NUMBERS, top_p=NUMBERS, penalty=NUMBERS, top_k=st.sampled_from([-1, 0, 10**9]),
-       num=st.sampled_from([0, 1, 2]), candidates=st.sampled_from([0, 1, 2, 10**9]),
-       max_len=st.sampled_from([0, 8, 10**6]), seed=st.integers(-2**70, 2**70), greedy=st.booleans())
+@given(
+    temperature=NUMBERS,
+    top_p=NUMBERS,
+    penalty=NUMBERS,
+    top_k=st.sampled_from([-1, 0, 10**9]),
+    num=st.sampled_from([0, 1, 2]),
+    candidates=st.sampled_from([0, 1, 2, 10**9]),
+    max_len=st.sampled_from([0, 8, 10**6]),
+    seed=st.integers(-(2**70), 2**70),
+    greedy=st.booleans(),
+)
 @example(temperature=0.8, top_p=1.0, penalty=1e308, top_k=0, num=1, candidates=1, max_len=8, seed=0, greedy=False)
 @example(temperature=1e308, top_p=1.0, penalty=1.5, top_k=0, num=1, candidates=1, max_len=8, seed=2**64, greedy=False)
-def test_any_sampling_flags_write_poems_or_give_one_clear_line(model, capsys, temperature, top_p, penalty, top_k,
-                                                                num, candidates, max_len, seed, greedy):
+def test_any_sampling_flags_write_poems_or_give_one_clear_line(
+    model, capsys, temperature, top_p, penalty, top_k, num, candidates, max_len, seed, greedy
+):
     directory = model[0]
     # --flag=value, as a user would write a negative number (argparse reads "-1e+16" as a flag)
-    argv = ["--checkpoint-dir", str(directory), f"--temperature={temperature!r}", f"--top-p={top_p!r}",
-            f"--repetition-penalty={penalty!r}", f"--top-k={top_k}", f"--num={num}",
-            f"--candidates={candidates}", f"--max-len={max_len}", f"--seed={seed}", "--json"]
+    argv = [
+        "--checkpoint-dir",
+        str(directory),
+        f"--temperature={temperature!r}",
+        f"--top-p={top_p!r}",
+        f"--repetition-penalty={penalty!r}",
+        f"--top-k={top_k}",
+        f"--num={num}",
+        f"--candidates={candidates}",
+        f"--max-len={max_len}",
+        f"--seed={seed}",
+        "--json",
+    ]
     code = run_cli(sample.main, argv + (["--greedy"] if greedy else []))
     out, err = capsys.readouterr()
     if code == 0:

@@ -23,14 +23,15 @@ from tangshi_jax.devices import launched_by_cluster
 from conftest import write_poems
 
 WORKER = Path(__file__).parent / "mesh_worker.py"
-TIMEOUT_S = 50   # every process; a hang in a collective fails the test instead of the suite
+TIMEOUT_S = 50  # every process; a hang in a collective fails the test instead of the suite
 
 
 def start_worker(*args, log: Path) -> subprocess.Popen:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with open(log, "w") as out:
-        return subprocess.Popen([sys.executable, str(WORKER), *map(str, args)], stdout=out, stderr=subprocess.STDOUT,
-                                env=env)
+        return subprocess.Popen(
+            [sys.executable, str(WORKER), *map(str, args)], stdout=out, stderr=subprocess.STDOUT, env=env
+        )
 
 
 def finish(process: subprocess.Popen) -> int:
@@ -61,8 +62,20 @@ def free_port() -> int:
 
 def two_processes(root: Path, name: str) -> list[subprocess.Popen]:
     coordinator = f"127.0.0.1:{free_port()}"
-    return [start_worker("run", root, "--host-devices", 2, "--coordinator", coordinator, "--process-id", index,
-                         log=root / f"{name}{index}.log") for index in (0, 1)]
+    return [
+        start_worker(
+            "run",
+            root,
+            "--host-devices",
+            2,
+            "--coordinator",
+            coordinator,
+            "--process-id",
+            index,
+            log=root / f"{name}{index}.log",
+        )
+        for index in (0, 1)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +96,7 @@ def test_four_devices_give_the_losses_of_one(compared):
 def test_the_step_receives_the_batch_split_across_the_devices(compared):
     batch = compared["batch"]
     assert batch["program_takes_split_batch"]
-    assert batch["batch_devices"] == 4 and batch["shard_rows"] == [4]   # 16 rows, 4 on each device
+    assert batch["batch_devices"] == 4 and batch["shard_rows"] == [4]  # 16 rows, 4 on each device
 
 
 def test_checkpoints_resume_on_another_device_count(compared):
@@ -127,8 +140,10 @@ def test_two_processes_train_as_one_and_stop_together(compared, tmp_path):
         time.sleep(0.2)
     processes[1].send_signal(signal.SIGTERM)
     assert [finish(process) for process in processes] == [130, 130]
-    said = [next(line for line in (stopped / f"first{index}.log").read_text().splitlines() if "stopped: saved step" in line)
-            for index in (0, 1)]
+    said = [
+        next(line for line in (stopped / f"first{index}.log").read_text().splitlines() if "stopped: saved step" in line)
+        for index in (0, 1)
+    ]
     step = said[0].split("saved step ")[1].split()[0]
     assert f"saved step {step} " in said[1] and 0 < int(step) < records[-1]["step"]
     assert (stopped / "checkpoints" / step).is_dir()
@@ -137,15 +152,16 @@ def test_two_processes_train_as_one_and_stop_together(compared, tmp_path):
     processes = two_processes(stopped, "again")
     assert [finish(process) for process in processes] == [0, 0]
     assert f"resuming from step {step}" in (stopped / "again0.log").read_text()
-    np.testing.assert_allclose(losses(metrics(stopped / "checkpoints"))[-1], losses(metrics(whole / "checkpoints"))[-1],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        losses(metrics(stopped / "checkpoints"))[-1], losses(metrics(whole / "checkpoints"))[-1], rtol=1e-6
+    )
 
 
 def test_a_cluster_launch_of_several_tasks_joins_without_flags(monkeypatch):
     for name in ("SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
     assert not launched_by_cluster()
-    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")           # one task: nothing to join
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")  # one task: nothing to join
     assert not launched_by_cluster()
     monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "16")
     assert launched_by_cluster()

@@ -5,7 +5,15 @@ import pytest
 
 from tangshi_jax.config import ModelConfig, TrainConfig
 from tangshi_jax.loss import head_nll, nll_of_logits
-from tangshi_jax.model import LSTMCell, PoemModel, RecurrentLayer, head_weights, init_params, initial_carry, lstm_sequence
+from tangshi_jax.model import (
+    LSTMCell,
+    PoemModel,
+    RecurrentLayer,
+    head_weights,
+    init_params,
+    initial_carry,
+    lstm_sequence,
+)
 from tangshi_jax.train import init_state, make_optimizer, make_steps
 
 FLOAT32_EPS = np.finfo(np.float32).eps
@@ -31,7 +39,7 @@ def numpy_step(cell, params, carry, x):
         u_z, u_r = np.split(cell_params["recurrent_gates"], 2, axis=-1)
         z, r = sigmoid(x_z + h @ u_z), sigmoid(x_r + h @ u_r)
         candidate = np.tanh(x_n + (r * h) @ cell_params["recurrent_candidate"])
-        return (1 - z) * h + z * candidate          # h = (1-z)⊙h₋₁ + z⊙h̃, the seed's convention
+        return (1 - z) * h + z * candidate  # h = (1-z)⊙h₋₁ + z⊙h̃, the seed's convention
     return np.tanh(x_proj + carry @ cell_params["recurrent"])
 
 
@@ -48,8 +56,12 @@ def test_each_cell_step_matches_numpy_formulas(cell):
     params = jax.tree_util.tree_map(lambda p: p + 0.1 * jnp.arange(p.size).reshape(p.shape) / p.size, params)
     new_carry, outputs = layer.apply({"params": params}, carry, x[:, None])
     expected = numpy_step(cell, params, carry, x)
-    np.testing.assert_allclose(np.asarray(jax.tree_util.tree_leaves(new_carry)),
-                               np.asarray(jax.tree_util.tree_leaves(expected)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(jax.tree_util.tree_leaves(new_carry)),
+        np.asarray(jax.tree_util.tree_leaves(expected)),
+        rtol=1e-5,
+        atol=1e-6,
+    )
     expected_h = expected[0] if cell == "lstm" else expected
     np.testing.assert_allclose(outputs[:, 0], expected_h, rtol=1e-5, atol=1e-6)
 
@@ -60,7 +72,7 @@ def test_initialisation_follows_the_original():
     embedding = np.asarray(params["embed"]["embedding"])
     assert embedding.min() >= -1 and embedding.max() <= 1 and embedding.min() < -0.9 and embedding.max() > 0.9
     head = np.asarray(params["head"]["kernel"])
-    limit = np.sqrt(6 / (8 + 300))                 # Xavier-uniform bound
+    limit = np.sqrt(6 / (8 + 300))  # Xavier-uniform bound
     assert np.abs(head).max() <= limit and np.abs(head).max() > 0.9 * limit
     assert not np.asarray(params["head"]["bias"]).any()
 
@@ -93,6 +105,7 @@ def test_padding_changes_neither_loss_nor_gradients():
         def loss(p):
             metrics = eval_step(p, batch)
             return metrics["nll_sum"] / metrics["tokens"]
+
         return jax.value_and_grad(loss)(params)
 
     (tight_loss, tight_grads), (loose_loss, loose_grads) = loss_and_grads(tight), loss_and_grads(loose)
@@ -101,8 +114,12 @@ def test_padding_changes_neither_loss_nor_gradients():
     # up to float32 rounding, which for a sum scales with its largest terms, not with its result.
     for a, b in zip(jax.tree_util.tree_leaves(tight_grads), jax.tree_util.tree_leaves(loose_grads)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=32 * FLOAT32_EPS * np.abs(b).max())
-    state = {"params": params, "opt_state": make_optimizer(TrainConfig()).init(params), "step": jnp.zeros((), jnp.int32),
-             "rng": jax.random.key_data(jax.random.key(0))}
+    state = {
+        "params": params,
+        "opt_state": make_optimizer(TrainConfig()).init(params),
+        "step": jnp.zeros((), jnp.int32),
+        "rng": jax.random.key_data(jax.random.key(0)),
+    }
     tight_state, tight_metrics = train_step(state, tight)
     loose_state, loose_metrics = train_step(state, loose)
     assert float(tight_metrics["tokens"]) == float(loose_metrics["tokens"]) == 10
@@ -126,7 +143,7 @@ def test_loss_is_the_masked_mean_nll_of_a_numpy_log_softmax(tied):
     metrics = eval_step(params, {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": mask, "chars": chars})
     _, logits = PoemModel(config).apply({"params": params}, tokens[:, :-1], initial_carry(config, 3))
     logits = np.asarray(logits, np.float64)
-    if tied:    # the head is the embedding, read through a projection of the last layer
+    if tied:  # the head is the embedding, read through a projection of the last layer
         assert set(params) == {"embed", "layer_0", "layer_1", "project", "head_bias"}
     log_softmax = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     nll = -np.take_along_axis(log_softmax, tokens[:, 1:, None], -1)[..., 0]
@@ -151,8 +168,11 @@ def test_tied_head_gradients_through_the_fused_loss_match_a_plain_log_softmax():
     def plain(p):
         _, logits = model.apply({"params": p}, tokens[:, :-1], carry)
         return jnp.sum(nll_of_logits(logits, tokens[:, 1:])[0] * mask)
-    (fused_loss, fused_grads), (plain_loss, plain_grads) = jax.value_and_grad(fused)(params), \
-        jax.value_and_grad(plain)(params)
+
+    (fused_loss, fused_grads), (plain_loss, plain_grads) = (
+        jax.value_and_grad(fused)(params),
+        jax.value_and_grad(plain)(params),
+    )
     assert float(fused_loss) == pytest.approx(float(plain_loss), rel=1e-5)
     # The embedding's gradient gathers both of its uses: the input lookup and the output layer.
     for a, b in zip(jax.tree_util.tree_leaves(fused_grads), jax.tree_util.tree_leaves(plain_grads)):
@@ -183,14 +203,14 @@ def test_optimizer_follows_pytorch_rmsprop_with_clipping():
     square_avg = {key: np.zeros_like(value) for key, value in reference.items()}
     update = jax.jit(optimizer.update)
     for step in range(200):
-        scale = 10.0 if step % 3 == 0 else 0.05          # some steps clipped, some not
+        scale = 10.0 if step % 3 == 0 else 0.05  # some steps clipped, some not
         grads = {key: (scale * rng.normal(size=value.shape)).astype(np.float32) for key, value in params.items()}
         updates, state = update(grads, state, params)
         params = jax.tree_util.tree_map(lambda p, u: np.asarray(p + u), params, updates)
         norm = np.sqrt(sum((g.astype(np.float64) ** 2).sum() for g in grads.values()))
         for key, grad in grads.items():
             grad = grad.astype(np.float64) * min(1.0, 1.0 / norm)
-            square_avg[key] = 0.99 * square_avg[key] + 0.01 * grad ** 2
+            square_avg[key] = 0.99 * square_avg[key] + 0.01 * grad**2
             reference[key] -= 0.01 * grad / (np.sqrt(square_avg[key]) + 1e-8)
     for key in params:
         np.testing.assert_allclose(params[key], reference[key], atol=1e-5)
@@ -209,8 +229,10 @@ def test_bfloat16_step_is_near_float32_and_keeps_float32_parameters(tied):
         train_step, _ = make_steps(config, train_config)
         state, metrics = jax.jit(train_step)(init_state(config, train_config), batch)
         losses[dtype] = float(metrics["nll_sum"] / metrics["tokens"])
-        assert {leaf.dtype for leaf in jax.tree_util.tree_leaves((state["params"], state["opt_state"]))} == {np.dtype(np.float32)}
-    assert losses["bfloat16"] != losses["float32"]          # the products really ran in bfloat16
+        assert {leaf.dtype for leaf in jax.tree_util.tree_leaves((state["params"], state["opt_state"]))} == {
+            np.dtype(np.float32)
+        }
+    assert losses["bfloat16"] != losses["float32"]  # the products really ran in bfloat16
     assert losses["bfloat16"] == pytest.approx(losses["float32"], abs=1e-2)
 
 
@@ -221,19 +243,22 @@ def test_wavefront_matches_the_layers_scanned_in_turn_dropout_included(cell, lay
     config = ModelConfig(vocab_size=30, cell=cell, layers=layers, hidden=8, embed=5, dropout=0.3)
     params = init_params(config, jax.random.key(0))
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 30, (3, 7)), jnp.int32)
-    carry = jax.tree_util.tree_map(lambda z: z + 0.5, initial_carry(config, 3))     # a carry that is not zero
+    carry = jax.tree_util.tree_map(lambda z: z + 0.5, initial_carry(config, 3))  # a carry that is not zero
     weights = jnp.asarray(np.random.default_rng(1).normal(size=(3, 7, 8)), jnp.float32)
 
     def run(layer_by_layer, key):
         def loss(p):
             new_carry, features = PoemModel(config, wavefront=not layer_by_layer).apply(
-                {"params": p}, tokens, carry, features_only=True, train=True, rngs={"dropout": key})
+                {"params": p}, tokens, carry, features_only=True, train=True, rngs={"dropout": key}
+            )
             return jnp.sum(features * weights), (new_carry, features)
+
         return jax.value_and_grad(loss, has_aux=True)(params)
+
     (_, (carry_a, features_a)), grads_a = run(True, jax.random.key(5))
     (_, (carry_b, features_b)), grads_b = run(False, jax.random.key(5))
     (_, (_, features_c)), _ = run(False, jax.random.key(6))
-    assert not np.allclose(features_b, features_c)              # dropout really acts
+    assert not np.allclose(features_b, features_c)  # dropout really acts
     np.testing.assert_allclose(features_b, features_a, rtol=1e-5, atol=1e-6)
     for a, b in zip(jax.tree_util.tree_leaves((carry_b, grads_b)), jax.tree_util.tree_leaves((carry_a, grads_a))):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
@@ -278,21 +303,26 @@ def test_lstm_hand_gradients_match_autodiff_of_the_scanned_cell():
     kernel = jnp.asarray(rng.normal(size=(hidden, 4 * hidden)) * 0.5, jnp.float32)
     x_proj = jnp.asarray(rng.normal(size=(steps, batch, 4 * hidden)), jnp.float32)
     h, c = (jnp.asarray(rng.normal(size=(batch, hidden)), jnp.float32) for _ in range(2))
-    weights = [jnp.asarray(rng.normal(size=shape), jnp.float32)
-               for shape in ((steps, batch, hidden), (batch, hidden), (batch, hidden))]
+    weights = [
+        jnp.asarray(rng.normal(size=shape), jnp.float32)
+        for shape in ((steps, batch, hidden), (batch, hidden), (batch, hidden))
+    ]
 
     def by_cell(kernel, x_proj, h, c):
         def step(carry, x):
             return LSTMCell(hidden).apply({"params": {"recurrent": {"kernel": kernel}}}, carry, x)
+
         return jax.lax.scan(step, (h, c), x_proj)
 
     def loss(sequence):
         def value(*args):
             (h_last, c_last), hs = sequence(*args)
             return sum(jnp.sum(w * out) for w, out in zip(weights, (hs, h_last, c_last)))
+
         return jax.value_and_grad(value, argnums=(0, 1, 2, 3))(kernel, x_proj, h, c)
+
     (hand_loss, hand_grads), (auto_loss, auto_grads) = loss(lstm_sequence), loss(by_cell)
     assert float(hand_loss) == pytest.approx(float(auto_loss), rel=1e-6)
     for name, a, b in zip(("kernel", "x_proj", "h", "c"), hand_grads, auto_grads):
-        assert np.abs(b).max() > 0.1, name                      # every gradient is really exercised
+        assert np.abs(b).max() > 0.1, name  # every gradient is really exercised
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max(), err_msg=name)

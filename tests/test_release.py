@@ -15,23 +15,39 @@ from tangshi_jax.errors import TangshiError, run_cli
 def exported(titles_run, tmp_path_factory):
     directory, data = titles_run
     out = tmp_path_factory.mktemp("release") / "tangshi-small"
-    report = evaluate.evaluate_checkpoint(directory, None, num=2, settings=[evaluate.SETTINGS[0]], log=lambda m: None,
-                                          temperature=0.8, top_p=1.0, repetition_penalty=1.5)
+    report = evaluate.evaluate_checkpoint(
+        directory,
+        None,
+        num=2,
+        settings=[evaluate.SETTINGS[0]],
+        log=lambda m: None,
+        temperature=0.8,
+        top_p=1.0,
+        repetition_penalty=1.5,
+    )
     export.export(directory, out, report=report, log=lambda message: None)
     return directory, data, out
 
 
 def test_the_folder_holds_the_files_users_know(exported):
     directory, data, out = exported
-    assert sorted(path.name for path in out.iterdir()) == ["README.md", "config.json", "model.safetensors", "vocab.json"]
+    assert sorted(path.name for path in out.iterdir()) == [
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "vocab.json",
+    ]
     from safetensors.numpy import load_file
-    weights = load_file(str(out / "model.safetensors"))                   # plain numpy, no JAX needed
+
+    weights = load_file(str(out / "model.safetensors"))  # plain numpy, no JAX needed
     checkpoint = sample.load_model(directory)
-    flat = {".".join(key.key for key in path): np.asarray(leaf)
-            for path, leaf in jax.tree_util.tree_leaves_with_path(checkpoint.params)}
+    flat = {
+        ".".join(key.key for key in path): np.asarray(leaf)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(checkpoint.params)
+    }
     assert set(weights) == set(flat)
     for name, array in flat.items():
-        np.testing.assert_array_equal(weights[name], array)             # bit for bit
+        np.testing.assert_array_equal(weights[name], array)  # bit for bit
     config = json.loads((out / "config.json").read_text(encoding="utf-8"))
     assert config["model"]["hidden"] == checkpoint.model_config.hidden and config["train"]["titles"] is True
     assert config["progress"]["step"] == checkpoint.progress["step"] and config["metrics"]["val_loss"] > 0
@@ -48,10 +64,20 @@ def test_the_release_writes_the_checkpoints_poems(exported, capsys):
     assert from_release.vocab == from_checkpoint.vocab and from_release.model_config == from_checkpoint.model_config
     assert from_release.train_config == from_checkpoint.train_config
     heads = "".join([char for char in from_release.vocab if sample.data.is_hanzi(char)][:4])
-    options = dict(num=3, seed=6, candidates=4, form="qijue", rhyme=True, acrostic=heads, title="题春",
-                   max_title=from_release.train_config.max_title, corpus_lines=sample.corpus_lines(data))
-    assert sample.write_poems(from_release.params, from_release.model_config, from_release.vocab, **options) == \
-        sample.write_poems(from_checkpoint.params, from_checkpoint.model_config, from_checkpoint.vocab, **options)
+    options = dict(
+        num=3,
+        seed=6,
+        candidates=4,
+        form="qijue",
+        rhyme=True,
+        acrostic=heads,
+        title="题春",
+        max_title=from_release.train_config.max_title,
+        corpus_lines=sample.corpus_lines(data),
+    )
+    assert sample.write_poems(
+        from_release.params, from_release.model_config, from_release.vocab, **options
+    ) == sample.write_poems(from_checkpoint.params, from_checkpoint.model_config, from_checkpoint.vocab, **options)
     outputs = []
     for source in (["--model", str(out)], ["--checkpoint-dir", str(directory)]):
         assert run_cli(sample.main, source + ["--num", "4", "--seed", "3", "--json", "--keywords", "春", "月"]) == 0
@@ -61,8 +87,9 @@ def test_the_release_writes_the_checkpoints_poems(exported, capsys):
 
 def test_evaluate_reads_a_release(exported):
     directory, data, out = exported
-    kwargs = dict(num=2, settings=[evaluate.SETTINGS[0]], log=lambda m: None, temperature=0.8, top_p=1.0,
-                  repetition_penalty=1.5)
+    kwargs = dict(
+        num=2, settings=[evaluate.SETTINGS[0]], log=lambda m: None, temperature=0.8, top_p=1.0, repetition_penalty=1.5
+    )
     from_release = evaluate.evaluate_checkpoint(None, str(data), model_dir=out, **kwargs)
     from_checkpoint = evaluate.evaluate_checkpoint(directory, str(data), **kwargs)
     assert from_release["val_nll"] == from_checkpoint["val_nll"]
@@ -70,11 +97,15 @@ def test_evaluate_reads_a_release(exported):
 
 
 def test_training_command_names_the_nearest_preset_and_the_differences():
-    model, train = ModelConfig(100, hidden=256, embed=128, tied=True, dropout=0.2), TrainConfig(
-        epochs=6, schedule="cosine", warmup_steps=50, decay_epochs=12, split="grouped", titles=True)
+    model, train = (
+        ModelConfig(100, hidden=256, embed=128, tied=True, dropout=0.2),
+        TrainConfig(epochs=6, schedule="cosine", warmup_steps=50, decay_epochs=12, split="grouped", titles=True),
+    )
     assert export.training_command(model, train) == "python -m tangshi_jax.train --preset quick --epochs 6"
-    assert export.training_command(ModelConfig(100), TrainConfig(epochs=5, data="x.txt", lr_floor=0.1)) == \
-        "python -m tangshi_jax.train --preset original --data x.txt  # and, in config.py, lr_floor=0.1"
+    assert (
+        export.training_command(ModelConfig(100), TrainConfig(epochs=5, data="x.txt", lr_floor=0.1))
+        == "python -m tangshi_jax.train --preset original --data x.txt  # and, in config.py, lr_floor=0.1"
+    )
 
 
 def test_broken_releases_and_a_taken_folder_are_one_clear_line(exported, tmp_path, capsys):

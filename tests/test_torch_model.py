@@ -35,10 +35,22 @@ def test_bench_against_torch_alternates_windows_with_a_child(tmp_path, capsys):
     from tangshi_jax import bench
     from tangshi_jax.errors import run_cli
     from conftest import write_poems
+
     data = write_poems(tmp_path / "poems.txt", count=200)
     out = tmp_path / "bench.json"
-    argv = ["--data", str(data), "--batch-size", "8", "--windows", "2", "--steps", "2", "--json", str(out),
-            "--against-torch"]
+    argv = [
+        "--data",
+        str(data),
+        "--batch-size",
+        "8",
+        "--windows",
+        "2",
+        "--steps",
+        "2",
+        "--json",
+        str(out),
+        "--against-torch",
+    ]
     assert run_cli(bench.main, argv) == 0
     assert "training, PyTorch" in capsys.readouterr().out
     figures = json.loads(out.read_text())

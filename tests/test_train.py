@@ -26,7 +26,7 @@ def test_loss_falls_and_metrics_are_logged(trained_run):
     metrics = metrics_of(directory)
     assert [m["epoch"] for m in metrics] == [1, 2, 3]
     assert metrics[-1]["train_loss"] < metrics[0]["train_loss"] - 0.3
-    assert metrics[-1]["val_loss"] < np.log(45)          # better than uniform over the vocabulary
+    assert metrics[-1]["val_loss"] < np.log(45)  # better than uniform over the vocabulary
     for key in ("step", "train_loss", "val_loss", "val_ppl", "tokens_per_s", "elapsed_s"):
         assert key in metrics[0]
     assert metrics[-1] == json.loads(json.dumps(record))
@@ -70,16 +70,20 @@ def test_orbax_round_trip_restores_every_array(tmp_path, trained_run):
 
 
 # The original's run, and one with dropout drawn from the saved RNG, a warm-up and a cosine.
-RESUMED_RUNS = {"original": (SMALL_MODEL, {}),
-                "dropout+cosine": (dict(SMALL_MODEL, dropout=0.3, tied=True),
-                                   dict(schedule="cosine", warmup_steps=3, decay_epochs=3, split="grouped"))}
+RESUMED_RUNS = {
+    "original": (SMALL_MODEL, {}),
+    "dropout+cosine": (
+        dict(SMALL_MODEL, dropout=0.3, tied=True),
+        dict(schedule="cosine", warmup_steps=3, decay_epochs=3, split="grouped"),
+    ),
+}
 
 
 def test_a_cosine_decays_over_the_first_starts_epochs_and_a_resume_keeps_it(tmp_path):
     data = write_poems(tmp_path / "poems.txt", count=40)
     config = lambda epochs: small_config(data, epochs=epochs, schedule="cosine", num_buckets=1)
     train(config(1), SMALL_MODEL, tmp_path / "run", log=quiet, show_progress=False)
-    train(config(2), SMALL_MODEL, tmp_path / "run", log=quiet, show_progress=False)   # raised: no refusal
+    train(config(2), SMALL_MODEL, tmp_path / "run", log=quiet, show_progress=False)  # raised: no refusal
     manager, step = checkpoint.require_checkpoint(tmp_path / "run")
     meta = checkpoint.restore_meta(manager, step)
     assert meta.train_config.decay_epochs == 1 and meta.progress["epoch"] == 2
@@ -98,6 +102,7 @@ def test_resume_replays_an_uninterrupted_run(tmp_path, run):
     def stop_after_compiling(message):
         if message.startswith("compiled"):
             os.kill(os.getpid(), signal.SIGTERM)
+
     with pytest.raises(KeyboardInterrupt):
         train(config(3), model, resumed, log=stop_after_compiling, show_progress=False)
     manager, step = checkpoint.require_checkpoint(resumed)
@@ -109,8 +114,13 @@ def test_resume_replays_an_uninterrupted_run(tmp_path, run):
     assert [m["epoch"] for m in second] == [1, 2, 3]
     for key in ("train_loss", "val_loss", "val_char_loss", "step"):
         assert first[0][key] == second[0][key] and first[2][key] == second[2][key]
-    states = [checkpoint.restore_state(*checkpoint.require_checkpoint(d), init_state(
-        *checkpoint.restore_meta(*checkpoint.require_checkpoint(d))[:2], seed=0)) for d in (straight, resumed)]
+    states = [
+        checkpoint.restore_state(
+            *checkpoint.require_checkpoint(d),
+            init_state(*checkpoint.restore_meta(*checkpoint.require_checkpoint(d))[:2], seed=0),
+        )
+        for d in (straight, resumed)
+    ]
     for a, b in zip(jax.tree_util.tree_leaves(states[0]), jax.tree_util.tree_leaves(states[1])):
         np.testing.assert_array_equal(a, b)
 
@@ -149,21 +159,24 @@ def test_a_finished_run_says_so(trained_run):
     assert "already trained for 3 epochs" in messages[0]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--data", "missing.txt"], "missing.txt: no such file"),
-    (["--epochs", "0"], "--epochs must be at least 1"),
-    (["--lr", "-1"], "--lr must be positive"),
-    (["--seed", "-3"], "--seed must be 0 or more"),
-    (["--checkpoint-dir", "afile"], "afile is a file, not a directory"),
-    (["--dropout", "1"], "--dropout must be in [0, 1)"),
-    (["--warmup-steps", "-1"], "--warmup-steps must be 0 or more"),
-    (["--decay-epochs", "0"], "--decay-epochs must be at least 1"),
-    (["--devices", "0"], "--devices must be at least 1"),
-    (["--devices", "5"], "--devices 5: this process sees only 1 cpu device"),
-    (["--coordinator", "127.0.0.1:1234"], "go together"),
-    (["--coordinator", "localhost", "--num-processes", "2", "--process-id", "0"], "expected HOST:PORT"),
-    (["--coordinator", "localhost:1", "--num-processes", "2", "--process-id", "2"], "ids run from 0"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--data", "missing.txt"], "missing.txt: no such file"),
+        (["--epochs", "0"], "--epochs must be at least 1"),
+        (["--lr", "-1"], "--lr must be positive"),
+        (["--seed", "-3"], "--seed must be 0 or more"),
+        (["--checkpoint-dir", "afile"], "afile is a file, not a directory"),
+        (["--dropout", "1"], "--dropout must be in [0, 1)"),
+        (["--warmup-steps", "-1"], "--warmup-steps must be 0 or more"),
+        (["--decay-epochs", "0"], "--decay-epochs must be at least 1"),
+        (["--devices", "0"], "--devices must be at least 1"),
+        (["--devices", "5"], "--devices 5: this process sees only 1 cpu device"),
+        (["--coordinator", "127.0.0.1:1234"], "go together"),
+        (["--coordinator", "localhost", "--num-processes", "2", "--process-id", "0"], "expected HOST:PORT"),
+        (["--coordinator", "localhost:1", "--num-processes", "2", "--process-id", "2"], "ids run from 0"),
+    ],
+)
 def test_bad_training_input_gives_one_clear_line(tmp_path, monkeypatch, capsys, argv, message):
     monkeypatch.chdir(tmp_path)
     write_poems(tmp_path / "poems.txt", count=20)
@@ -184,18 +197,23 @@ def test_a_metrics_line_cut_short_by_a_kill_is_dropped_on_resume(tmp_path):
 
 def test_a_stop_on_an_epochs_last_batch_finishes_that_epoch(tmp_path):
     data = write_poems(tmp_path / "poems.txt")
-    config = small_config(data, epochs=2, batch_size=200, num_buckets=1, save_every=2)   # one batch an epoch
+    config = small_config(data, epochs=2, batch_size=200, num_buckets=1, save_every=2)  # one batch an epoch
 
     def stop_after_compiling(message):
         if message.startswith("compiled"):
             os.kill(os.getpid(), signal.SIGTERM)
+
     with pytest.raises(KeyboardInterrupt):
         train(config, SMALL_MODEL, tmp_path / "run", log=stop_after_compiling, show_progress=False)
     manager, step = checkpoint.require_checkpoint(tmp_path / "run")
-    assert {key: value for key, value in checkpoint.restore_meta(manager, step)[3].items() if key != "data"} == \
-        {"epoch": 1, "batch": 0, "step": 1}
+    assert {key: value for key, value in checkpoint.restore_meta(manager, step)[3].items() if key != "data"} == {
+        "epoch": 1,
+        "batch": 0,
+        "step": 1,
+    }
     train(config, SMALL_MODEL, tmp_path / "run", log=quiet, show_progress=False)
     train(config, SMALL_MODEL, tmp_path / "straight", log=quiet, show_progress=False)
     resumed, straight = metrics_of(tmp_path / "run"), metrics_of(tmp_path / "straight")
-    assert [(m["epoch"], m["train_loss"], m["val_loss"]) for m in resumed] == \
-        [(m["epoch"], m["train_loss"], m["val_loss"]) for m in straight]
+    assert [(m["epoch"], m["train_loss"], m["val_loss"]) for m in resumed] == [
+        (m["epoch"], m["train_loss"], m["val_loss"]) for m in straight
+    ]
