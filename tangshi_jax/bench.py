@@ -15,6 +15,7 @@ the two is what this machine's units allow without new dependencies.
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -30,10 +31,10 @@ from tangshi_jax import data
 from tangshi_jax.config import ModelConfig, TrainConfig
 from tangshi_jax.devices import PLATFORMS, describe_devices, peak_rss_mb, use_platform
 from tangshi_jax.errors import TangshiError, run_cli
+from tangshi_jax.metrics import mean_nll
 from tangshi_jax.model import GATES, init_params
 from tangshi_jax.profile import PROFILE_STEPS
 from tangshi_jax.sample import device_prosody, generate, make_plan
-from tangshi_jax.metrics import mean_nll
 from tangshi_jax.train import batch_spec, init_state, load_poems, make_steps, require_positive
 
 
@@ -86,7 +87,7 @@ def matmul_rates(rows: int, width: int, vocab: int, repeats: int = 15) -> dict:
         jax.block_until_ready(product(*args))
     for _ in range(repeats):
         for key, (product, args) in runs.items():
-            seconds[key] = min(seconds[key], timed_runs(lambda: product(*args), 1)[0])
+            seconds[key] = min(seconds[key], timed_runs(functools.partial(product, *args), 1)[0])
     flops = 2.0 * rows * width * vocab
     rates = {}
     for backend in ("xla", "numpy"):
@@ -242,7 +243,7 @@ def bench_sampling(model_config, vocab, params, max_len: int = 64, sizes=(1, 64,
     for suffix, plan in plans.items():
         for num in sizes if not suffix else (64,):
 
-            def run():
+            def run(plan=plan, num=num):
                 return generate(
                     params,
                     plan,
@@ -412,7 +413,8 @@ def main(argv=None) -> None:
     rows += [
         (
             "validation",
-            f"{figures['val_tokens_per_s']:,.0f} tokens/s ({figures['val_tokens_per_s'] / (3 * ceiling):.0%} of its ceiling)",
+            f"{figures['val_tokens_per_s']:,.0f} tokens/s "
+            f"({figures['val_tokens_per_s'] / (3 * ceiling):.0%} of its ceiling)",
         ),
         (
             "compile, training steps",

@@ -82,7 +82,7 @@ def join_cluster(cluster: Cluster) -> None:
         ) from None
 
 
-def use_platform(name: str | None, cluster: Cluster = Cluster()) -> str:
+def use_platform(name: str | None, cluster: Cluster | None = None) -> str:
     """Make `name` the platform of every computation that follows; returns the platform in use.
 
     CPU is chosen through `jax_platforms`, which skips probing for accelerators. A GPU or TPU
@@ -92,7 +92,7 @@ def use_platform(name: str | None, cluster: Cluster = Cluster()) -> str:
     if name == "cpu":
         jax.config.update("jax_platforms", "cpu")
     enable_compilation_cache()
-    join_cluster(cluster)
+    join_cluster(cluster or Cluster())
     try:
         devices = jax.devices(name) if name else jax.devices()
     except RuntimeError as error:

@@ -18,9 +18,10 @@ Definitions (a poem is a string like "白日依山尽，黄河入海流。欲穷
   check_poem_pingze_meter pass on the text in traditional characters (its tables are
   traditional), converted character by character with OpenCC s2t as the sampler's rule
   arrays see each character (s2t of a whole text picks variants by context: 一径 -> 一逕,
-  which the tables lack, where 径 alone -> 徑). Its rhyme check knows only level-tone (平声) rhymes; its tone check accepts a
-  poem matching one of the four 平起/仄起 patterns or, failing that, opposed tones within
-  each couplet (对) and equal tones across couplets (粘) at the 2nd, 4th and 6th characters.
+  which the tables lack, where 径 alone -> 徑). Its rhyme check knows only level-tone (平声)
+  rhymes; its tone check accepts a poem matching one of the four 平起/仄起 patterns or,
+  failing that, opposed tones within each couplet (对) and equal tones across couplets (粘)
+  at the 2nd, 4th and 6th characters.
 - heads ok: for acrostic rows, line i begins with the i-th head character.
 - on topic: for title and keyword rows, poems that use at least one character of their title
   or keywords; a baseline row measures the same topics in poems that were not given them.
@@ -34,20 +35,20 @@ All shares are over all the row's poems (or lines); poems/s is timed after a war
 import argparse
 import dataclasses
 import functools
-from dataclasses import dataclass
 import json
 import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import jax
 import numpy as np
 
 from tangshi_jax import checkpoint, data, metrics, release, sample
+from tangshi_jax.data import lines_of
 from tangshi_jax.devices import PLATFORMS, use_platform
 from tangshi_jax.errors import TangshiError, run_cli
-from tangshi_jax.data import lines_of
 from tangshi_jax.rules import FORMS, is_hanzi, to_traditional
 
 PUNCTUATION = "，。！？；"
@@ -403,7 +404,8 @@ def format_report(report: dict) -> str:
         untitled = report["untitled_char_nll"]
         lines.append(
             f"the same poems with their titles withheld: NLL {untitled:.3f}, perplexity "
-            f"{metrics.perplexity(untitled):.1f} (the titles are worth {untitled - report['val_char_nll']:.3f} nats a character)"
+            f"{metrics.perplexity(untitled):.1f} "
+            f"(the titles are worth {untitled - report['val_char_nll']:.3f} nats a character)"
         )
     for form, figures in report["quatrains"].items():
         lines.append(

@@ -21,7 +21,6 @@ import functools
 import jax
 import jax.numpy as jnp
 
-
 HEAD_STEPS = 2  # time steps per loop trip of the head (2: 3–9% faster than 1, PERFORMANCE.md)
 HEAD_TRANSPOSED = False  # the weight gradient as (d_logitsᵀ h)ᵀ
 

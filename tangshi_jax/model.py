@@ -14,9 +14,9 @@ it is off by default and kept for machines where it may pay (`bench --variants f
 import functools
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 from tangshi_jax.config import ModelConfig
 
@@ -282,7 +282,7 @@ def wavefront(config: ModelConfig, params, carry, x, keep=None, keep_prob=1.0, d
                 inputs = project(index, below)
             updated, _ = step(index, layer_carry, inputs)
             live = (s >= index) & (s - index < steps)  # layer `index` has a time step in this trip
-            new.append(jax.tree_util.tree_map(lambda a, b: jnp.where(live, a, b), updated, layer_carry))
+            new.append(jax.tree_util.tree_map(functools.partial(jnp.where, live), updated, layer_carry))
         top = new[-1][0] if config.cell == "lstm" else new[-1]
         return tuple(new), top
 

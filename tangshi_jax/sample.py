@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from tangshi_jax import checkpoint, data, rules
-from tangshi_jax.config import ModelConfig, TrainConfig
 from tangshi_jax.cache import default_cache_dir
+from tangshi_jax.config import ModelConfig, TrainConfig
 from tangshi_jax.devices import PLATFORMS, use_platform
 from tangshi_jax.errors import TangshiError, run_cli
 from tangshi_jax.model import PoemModel, initial_carry

@@ -12,7 +12,6 @@ and no answer holds a traceback or a path: a fault of the request is a 4xx with 
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import ipaddress
 import json
 import math

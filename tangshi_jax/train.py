@@ -596,7 +596,8 @@ def train(
     log(
         f"vocabulary: {len(vocab):,} characters; model: {model_config.layers}×{model_config.hidden} "
         f"{model_config.cell}, embed {model_config.embed}{', tied head' if model_config.tied else ''}"
-        f"{', relu head' if model_config.relu_head else ''}{f', dropout {model_config.dropout}' if model_config.dropout else ''}"
+        f"{', relu head' if model_config.relu_head else ''}"
+        f"{f', dropout {model_config.dropout}' if model_config.dropout else ''}"
         f"{', titles' if train_config.titles else ''}"
     )
     steps_per_epoch = len(data.epoch_plan(train_data, train_config.batch_size, train_config.seed, 0))

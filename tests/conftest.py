@@ -1,5 +1,4 @@
 import os
-
 import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the suite runs on JAX's CPU backend

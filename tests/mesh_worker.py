@@ -23,9 +23,10 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, str(Path(__file__).parent))
 
 import jax  # noqa: E402
-
 from conftest import SMALL_MODEL, small_config  # noqa: E402
-from tangshi_jax import data, train as train_module  # noqa: E402
+
+from tangshi_jax import data  # noqa: E402
+from tangshi_jax import train as train_module  # noqa: E402
 from tangshi_jax.devices import Cluster, make_mesh, use_platform  # noqa: E402
 
 # The run every test compares: 2 epochs of 8 steps, one bucket (two programs to compile). Two

@@ -1,10 +1,10 @@
 import json
 
+from conftest import write_poems
+
 from tangshi_jax import bench
 from tangshi_jax.config import ModelConfig
 from tangshi_jax.errors import run_cli
-
-from conftest import write_poems
 
 
 def test_flops_per_token_counts_every_product_three_times():

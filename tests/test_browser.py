@@ -9,7 +9,6 @@ TANGSHI_BROWSER_SCREENSHOT=PATH copies the screenshot there (how tangshi_jax/sta
 import os
 import re
 import shutil
-from pathlib import Path
 
 import pytest
 

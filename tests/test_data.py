@@ -12,7 +12,7 @@ from tangshi_jax.errors import TangshiError
 def original_process_poems(file_name):
     """The original program's parser, as a reference (its sort by length and its pad char aside)."""
     poems = []
-    with open(file_name, "r", encoding="utf-8") as f:
+    with open(file_name, encoding="utf-8") as f:
         for line in f.readlines():
             try:
                 title, content = line.strip().split(":")

@@ -2,7 +2,6 @@
 writes, another poems file on resume, readers beside a writer, large requests."""
 
 import contextlib
-import errno
 import json
 import math
 import os
@@ -14,15 +13,13 @@ import time
 import warnings
 from pathlib import Path
 
-import jax
-import numpy as np
 import pytest
+from conftest import SMALL_MODEL, small_config, write_poems
 
-from tangshi_jax import checkpoint, data, errors, metrics, sample, train as train_module
+from tangshi_jax import checkpoint, data, errors, metrics, sample
+from tangshi_jax import train as train_module
 from tangshi_jax.errors import Diverged, TangshiError, run_cli
 from tangshi_jax.train import train
-
-from conftest import SMALL_MODEL, small_config, write_poems
 
 TESTS = Path(__file__).resolve().parent
 

@@ -16,11 +16,10 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import write_poems
 
 from tangshi_jax import sample
 from tangshi_jax.devices import launched_by_cluster
-
-from conftest import write_poems
 
 WORKER = Path(__file__).parent / "mesh_worker.py"
 TIMEOUT_S = 50  # every process; a hang in a collective fails the test instead of the suite

@@ -268,8 +268,9 @@ def test_wavefront_matches_the_layers_scanned_in_turn_dropout_included(cell, lay
 def test_the_faster_step_trains_as_the_step_before_it(tied):
     """Three training steps of the default step (the LSTM's own backward pass) and of issue 8's
     other levers together (the wavefront, 3 time steps per head trip, the transposed weight
-    gradient) against the step before issue 8 (autodiff of the scanned cell): the same losses and parameters to float32 rounding. The time (7) is not a
-    multiple of 3, so a padded trip is included."""
+    gradient) against the step before the LSTM's own backward pass (autodiff of the scanned
+    cell): the same losses and parameters to float32 rounding. The time (7) is not a multiple
+    of 3, so a padded trip is included."""
     config = ModelConfig(vocab_size=40, hidden=16, embed=8, tied=tied, dropout=0.2)
     train_config = TrainConfig()
     rng = np.random.default_rng(3)

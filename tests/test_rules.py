@@ -55,7 +55,7 @@ def test_every_poem_has_its_form_with_rhyme_and_tones(untrained, form):
     checker = PoemStructureChecker()
     poems = sample.write_poems(params, config, VOCAB, num=40, seed=1, form=form, rhyme=True, tones=True)
     for poem in poems:
-        expected = "".join("[^，。]{%d}%s" % (chars, "，" if i % 2 == 0 else "。") for i in range(lines))
+        expected = "".join(f"[^，。]{{{chars}}}{'，' if i % 2 == 0 else '。'}" for i in range(lines))
         assert re.fullmatch(expected, poem), poem
         text = TO_TRADITIONAL(poem)
         assert checker.check_poem_rhyming(text)[0], (poem, checker.check_poem_rhyming(text))

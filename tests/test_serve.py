@@ -1,12 +1,10 @@
 """The API in-process (Starlette's test client), the batcher, and a tiny load test on 127.0.0.1."""
 
 import asyncio
-import json
 import re
 
 import jax
 import pytest
-
 from starlette.testclient import TestClient  # needs httpx2, in the test extra
 
 from tangshi_jax import loadtest, rules, sample, serve

@@ -32,9 +32,10 @@ def test_pytorch_model_with_our_weights_gives_our_loss_and_first_step():
 
 
 def test_bench_against_torch_alternates_windows_with_a_child(tmp_path, capsys):
+    from conftest import write_poems
+
     from tangshi_jax import bench
     from tangshi_jax.errors import run_cli
-    from conftest import write_poems
 
     data = write_poems(tmp_path / "poems.txt", count=200)
     out = tmp_path / "bench.json"

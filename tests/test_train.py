@@ -5,12 +5,12 @@ import signal
 import jax
 import numpy as np
 import pytest
+from conftest import SMALL_MODEL, small_config, write_poems
 
-from tangshi_jax import checkpoint, train as train_module
+from tangshi_jax import checkpoint
+from tangshi_jax import train as train_module
 from tangshi_jax.errors import TangshiError, run_cli
 from tangshi_jax.train import init_state, train
-
-from conftest import SMALL_MODEL, small_config, write_poems
 
 
 def quiet(message):
