@@ -29,13 +29,14 @@ import numpy as np
 
 from tangshi_jax import data
 from tangshi_jax.config import ModelConfig, TrainConfig
-from tangshi_jax.devices import PLATFORMS, describe_devices, peak_rss_mb, use_platform
+from tangshi_jax.devices import PLATFORMS, batch_spec, describe_devices, peak_rss_mb, use_platform
 from tangshi_jax.errors import TangshiError, run_cli
 from tangshi_jax.metrics import mean_nll
 from tangshi_jax.model import GATES, init_params
 from tangshi_jax.profile import PROFILE_STEPS
 from tangshi_jax.sample import device_prosody, generate, make_plan
-from tangshi_jax.train import batch_spec, init_state, load_poems, make_steps, require_positive
+from tangshi_jax.train import init_state, load_poems, make_steps
+from tangshi_jax.train_flags import require_positive
 
 
 def flops_per_token(config: ModelConfig) -> float:
@@ -115,7 +116,8 @@ VARIANTS = {
     "bfloat16": {"dtype": "bfloat16"},  # the default step in bfloat16 activations and products
     "wavefront": {"wavefront": True},  # the stacked layers in one scan
     "autodiff": {"hand_gradients": False},  # the LSTM differentiated by autodiff of its scan
-    "before": {"head_steps": 1, "transposed": False, "hand_gradients": False},  # the step before issue 8
+    # the earlier step (PERFORMANCE.md): the head one time step a loop trip, the LSTM differentiated by autodiff
+    "before": {"head_steps": 1, "transposed": False, "hand_gradients": False},
 }
 
 
@@ -130,6 +132,37 @@ def variant_settings(name: str) -> dict:
         f"--variants: unknown variant {name!r}; choose from {', '.join(VARIANTS)}, "
         "stepsN (N time steps per head trip), transposed, untransposed"
     )
+
+
+def compile_variants(train_config, model_config, variants, buckets, plan, batches) -> tuple[dict, dict, dict]:
+    """Each variant's train and eval programs by bucket length, compiled one after another (the
+    first variant's compile times kept), and its state after every program has run once, untimed.
+
+    Each variant trains its own copy from the same start on the same batches; windows
+    alternate between variants so that the machine's drift falls on all of them alike."""
+    programs, states, compile_s = {}, {}, {"train": {}, "eval": {}}
+    for variant in variants:
+        state = init_state(model_config, train_config)
+        settings = dict(variant_settings(variant))
+        variant_config = dataclasses.replace(train_config, dtype=settings.pop("dtype", "float32"))
+        train_step, eval_step = make_steps(model_config, variant_config, **settings)
+        train_jit, eval_jit = jax.jit(train_step, donate_argnums=0), jax.jit(eval_step)
+        programs[variant] = {}
+        for length in buckets:  # one after another, each timed alone
+            spec = batch_spec(train_config.batch_size, length)
+            started = time.perf_counter()
+            train_program = train_jit.lower(state, spec).compile()
+            compiled = time.perf_counter()
+            programs[variant][length] = (train_program, eval_jit.lower(state["params"], spec).compile())
+            if variant == variants[0]:
+                compile_s["train"][str(length)] = compiled - started
+                compile_s["eval"][str(length)] = time.perf_counter() - compiled
+        for first in data.first_of_each_bucket(plan):  # run every program once, untimed
+            train_program, eval_program = programs[variant][buckets[plan[first][0]]]
+            state, _ = train_program(state, batches[first])
+            eval_program(state["params"], batches[first])
+        states[variant] = state
+    return programs, states, compile_s
 
 
 def bench_training(
@@ -158,30 +191,7 @@ def bench_training(
             "use more poems or fewer --windows/--steps"
         )
 
-    # Each variant trains its own copy from the same start on the same batches; windows
-    # alternate between variants so that the machine's drift falls on all of them alike.
-    programs, states, compile_s = {}, {}, {"train": {}, "eval": {}}
-    for variant in variants:
-        state = init_state(model_config, train_config)
-        settings = dict(variant_settings(variant))
-        variant_config = dataclasses.replace(train_config, dtype=settings.pop("dtype", "float32"))
-        train_step, eval_step = make_steps(model_config, variant_config, **settings)
-        train_jit, eval_jit = jax.jit(train_step, donate_argnums=0), jax.jit(eval_step)
-        programs[variant] = {}
-        for length in buckets:  # one after another, each timed alone
-            spec = batch_spec(train_config.batch_size, length)
-            started = time.perf_counter()
-            train_program = train_jit.lower(state, spec).compile()
-            compiled = time.perf_counter()
-            programs[variant][length] = (train_program, eval_jit.lower(state["params"], spec).compile())
-            if variant == variants[0]:
-                compile_s["train"][str(length)] = compiled - started
-                compile_s["eval"][str(length)] = time.perf_counter() - compiled
-        for first in data.first_of_each_bucket(plan):  # run every program once, untimed
-            train_program, eval_program = programs[variant][buckets[plan[first][0]]]
-            state, _ = train_program(state, batches[first])
-            eval_program(state["params"], batches[first])
-        states[variant] = state
+    programs, states, compile_s = compile_variants(train_config, model_config, variants, buckets, plan, batches)
     compile_train, compile_eval = (sum(compile_s[kind].values()) for kind in ("train", "eval"))
     log(f"compiled {2 * len(buckets)} programs in {compile_train + compile_eval:.1f} s")
 
@@ -266,6 +276,84 @@ def bench_sampling(model_config, vocab, params, max_len: int = 64, sizes=(1, 64,
     return figures
 
 
+def table_rows(figures: dict, vocab_size: int, variants) -> list[tuple[str, str]]:
+    """The printed table: each measure in words, rates beside the ceiling they are a share of."""
+    model, ceiling = figures["model"], figures["ceiling_tokens_per_s"]
+
+    def products(backend):
+        rate = figures["matmul_gflops_by_backend"][backend]
+        return (
+            f"{rate['all']:,.0f} GFLOP/s (forward {rate['forward']:,.0f}, input gradient "
+            f"{rate['input_gradient']:,.0f}, weight gradient {rate['weight_gradient']:,.0f})"
+        )
+
+    rows = [
+        ("machine", figures["machine"]),
+        (
+            "model",
+            f"{model['layers']}×{model['hidden']} {model['cell']}, embedding {model['embed']}"
+            f"{', tied head' if model['tied'] else ''}, batch {figures['batch_size']}, {vocab_size:,} characters",
+        ),
+        ("matrix products, XLA (float32)", products("xla")),
+        ("matrix products, numpy's BLAS", products("numpy")),
+        ("FLOPs per training token", f"{figures['flops_per_token'] / 1e6:.2f} M"),
+        (
+            "ceiling",
+            f"{ceiling:,.0f} tokens/s (from {'XLA' if figures['matmul_backend'] == 'xla' else 'numpy'}'s rate)",
+        ),
+        (
+            "training",
+            f"{figures['train_tokens_per_s']:,.0f} tokens/s ({figures['train_tokens_per_s'] / ceiling:.0%} of ceiling)",
+        ),
+        *[
+            (f"training, {v}", f"{r:,.0f} tokens/s ({r / ceiling:.0%})")
+            for v, r in figures["variants_tokens_per_s"].items()
+            if len(variants) > 1
+        ],
+    ]
+    if "torch" in figures:
+        torch_rate = figures["torch"]["train_tokens_per_s"]
+        rows.append(
+            (
+                f"training, PyTorch {figures['torch']['version']} ({figures['torch']['allocator']})",
+                f"{torch_rate:,.0f} tokens/s ({torch_rate / ceiling:.0%}); JAX's default step is "
+                f"{figures['train_tokens_per_s'] / torch_rate:.2f}× it",
+            )
+        )
+    rows += [
+        (
+            "validation",
+            f"{figures['val_tokens_per_s']:,.0f} tokens/s "
+            f"({figures['val_tokens_per_s'] / (3 * ceiling):.0%} of its ceiling)",
+        ),
+        (
+            "compile, training steps",
+            f"{figures['compile_s_train']:.1f} s for {len(figures['buckets'])} buckets, "
+            "one after another (train waits for these)",
+        ),
+        ("compile, evaluation steps", f"{figures['compile_s_eval']:.1f} s (train builds these during the first epoch)"),
+        ("padding", f"{figures['padded_share']:.1%} of trained positions"),
+        (
+            "sample 1 poem × 64 chars",
+            f"{figures['sample_ms_1']:.1f} ms (compile {figures['sample_compile_s_1']:.1f} s)",
+        ),
+        ("sample 64 poems × 64 chars", f"{figures['sample_ms_64']:.1f} ms"),
+        ("sample 1,024 poems × 64 chars", f"{figures['sample_ms_1024']:.1f} ms"),
+        ("peak memory, training", f"{figures['train_peak_rss_mb']:,.0f} MB"),
+        ("peak memory, whole run", f"{figures['peak_rss_mb']:,.0f} MB"),
+    ]
+    if "sample_ms_64_rules" in figures:
+        rules_ms = figures["sample_ms_64_rules"]
+        rows.insert(
+            -2,
+            (
+                "sample 64 七律 with rhyme and tones",
+                f"{rules_ms:.1f} ms ({rules_ms / figures['sample_ms_64']:.2f}× free)",
+            ),
+        )
+    return rows
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Model and batch flags default to the original exercise's configuration: the dataclass defaults."""
     model_defaults = {field.name: field.default for field in dataclasses.fields(ModelConfig)}
@@ -285,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--variants",
         default="fused",
         help="comma-separated training variants measured side by side in alternating windows: "
-        "fused (the default step), before (the step before issue 8: the head one time "
+        "fused (the default step), before (the earlier step, PERFORMANCE.md: the head one time "
         "step a loop trip, the LSTM differentiated by autodiff), autodiff (the LSTM "
         "differentiated by autodiff of its scan), wavefront (the stacked layers in one scan), plain "
         "(all logits and a plain log-softmax), bfloat16 (bfloat16 activations and products), "
@@ -373,74 +461,7 @@ def main(argv=None) -> None:
         )
     figures["peak_rss_mb"] = peak_rss_mb()
 
-    def products(backend):
-        rate = rates[backend]
-        return (
-            f"{rate['all']:,.0f} GFLOP/s (forward {rate['forward']:,.0f}, input gradient "
-            f"{rate['input_gradient']:,.0f}, weight gradient {rate['weight_gradient']:,.0f})"
-        )
-
-    rows = [
-        ("machine", machine),
-        (
-            "model",
-            f"{args.layers}×{args.hidden} {args.cell}, embedding {args.embed}"
-            f"{', tied head' if args.tied else ''}, batch {args.batch_size}, {len(vocab):,} characters",
-        ),
-        ("matrix products, XLA (float32)", products("xla")),
-        ("matrix products, numpy's BLAS", products("numpy")),
-        ("FLOPs per training token", f"{per_token / 1e6:.2f} M"),
-        ("ceiling", f"{ceiling:,.0f} tokens/s (from {'XLA' if best == 'xla' else 'numpy'}'s rate)"),
-        (
-            "training",
-            f"{figures['train_tokens_per_s']:,.0f} tokens/s ({figures['train_tokens_per_s'] / ceiling:.0%} of ceiling)",
-        ),
-        *[
-            (f"training, {v}", f"{r:,.0f} tokens/s ({r / ceiling:.0%})")
-            for v, r in figures["variants_tokens_per_s"].items()
-            if len(variants) > 1
-        ],
-    ]
-    if args.against_torch:
-        torch_rate = figures["torch"]["train_tokens_per_s"]
-        rows.append(
-            (
-                f"training, PyTorch {figures['torch']['version']} ({figures['torch']['allocator']})",
-                f"{torch_rate:,.0f} tokens/s ({torch_rate / ceiling:.0%}); JAX's default step is "
-                f"{figures['train_tokens_per_s'] / torch_rate:.2f}× it",
-            )
-        )
-    rows += [
-        (
-            "validation",
-            f"{figures['val_tokens_per_s']:,.0f} tokens/s "
-            f"({figures['val_tokens_per_s'] / (3 * ceiling):.0%} of its ceiling)",
-        ),
-        (
-            "compile, training steps",
-            f"{figures['compile_s_train']:.1f} s for {len(figures['buckets'])} buckets, "
-            "one after another (train waits for these)",
-        ),
-        ("compile, evaluation steps", f"{figures['compile_s_eval']:.1f} s (train builds these during the first epoch)"),
-        ("padding", f"{figures['padded_share']:.1%} of trained positions"),
-        (
-            "sample 1 poem × 64 chars",
-            f"{figures['sample_ms_1']:.1f} ms (compile {figures['sample_compile_s_1']:.1f} s)",
-        ),
-        ("sample 64 poems × 64 chars", f"{figures['sample_ms_64']:.1f} ms"),
-        ("sample 1,024 poems × 64 chars", f"{figures['sample_ms_1024']:.1f} ms"),
-        ("peak memory, training", f"{figures['train_peak_rss_mb']:,.0f} MB"),
-        ("peak memory, whole run", f"{figures['peak_rss_mb']:,.0f} MB"),
-    ]
-    if "sample_ms_64_rules" in figures:
-        rules_ms = figures["sample_ms_64_rules"]
-        rows.insert(
-            -2,
-            (
-                "sample 64 七律 with rhyme and tones",
-                f"{rules_ms:.1f} ms ({rules_ms / figures['sample_ms_64']:.2f}× free)",
-            ),
-        )
+    rows = table_rows(figures, len(vocab), variants)
     width = max(len(name) for name, _ in rows)
     print(f"| {'measure'.ljust(width)} | figure |\n|{'-' * (width + 2)}|--------|")
     for name, value in rows:

@@ -5,11 +5,16 @@ temporary folder and renames it when complete, so a crash mid-save leaves the pr
 intact, and a reader never lists a half-written step), plus `metrics.jsonl`. Every step folder
 alone is enough to sample from or resume; a step that no longer reads completely (a truncated
 or missing file, arrays of the wrong shape) is passed over for the one before it, never deleted.
+A save that cannot be written (a full disk, a read-only directory) ends the run in one line
+that names the step still intact; a run resumes only with the configs and poems it began with.
 """
 
+import contextlib
 import gc
 import logging
+import os
 import re
+import shutil
 import sys
 import time
 import warnings
@@ -20,7 +25,8 @@ from typing import Any, NamedTuple
 import jax
 import orbax.checkpoint as ocp
 
-from tangshi_jax.config import ModelConfig, TrainConfig, from_dict, to_dict
+from tangshi_jax import data
+from tangshi_jax.config import DATA_ORDER_FIELDS, ModelConfig, TrainConfig, differences, from_dict, to_dict
 from tangshi_jax.errors import TangshiError
 from tangshi_jax.model import abstract_params
 
@@ -291,3 +297,125 @@ def require_checkpoint(directory: str | Path) -> tuple[ocp.CheckpointManager, in
             f"no checkpoint in {directory}; train first with `python -m tangshi_jax.train --checkpoint-dir {directory}`"
         )
     return manager, step
+
+
+def writable_directory(directory: Path) -> Path:
+    """The checkpoint directory, created if needed and checked by a test write, so that a path
+    under a file or a directory that cannot be written is one line before any work is done."""
+    for parent in (directory, *directory.parents):
+        if parent.exists() and not parent.is_dir():
+            raise TangshiError(
+                f"--checkpoint-dir {directory}: {parent} is a file, not a directory; choose another --checkpoint-dir"
+            )
+        if parent.exists():
+            break
+    probe = directory / f".write-test-{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"tangshi")
+        probe.unlink()
+    except OSError as error:
+        raise TangshiError(
+            f"cannot write checkpoints in {directory}: {error.strerror or error}; make it writable, "
+            "free some space or choose another --checkpoint-dir"
+        ) from None
+    return directory
+
+
+def set_aside_unreadable(directory: Path, step: int, reason: str, log) -> None:
+    """A step that cannot be read is renamed out of the way of the steps this run will save, never
+    deleted. Only the lead process renames (log None in the others)."""
+    if log is None:
+        return
+    target = set_aside(directory, step)
+    log(
+        f"warning: step {step} of {directory} cannot be read ({reason}); set aside as {target.name} and resuming "
+        f"from the step before it; remove it with `rm -r {target}` once you no longer need it"
+    )
+
+
+def write_failure(error: BaseException) -> str | None:
+    """The operating system's reason when a checkpoint write failed (a full disk, a read-only
+    directory, a file-size limit), whether Python or Orbax's C++ writers met it; None otherwise."""
+    if isinstance(error, OSError) and error.errno:
+        return error.strerror
+    code = re.search(r"os_error_code='?(\d+)", str(error))
+    return os.strerror(int(code.group(1))) if code else None
+
+
+def write_checkpoint(manager, directory: Path, write=None) -> None:
+    """Run a checkpoint write, or (write None) wait for the ones in flight. One that fails is one
+    line naming the intact step; what it had half-written is removed (it is no step)."""
+    try:
+        (write or manager.wait_until_finished)()
+        return
+    except Exception as error:
+        reason = write_failure(error)
+        if reason is None:
+            raise
+    with contextlib.suppress(Exception):  # let the writes still in flight end before cleaning up
+        manager.close()
+    collect_quietly()
+    failed = ", ".join(remove_half_written(directory))
+    manager.reload()
+    intact = (
+        f"the newest complete checkpoint, step {manager.latest_step():,}, is intact"
+        if manager.latest_step() is not None
+        else "no complete checkpoint was written before it"
+    )
+    raise TangshiError(
+        f"could not write checkpoint{f' step {failed}' if failed else ''} in {directory}: {reason}; "
+        f"{intact}; free some space (or choose another --checkpoint-dir) and run the same "
+        "command again to resume"
+    )
+
+
+def remove_half_written(directory: Path, quiet_for: float = 1.0, at_most: float = 10.0) -> list[str]:
+    """Remove the temporary folders of a failed save (they are no step); the steps they were for.
+
+    Orbax's C++ writers may still be finishing writes of the failed save (each failing in turn)
+    and create the folder again: wait until none has reappeared for `quiet_for` seconds."""
+    steps, started, last_seen = set(), time.monotonic(), time.monotonic()
+    while time.monotonic() - started < at_most and time.monotonic() - last_seen < quiet_for:
+        for path in directory.glob("*.orbax-checkpoint-tmp*"):
+            steps.add(path.name.split(".")[0])
+            shutil.rmtree(path, ignore_errors=True)
+            last_seen = time.monotonic()
+        time.sleep(0.05)
+    return sorted(steps, key=int)
+
+
+def check_resumable(saved_model, model_config, saved_train, train_config, directory) -> None:
+    """A resumed run keeps its model and the settings that decide its batches and learning rates."""
+    changed = differences(saved_model, model_config)
+    if changed:
+        raise TangshiError(
+            f"{directory} holds a run with another model ({'; '.join(changed)}); "
+            "pass the same --preset and model flags to resume it (a run made before presets existed: "
+            "--preset original with --epochs N for the total you want), or choose a new --checkpoint-dir"
+        )
+    changed = differences(saved_train, train_config, DATA_ORDER_FIELDS)
+    if changed:
+        raise TangshiError(
+            f"{directory} holds a run with another data order or schedule ({'; '.join(changed)}); "
+            "pass the same flags to resume it, or choose a new --checkpoint-dir"
+        )
+
+
+def check_same_poems(saved: dict | None, current: dict, data_path, directory) -> None:
+    """A resumed run must read the poems it was started on: same text, same order."""
+    if not saved or saved == current:
+        return
+    if saved["poems"] != current["poems"]:
+        differs = f"{data_path} gives {current['poems']:,} poems where the run was trained on {saved['poems']:,}"
+    else:
+        block = next(i for i, (a, b) in enumerate(zip(saved["blocks"], current["blocks"])) if a != b)
+        first = block * data.FINGERPRINT_BLOCK + 1
+        differs = (
+            f"{data_path} has as many poems ({current['poems']:,}) but other poems or another order from "
+            f"poem {first:,} to {min(first + data.FINGERPRINT_BLOCK - 1, current['poems']):,}"
+        )
+    raise TangshiError(
+        f"{directory} was trained on other poems: {differs}; resume with the poems file it was "
+        "trained on, or start a new run with a new --checkpoint-dir"
+    )

@@ -24,7 +24,7 @@ from pathlib import Path
 import opencc
 from tqdm import tqdm
 
-from tangshi_jax.cache import default_cache_dir
+from tangshi_jax.cache import default_cache_dir, write_atomically
 from tangshi_jax.errors import TangshiError, run_cli
 
 PACKAGE_SPEC = "chinese-poetry@2.0.1"
@@ -160,24 +160,14 @@ def poem_line(title, paragraphs, convert) -> str:
 
 def write_lines_atomically(out_path, lines) -> int:
     """Write lines to `out_path` via a temporary file and a rename, so that an error or ^C
-    leaves any existing file as it was; the number of lines written."""
-    out_path = Path(out_path)
+    leaves any existing file as it was; the number of lines written. The lines are all read
+    before the temporary is made: one that fails to convert leaves nothing behind."""
+    lines = list(lines)
     try:
-        fd, temporary = tempfile.mkstemp(prefix=f".{out_path.name}.", dir=out_path.parent)
+        write_atomically(out_path, "".join(line + "\n" for line in lines))
     except OSError as error:
         raise TangshiError(f"cannot write {out_path} ({error}); choose another --out") from None
-    try:
-        count = 0
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as file:
-            for line in lines:
-                file.write(line + "\n")
-                count += 1
-        os.chmod(temporary, 0o644)  # mkstemp makes it private; the corpus is an ordinary file
-        os.replace(temporary, out_path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return count
+    return len(lines)
 
 
 def write_corpus(tarball_path, out_path, progress=False) -> int:

@@ -1,14 +1,18 @@
 """Everything decided before JAX's backend starts (it fixes them at first use): the platform,
-the distributed runtime that joins processes, and the mesh of devices a run uses."""
+the distributed runtime that joins processes, and the mesh of devices a run uses; then how
+batches and the state reach that mesh."""
 
 import os
 import resource
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from tangshi_jax import data
 from tangshi_jax.cache import default_cache_dir
 from tangshi_jax.errors import TangshiError
 
@@ -134,12 +138,112 @@ def split_rows(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
 
+def batch_spec(batch_size: int, length: int, sharding=None) -> dict:
+    ints = jax.ShapeDtypeStruct((batch_size, length), jnp.int32, sharding=sharding)
+    floats = jax.ShapeDtypeStruct((batch_size, length), jnp.float32, sharding=sharding)
+    return {"inputs": ints, "targets": ints, "mask": floats, "chars": floats}
+
+
+class Feed(NamedTuple):
+    """How batches reach a mesh: `rows` per global batch (the batch size rounded up to a multiple
+    of the devices; the extra rows are masked) and the block of them this process feeds."""
+
+    mesh: Mesh
+    rows: int
+    local: slice
+
+    def batch(self, bucketed: data.BucketedData, bucket_index: int, poems: np.ndarray) -> dict:
+        """The global batch of `poems` (rows of one bucket), built from this process's rows only."""
+        local = data.make_batch(bucketed, bucket_index, poems[self.local], self.local.stop - self.local.start)
+        shape = (self.rows, bucketed.buckets[bucket_index])
+        return {
+            key: jax.make_array_from_process_local_data(split_rows(self.mesh), value, shape)
+            for key, value in local.items()
+        }
+
+
+def make_feed(mesh: Mesh, batch_size: int) -> Feed:
+    rows = -(-batch_size // mesh.size) * mesh.size
+    blocks = split_rows(mesh).addressable_devices_indices_map((rows,)).values()
+    local = slice(min(block[0].start or 0 for block in blocks), max(block[0].stop or rows for block in blocks))
+    return Feed(mesh, rows, local)
+
+
+def place_state(state, mesh: Mesh):
+    """The state replicated on every device of the mesh (in every process, from its own copy)."""
+    sharding = replicated(mesh)
+
+    def place(leaf):
+        value = np.asarray(leaf)
+        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+    return jax.tree_util.tree_map(place, state)
+
+
+class Compiling:
+    """Programs still compiling on a thread pool, looked up by bucket length; each lookup
+    waits for its own program only."""
+
+    def __init__(self, futures: dict):
+        self.futures = futures
+
+    def __getitem__(self, length):
+        return self.futures[length].result()
+
+    def cancel(self):
+        """Drop the programs not yet started (a stopped run needs no more)."""
+        for future in self.futures.values():
+            future.cancel()
+
+
+def compile_for_mesh(train_step, eval_step, state, buckets, feed: Feed):
+    """Ahead-of-time compile a train step and an eval step for every bucket: these are all the
+    shapes a run uses.
+
+    Batches come split along the mesh's data axis, state and metrics replicated; XLA partitions
+    the step and sums the gradients across devices. Programs are built on a thread pool (on 2
+    cores that saves only ~15%: XLA's CPU compiler does most of its work on one thread,
+    PERFORMANCE.md). The train steps are returned compiled; the eval steps, a third of the
+    compile time and first needed at the end of an epoch, are returned still compiling
+    (`Compiling`), so training starts without waiting for them."""
+    whole, rows = replicated(feed.mesh), split_rows(feed.mesh)
+    train_jit = jax.jit(train_step, in_shardings=(whole, rows), out_shardings=(whole, whole), donate_argnums=0)
+    eval_jit = jax.jit(eval_step, in_shardings=(whole, rows), out_shardings=whole)
+    pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
+    train_programs = {
+        length: pool.submit(lambda n: train_jit.lower(state, batch_spec(feed.rows, n, rows)).compile(), length)
+        for length in buckets
+    }
+    eval_programs = Compiling(
+        {
+            length: pool.submit(
+                lambda n: eval_jit.lower(state["params"], batch_spec(feed.rows, n, rows)).compile(), length
+            )
+            for length in buckets
+        }
+    )
+    pool.shutdown(wait=False)  # its threads end when the last program is built
+    try:
+        return {length: future.result() for length, future in train_programs.items()}, eval_programs
+    except BaseException:
+        eval_programs.cancel()
+        raise
+
+
 def describe_mesh(mesh: Mesh, rows: int) -> str:
     processes = len({device.process_index for device in mesh.devices.flat})
     per_device = rows // mesh.size
     return (
         f"mesh: {mesh.size} device{'s' * (mesh.size != 1)} × {processes} process{'es' * (processes != 1)}, "
         f"{per_device} row{'s' * (per_device != 1)} per device"
+    )
+
+
+def describe_feed(feed: Feed, batch_size: int) -> str:
+    """The mesh, and the masked rows each batch gets to split evenly over it."""
+    padding = feed.rows - batch_size
+    return describe_mesh(feed.mesh, feed.rows) + (
+        f" (each batch padded with {padding} masked row{'s' * (padding != 1)} to split evenly)" if padding else ""
     )
 
 

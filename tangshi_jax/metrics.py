@@ -10,7 +10,10 @@ from pathlib import Path
 import jax.numpy as jnp
 
 from tangshi_jax import data
+from tangshi_jax.cache import write_atomically
 from tangshi_jax.config import ModelConfig
+from tangshi_jax.devices import peak_rss_mb
+from tangshi_jax.errors import TangshiError
 from tangshi_jax.loss import head_nll_positions
 from tangshi_jax.model import PoemModel, head_weights, initial_carry
 
@@ -68,6 +71,59 @@ def logged_epoch(line: str) -> float:
         return json.loads(line)["epoch"]
     except (ValueError, KeyError, TypeError):
         return float("inf")
+
+
+def epoch_record(
+    epoch: int, step: int, nll_sum: float, tokens: float, val: dict | None, seconds: float, elapsed: float
+) -> dict:
+    """The metrics.jsonl line of an epoch: its training loss (summed over its steps, divided
+    here), the validation set's (mean_nll; None without one) with perplexities, its speed, and
+    the run's time and peak memory so far."""
+    return {
+        "epoch": epoch,
+        "step": step,
+        "train_loss": nll_sum / max(tokens, 1.0),
+        "val_loss": val and val["nll"],
+        "val_ppl": val and perplexity(val["nll"]),
+        "val_char_loss": val and val["char_nll"],
+        "val_char_ppl": val and perplexity(val["char_nll"]),
+        "tokens_per_s": tokens / seconds,
+        "epoch_s": seconds,
+        "elapsed_s": elapsed,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def epoch_line(record: dict, epochs: int) -> str:
+    """What training logs of an epoch's record."""
+    val = (
+        f"val {record['val_loss']:.3f} (ppl {record['val_ppl']:.1f}; characters {record['val_char_loss']:.3f}, "
+        f"ppl {record['val_char_ppl']:.1f})  "
+        if record["val_loss"] is not None
+        else ""
+    )
+    return (
+        f"epoch {record['epoch']}/{epochs}: train {record['train_loss']:.3f}  {val}"
+        f"{record['tokens_per_s']:,.0f} tokens/s  {record['epoch_s']:.0f} s  {record['peak_rss_mb']:,.0f} MB"
+    )
+
+
+def trim_metrics(path: Path, epoch: int) -> None:
+    """Drop epochs logged after the checkpoint being resumed: they are trained again."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if logged_epoch(line) <= epoch]
+    write_atomically(path, "".join(line + "\n" for line in lines))
+
+
+def append_metrics(path: Path, record: dict) -> None:
+    try:
+        with path.open("a", encoding="utf-8") as metrics_file:
+            metrics_file.write(json.dumps(record) + "\n")
+    except OSError as error:
+        raise TangshiError(
+            f"cannot write {path}: {error.strerror}; free some space and run the same command again to resume"
+        ) from None
 
 
 def read_metrics(path: Path) -> list[dict]:

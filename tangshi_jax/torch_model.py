@@ -6,8 +6,8 @@ A batched `nn.LSTM` (or GRU, RNN) between an embedding and a linear head with a 
 cross-entropy, RMSprop as the original after clipping at norm 1: the best ordinary PyTorch
 way to train the original exercise. It trains on the very batches bench times JAX on. glibc's
 allocator settles before the process starts, so bench re-executes this module in a child
-with the tuned setting (TORCH_ALLOCATOR), PyTorch's best on the CPU (issue 8: 1.0× to 2.3×
-its default allocator's speed).
+with the tuned setting (TORCH_ALLOCATOR), PyTorch's best on the CPU (1.0× to 2.3× its default
+allocator's speed, PERFORMANCE.md).
 """
 
 import json

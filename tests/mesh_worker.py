@@ -23,11 +23,11 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, str(Path(__file__).parent))
 
 import jax  # noqa: E402
-from conftest import SMALL_MODEL, small_config  # noqa: E402
+from helpers import SMALL_MODEL, small_config  # noqa: E402
 
 from tangshi_jax import data  # noqa: E402
 from tangshi_jax import train as train_module  # noqa: E402
-from tangshi_jax.devices import Cluster, make_mesh, use_platform  # noqa: E402
+from tangshi_jax.devices import Cluster, make_feed, make_mesh, place_state, split_rows, use_platform  # noqa: E402
 
 # The run every test compares: 2 epochs of 8 steps, one bucket (two programs to compile). Two
 # processes on 2 cores take ~0.3 s a step (gloo over loopback), so steps are kept few.
@@ -54,12 +54,12 @@ def batch_facts(mesh) -> dict:
     corpus = data.read_corpus(config.data)
     dataset = data.make_dataset(corpus, config)
     model_config = train_module.ModelConfig(vocab_size=len(dataset.vocab), **SMALL_MODEL)
-    feed = train_module.make_feed(mesh, config.batch_size)
-    state = train_module.place_state(train_module.init_state(model_config, config), mesh)
+    feed = make_feed(mesh, config.batch_size)
+    state = place_state(train_module.init_state(model_config, config), mesh)
     programs, _ = train_module.compile_steps(model_config, config, 1, state, dataset.train.buckets, feed)
     bucket_index, rows = data.epoch_plan(dataset.train, config.batch_size, 0, 0)[0]
     batch = feed.batch(dataset.train, bucket_index, rows)
-    expected = train_module.split_rows(mesh)
+    expected = split_rows(mesh)
     program = programs[dataset.train.buckets[bucket_index]]
     return {
         "program_takes_split_batch": program.input_shardings[0][1]["inputs"].is_equivalent_to(expected, 2),

@@ -5,11 +5,12 @@ import signal
 import jax
 import numpy as np
 import pytest
-from conftest import SMALL_MODEL, small_config, write_poems
+from helpers import SMALL_MODEL, small_config, write_corpus
 
 from tangshi_jax import checkpoint
 from tangshi_jax import train as train_module
 from tangshi_jax.errors import TangshiError, run_cli
+from tangshi_jax.metrics import trim_metrics
 from tangshi_jax.train import init_state, train
 
 
@@ -79,8 +80,9 @@ RESUMED_RUNS = {
 }
 
 
+@pytest.mark.slow  # trains
 def test_a_cosine_decays_over_the_first_starts_epochs_and_a_resume_keeps_it(tmp_path):
-    data = write_poems(tmp_path / "poems.txt", count=40)
+    data = write_corpus(tmp_path / "poems.txt", count=40)
     config = lambda epochs: small_config(data, epochs=epochs, schedule="cosine", num_buckets=1)
     train(config(1), SMALL_MODEL, tmp_path / "run", log=quiet, show_progress=False)
     train(config(2), SMALL_MODEL, tmp_path / "run", log=quiet, show_progress=False)  # raised: no refusal
@@ -90,9 +92,10 @@ def test_a_cosine_decays_over_the_first_starts_epochs_and_a_resume_keeps_it(tmp_
 
 
 @pytest.mark.parametrize("run", RESUMED_RUNS)
+@pytest.mark.slow  # trains three runs
 def test_resume_replays_an_uninterrupted_run(tmp_path, run):
     model, settings = RESUMED_RUNS[run]
-    data = write_poems(tmp_path / "poems.txt")
+    data = write_corpus(tmp_path / "poems.txt")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     config = lambda epochs: small_config(data, epochs=epochs, **settings)
     train(config(3), model, straight, log=quiet, show_progress=False)
@@ -179,7 +182,7 @@ def test_a_finished_run_says_so(trained_run):
 )
 def test_bad_training_input_gives_one_clear_line(tmp_path, monkeypatch, capsys, argv, message):
     monkeypatch.chdir(tmp_path)
-    write_poems(tmp_path / "poems.txt", count=20)
+    write_corpus(tmp_path / "poems.txt", count=20)
     (tmp_path / "afile").write_text("x")
     assert run_cli(train_module.main, argv + ["--platform", "cpu", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -189,14 +192,15 @@ def test_bad_training_input_gives_one_clear_line(tmp_path, monkeypatch, capsys, 
 def test_a_metrics_line_cut_short_by_a_kill_is_dropped_on_resume(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"epoch": 1, "val_loss": 5.0}\n{"epoch": 2, "val_loss": 4.9}\n{"epoch": 3, "val_lo')
-    train_module.trim_metrics(path, 2)
+    trim_metrics(path, 2)
     assert [json.loads(line)["epoch"] for line in path.read_text().splitlines()] == [1, 2]
-    train_module.trim_metrics(path, 1)
+    trim_metrics(path, 1)
     assert [json.loads(line)["epoch"] for line in path.read_text().splitlines()] == [1]
 
 
+@pytest.mark.slow  # trains three runs
 def test_a_stop_on_an_epochs_last_batch_finishes_that_epoch(tmp_path):
-    data = write_poems(tmp_path / "poems.txt")
+    data = write_corpus(tmp_path / "poems.txt")
     config = small_config(data, epochs=2, batch_size=200, num_buckets=1, save_every=2)  # one batch an epoch
 
     def stop_after_compiling(message):

@@ -1,0 +1,136 @@
+"""The flags of `python -m tangshi_jax.train` and the configs they make: the preset, then the
+flags given on top, each checked. Flags default to None: the preset decides, and the preset's
+gaps are the dataclass defaults (config.py)."""
+
+import argparse
+
+from tangshi_jax.config import (
+    CELLS,
+    DEFAULT_PRESET,
+    DTYPES,
+    OPTIMIZERS,
+    PRESETS,
+    SCHEDULES,
+    TrainConfig,
+    preset_configs,
+)
+from tangshi_jax.devices import PLATFORMS
+from tangshi_jax.errors import TangshiError
+from tangshi_jax.profile import PROFILE_STEPS
+
+DEFAULT_DATA = "poems.txt"  # built from the corpus package when missing (train.load_poems)
+
+
+def require_positive(args, names) -> None:
+    """Flags that count something must be at least 1 (None means: not given)."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise TangshiError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """The preset and every setting a run takes from the command line, then where and how it runs."""
+    parser.add_argument(
+        "--preset",
+        choices=PRESETS,
+        default=DEFAULT_PRESET,
+        help=f"a named configuration (default {DEFAULT_PRESET}; original: the course exercise's)",
+    )
+    parser.add_argument(
+        "--data",
+        default=DEFAULT_DATA,
+        help="poems file of title:content lines (built from the corpus package if the default is missing)",
+    )
+    parser.add_argument("--checkpoint-dir", default="checkpoints", help="where checkpoints and metrics.jsonl go")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--lr", type=float, help="peak learning rate")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS)
+    parser.add_argument("--schedule", choices=SCHEDULES)
+    parser.add_argument("--warmup-steps", type=int)
+    parser.add_argument(
+        "--decay-epochs", type=int, help="epochs of the cosine decay (default: the epochs of a new run)"
+    )
+    parser.add_argument("--cell", choices=CELLS)
+    parser.add_argument("--layers", type=int)
+    parser.add_argument("--hidden", type=int)
+    parser.add_argument("--embed", type=int)
+    parser.add_argument(
+        "--dropout", type=float, help="share dropped at the embeddings, between layers and before the head"
+    )
+    parser.add_argument(
+        "--tied",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the head reuses the embedding through a projection",
+    )
+    parser.add_argument(
+        "--titles",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="read each poem after its title, so that `sample --title` can steer it",
+    )
+    parser.add_argument("--split", choices=("hash", "grouped"), help="grouped keeps near-repeat poems on one side")
+    parser.add_argument("--relu-head", action="store_true", default=None, help="the original's ReLU on the logits")
+    parser.add_argument("--save-every", type=int, help="epochs between checkpoints")
+    parser.add_argument("--max-poems", type=int, default=None, help="train on the first N poems only")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument(
+        "--dtype", choices=DTYPES, help="activations and matrix products (parameters and optimizer state stay float32)"
+    )
+    parser.add_argument("--platform", choices=PLATFORMS, default=None, help="default: the best JAX finds")
+    parser.add_argument("--devices", type=int, help="use the first N local devices of each process (default: all)")
+    parser.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        help="several processes make one run: process 0's address, the same for all",
+    )
+    parser.add_argument("--num-processes", type=int, help="processes in the run (with --coordinator)")
+    parser.add_argument("--process-id", type=int, help="this process's number, 0 to N-1 (with --coordinator)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar within epochs")
+    parser.add_argument(
+        "--profile", metavar="DIR", help=f"write a jax.profiler trace of the first {PROFILE_STEPS} steps to DIR"
+    )
+
+
+def configs_from_args(args) -> tuple[dict, TrainConfig]:
+    """The preset with the flags given on top, checked."""
+    require_positive(
+        args,
+        ("epochs", "batch_size", "layers", "hidden", "embed", "save_every", "max_poems", "decay_epochs", "devices"),
+    )
+    if args.seed is not None and not 0 <= args.seed < 2**63:
+        raise TangshiError(f"--seed must be 0 or more (and below 2^63), got {args.seed}")
+    if args.lr is not None and not args.lr > 0:
+        raise TangshiError(f"--lr must be positive, got {args.lr}")
+    if args.dropout is not None and not 0 <= args.dropout < 1:
+        raise TangshiError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.warmup_steps is not None and args.warmup_steps < 0:
+        raise TangshiError(f"--warmup-steps must be 0 or more, got {args.warmup_steps}")
+    flags = {
+        name: getattr(args, name)
+        for name in (
+            "epochs",
+            "batch_size",
+            "lr",
+            "optimizer",
+            "schedule",
+            "warmup_steps",
+            "decay_epochs",
+            "cell",
+            "layers",
+            "hidden",
+            "embed",
+            "dropout",
+            "tied",
+            "titles",
+            "split",
+            "relu_head",
+            "save_every",
+            "max_poems",
+            "seed",
+            "dtype",
+        )
+    }
+    return preset_configs(args.preset, data=args.data, **flags)
