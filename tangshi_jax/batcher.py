@@ -16,54 +16,13 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from tangshi_jax import data, rules, sample
+from tangshi_jax import data, release, rules, sample
 from tangshi_jax.errors import TangshiError
+from tangshi_jax.request import PoemRequest
 
 # On 2 CPU cores a row costs ~2.7 ms from 8 rows up (a 七绝 of the original's model; 1 row alone
 # ~7.7 ms), and more above ~256 rows, whose arrays outgrow the caches: merging pays most for small requests.
 SMALLEST_BUCKET = 1
-
-
-@dataclass(frozen=True)
-class PoemRequest:
-    """What one request asks for: `sample`'s flags, less those of the machine and --max-len."""
-
-    begin: str | None = None
-    title: str | None = None
-    keywords: tuple[str, ...] | None = None
-    num: int = 1
-    candidates: int = sample.DEFAULT_CANDIDATES
-    temperature: float = sample.DEFAULT_TEMPERATURE
-    top_k: int = 0
-    top_p: float = sample.DEFAULT_TOP_P
-    repetition_penalty: float = sample.DEFAULT_REPETITION_PENALTY
-    greedy: bool = False
-    form: str | None = None
-    acrostic: str | None = None
-    line_length: int = 7
-    rhyme: bool = False
-    rhyme_group: str | None = None
-    tones: bool = False
-    loose_tones: bool = False
-    script: str = "simplified"
-    seed: int | None = None
-
-    @property
-    def topic(self) -> str | None:
-        """The title the model reads: the title, or the keywords joined."""
-        return sample.keywords_title(list(self.keywords)) if self.keywords is not None else self.title
-
-    @property
-    def drafts(self) -> int:
-        return 1 if self.greedy else self.candidates
-
-    @property
-    def rows(self) -> int:
-        return self.num * self.drafts
-
-    def plan_key(self):
-        """Requests with equal keys may share one sampler call (a seeded request shares with none)."""
-        return dataclasses.replace(self, title=None, keywords=None, num=1, script="simplified")
 
 
 def row_buckets(max_rows: int, min_rows: int = SMALLEST_BUCKET) -> list[int]:
@@ -91,13 +50,12 @@ class Engine:
 
     def __init__(
         self,
-        loaded: sample.Loaded,
+        model: release.Loaded,
         max_rows: int = 128,
         corpus_lines: set[str] | None = None,
         min_rows: int = SMALLEST_BUCKET,
     ):
-        self.model_config, self.train_config, self.vocab, self.params, self.progress = loaded
-        self.max_title = self.train_config.max_title if self.train_config.titles else 0
+        self.model = model
         self.max_rows = max_rows
         self.buckets = row_buckets(max_rows, min_rows)  # tests compile fewer with a larger min_rows
         self.corpus_lines = corpus_lines
@@ -109,94 +67,44 @@ class Engine:
                 f"num × candidates is {request.rows}, more than this server's batch of "
                 f"{self.max_rows}; ask for fewer poems or drafts"
             )
-        if request.form is not None:
-            rules.parse_form(request.form)
-        topic = request.topic
-        if topic is not None and not self.max_title:
-            raise TangshiError(
-                "this model was trained without titles, so title and keywords cannot steer it; leave them out"
-            )
-        sample.plan_request(
-            self.vocab,
-            request.begin,
-            sample.MAX_LEN,
-            self.form_of(request),
-            request.acrostic,
-            request.line_length,
-            request.rhyme,
-            request.rhyme_group,
-            request.tones,
-            request.loose_tones,
-            title=topic,
-            max_title=self.max_title,
-        )
-        if topic is not None:
-            sample.title_ids(topic, self.vocab, self.max_title)
-
-    @staticmethod
-    def form_of(request: PoemRequest) -> str | None:
-        return rules.parse_form(request.form) if request.form else None
+        sample.plan_request(self.model.vocab, request, self.model.max_title)
 
     def write(self, requests: list[PoemRequest], seed: int) -> list[Written]:
         """One sampler call for requests that share a plan_key, padded to a compiled row count."""
-        first = requests[0]
         titles = [request.topic for request in requests for _ in range(request.num)]
         rows = sum(request.rows for request in requests)
         bucket = next(bucket for bucket in self.buckets if bucket >= rows)
-        poems, scores = sample.write_poems(
-            self.params,
-            self.model_config,
-            self.vocab,
-            first.begin,
-            num=len(titles),
-            temperature=first.temperature,
-            top_k=first.top_k,
-            top_p=first.top_p,
-            repetition_penalty=first.repetition_penalty,
-            greedy=first.greedy,
-            seed=seed,
-            form=self.form_of(first),
-            acrostic=first.acrostic,
-            line_length=first.line_length,
-            rhyme=first.rhyme,
-            rhyme_group=first.rhyme_group,
-            tones=first.tones,
-            loose_tones=first.loose_tones,
-            title=titles if any(title is not None for title in titles) else None,
-            max_title=self.max_title,
-            candidates=first.candidates,
-            corpus_lines=self.corpus_lines,
-            with_scores=True,
-            rows=bucket,
-        )
+        merged = dataclasses.replace(requests[0], title=None, keywords=None, num=len(titles), seed=seed)
+        poems, scores = self.sample(merged, titles=titles, rows=bucket)
         answers, start = [], 0
         for request in requests:
-            kept = poems[start : start + request.num]
-            if request.script == "traditional":
-                kept = [rules.opencc_converter("s2t").convert(poem) for poem in kept]
+            kept = sample.in_script(poems[start : start + request.num], request.script)
             answers.append(Written(kept, scores[start : start + request.num], len(requests), bucket))
             start += request.num
         return answers
+
+    def sample(self, wanted: PoemRequest, titles: list[str | None], rows: int) -> tuple[list[str], list[float]]:
+        return sample.write_poems(
+            self.model.params,
+            self.model.model_config,
+            self.model.vocab,
+            wanted,
+            max_title=self.model.max_title,
+            titles=titles,
+            corpus_lines=self.corpus_lines,
+            with_scores=True,
+            rows=rows,
+        )
 
     def warm_up(self) -> tuple[int, float]:
         """Compile every program a request can run: the sampler at each row count, with and
         without titles for a model that reads them. Returns (programs, seconds)."""
         started = time.perf_counter()
-        hanzi = next(char for char in self.vocab if data.is_hanzi(char))
-        titles = [None, hanzi] if self.max_title else [None]
+        hanzi = next(char for char in self.model.vocab if data.is_hanzi(char))
+        titles = [None, hanzi] if self.model.max_title else [None]
         for bucket in self.buckets:
             for title in titles:
-                sample.write_poems(
-                    self.params,
-                    self.model_config,
-                    self.vocab,
-                    num=1,
-                    seed=0,
-                    title=title,
-                    max_title=self.max_title,
-                    with_scores=True,
-                    rows=bucket,
-                )
+                self.sample(PoemRequest(candidates=1, seed=0), titles=[title], rows=bucket)
         rules.opencc_converter("s2t").convert(hanzi)
         return len(self.buckets) * len(titles), time.perf_counter() - started
 

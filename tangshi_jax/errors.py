@@ -10,10 +10,51 @@ import sys
 EXIT_USER_ERROR, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 
 
+def as_flag(name: str) -> str:
+    """How the command line names an option: top_k is --top-k."""
+    return "--" + name.replace("_", "-")
+
+
+def as_field(name: str) -> str:
+    """How the API names an option: as declared."""
+    return name
+
+
 class TangshiError(Exception):
-    """A problem the user can fix; its message names the problem and the fix."""
+    """A problem the user can fix; its message names the problem and the fix.
+
+    An error about a request's options says so in the domain's words: `field` is the option it
+    is about, and its message names options as {placeholders} ("{begin} is empty"; {field} is
+    the option of `field`), with any other {value} given by keyword (a user's text goes there,
+    never into the template). Each
+    edge words it: the command line as flags (str(error): "--begin is empty"), the API as
+    fields (error.worded(as_field): "begin is empty")."""
 
     exit_code = EXIT_USER_ERROR
+
+    def __init__(self, message: str, *, field: str | None = None, **values):
+        super().__init__(message)
+        self.field, self.values = field, values
+
+    def worded(self, name=as_flag) -> str:
+        """The message with every option named by `name` (a message about no field is as given)."""
+        if self.field is None:
+            return self.args[0]
+        return self.args[0].format_map(_Names(name, {"field": name(self.field), **self.values}))
+
+    def __str__(self) -> str:
+        return self.worded(as_flag)
+
+
+class _Names(dict):
+    """Placeholders of a message: the values given, else option names worded by the edge."""
+
+    def __init__(self, name, values: dict):
+        super().__init__(values)
+        self.name = name
+
+    def __missing__(self, key: str) -> str:
+        return self.name(key)
 
 
 class Diverged(TangshiError):

@@ -45,13 +45,15 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from tangshi_jax import checkpoint, data, metrics, release, sample
+from tangshi_jax import checkpoint, data, metrics, release, request, sample
 from tangshi_jax.data import lines_of
 from tangshi_jax.devices import PLATFORMS, use_platform
 from tangshi_jax.errors import TangshiError, run_cli
+from tangshi_jax.request import PoemRequest
 from tangshi_jax.rules import FORMS, is_hanzi, to_traditional
 
 PUNCTUATION = "，。！？；"
+SAMPLING = ("temperature", "top_p", "repetition_penalty")  # the options a report samples every row with
 BEGINS = "日月山风春花秋云"
 # Keyword requests of the keyword rows, cycled over the poems of a row.
 KEYWORDS = [
@@ -215,20 +217,18 @@ def setting_topics(setting: Setting, num: int, val_titles: list[str], vocab: lis
 
 
 def sample_setting(
-    params,
-    model_config,
-    vocab,
+    model: release.Loaded,
     setting: Setting,
     num: int,
     seed: int,
     topics=None,
-    max_title: int = 0,
     corpus_lines=None,
-    **sampling,
+    sampling: PoemRequest = PoemRequest(),
 ):
     """num poems, begins cycled over BEGINS (none for an acrostic or a topic); returns (poems,
-    their scores, poems per second after a warm-up). sampling: temperature, top_p, ... as
-    sample.write_poems takes them."""
+    their scores, poems per second after a warm-up). sampling: the request whose temperature,
+    top_p and repetition_penalty every row uses."""
+    vocab = model.vocab
     begins = [char for char in BEGINS if char in vocab] or [next(c for c in vocab if c not in "GE，。")]
     begins = [None] if setting.heads or topics else begins
     counts = [num // len(begins) + (index < num % len(begins)) for index in range(len(begins))]
@@ -236,23 +236,26 @@ def sample_setting(
     given = topics if topics and not setting.baseline else None
 
     def write(begin, count, first, offset):
-        return sample.write_poems(
-            params,
-            model_config,
-            vocab,
-            begin,
+        wanted = dataclasses.replace(
+            sampling,
+            begin=begin,
             num=count,
             seed=seed + offset,
             form=setting.form,
             rhyme=setting.rhyme,
             tones=setting.tones,
             acrostic=setting.heads,
-            title=given[first : first + count] if given else None,
-            max_title=max_title,
             candidates=setting.candidates,
+        )
+        return sample.write_poems(
+            model.params,
+            model.model_config,
+            vocab,
+            wanted,
+            max_title=model.max_title,
+            titles=given[first : first + count] if given else None,
             corpus_lines=corpus_lines,
             with_scores=True,
-            **sampling,
         )
 
     for count in {count for _, count, _ in plan}:  # compile every batch size before timing
@@ -271,7 +274,7 @@ def quatrain_perplexity(params, model_config, dataset: data.Dataset, batch_size:
     """Per form of quatrain (五绝, 七绝) among the validation poems: NLL and perplexity over the
     Chinese characters of lines 2-4 (the protocol of Zhang & Lapata 2014), each poem read
     after its title when the model reads titles."""
-    nll_of = position_nll(model_config)
+    nll_of = jitted_position_nll(model_config)
     result = {}
     for form in ("wujue", "qijue"):
         chars = FORMS[form][1]
@@ -293,18 +296,28 @@ def quatrain_perplexity(params, model_config, dataset: data.Dataset, batch_size:
 
 
 @functools.cache
-def position_nll(model_config):
+def jitted_position_nll(model_config):
     """metrics.position_nll of one model, jitted once."""
     return jax.jit(functools.partial(metrics.position_nll, model_config))
 
 
 def evaluate_checkpoint(
-    checkpoint_dir, data_path, num: int = 100, seed: int = 0, settings=SETTINGS, log=print, model_dir=None, **sampling
+    checkpoint_dir,
+    data_path,
+    num: int = 100,
+    seed: int = 0,
+    settings=SETTINGS,
+    log=print,
+    model_dir=None,
+    sampling: PoemRequest = PoemRequest(),
 ) -> dict:
     """Every figure of the report: validation NLL (all targets, characters only, quatrain lines
     2-4, and without titles for a model that reads them), one row per setting, one per corpus form.
-    model_dir: a release folder to evaluate instead of the checkpoint."""
-    model_config, train_config, vocab, params, progress = release.load_model(checkpoint_dir, model_dir)
+    model_dir: a release folder to evaluate instead of the checkpoint. sampling: the request
+    whose SAMPLING options every row uses."""
+    model = release.load_model(checkpoint_dir=checkpoint_dir, model_dir=model_dir)
+    model_config, train_config, vocab, params = model.model_config, model.train_config, model.vocab, model.params
+    progress = model.progress
     step = progress["step"]
     data_path = data_path or train_config.data
     corpus = data.read_corpus(data_path)
@@ -319,7 +332,7 @@ def evaluate_checkpoint(
         plain = data.make_dataset(corpus, dataclasses.replace(train_config, titles=False), vocab)
         untitled = validation_nll(params, model_config, train_config, plain.val)
     val_titles = [seq[: seq.index(data.START)] for seq in dataset.val_sequences]
-    max_title = train_config.max_title if train_config.titles else 0
+    max_title = model.max_title
     rows = []
     for setting in settings:
         if setting.heads and not set(setting.heads) <= set(vocab):
@@ -330,9 +343,7 @@ def evaluate_checkpoint(
             continue
         topics = setting_topics(setting, num, val_titles, vocab)
         log(f"sampling {num} poems: {setting.name}")
-        poems, scores, speed = sample_setting(
-            params, model_config, vocab, setting, num, seed, topics, max_title, training_lines, **sampling
-        )
+        poems, scores, speed = sample_setting(model, setting, num, seed, topics, training_lines, sampling)
         rows.append(
             {
                 "setting": setting.name,
@@ -360,7 +371,7 @@ def evaluate_checkpoint(
         "data": str(data_path),
         "num": num,
         "seed": seed,
-        "sampling": sampling,
+        "sampling": {name: getattr(sampling, name) for name in SAMPLING},
         "val_nll": nll,
         "val_ppl": ppl,
         "val_char_nll": char_nll,
@@ -466,9 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=",".join(setting.name for setting in SETTINGS),
         help="comma-separated sampling settings to run (default: all)",
     )
-    parser.add_argument("--temperature", type=float, default=sample.DEFAULT_TEMPERATURE)
-    parser.add_argument("--top-p", type=float, default=sample.DEFAULT_TOP_P)
-    parser.add_argument("--repetition-penalty", type=float, default=sample.DEFAULT_REPETITION_PENALTY)
+    request.add_flags(parser, SAMPLING)
     parser.add_argument("--platform", choices=PLATFORMS, default=None)
     return parser
 
@@ -482,8 +491,8 @@ def main(argv=None) -> None:
     if unknown:
         raise TangshiError(f"--settings: unknown {', '.join(unknown)}; choose among {', '.join(by_name)}")
     settings = [by_name[name] for name in args.settings.split(",")]
+    sampling = request.from_args(args, SAMPLING)
     use_platform(args.platform)
-    sample.check_sampling(args.temperature, args.top_p, args.repetition_penalty)
     if args.model is None:
         checkpoint.require_checkpoint(args.checkpoint_dir)  # the clearer error first, then the cheap plot
     metrics_path = Path(args.checkpoint_dir) / "metrics.jsonl"
@@ -502,9 +511,7 @@ def main(argv=None) -> None:
         settings,
         log=lambda message: print(message, file=sys.stderr),
         model_dir=args.model,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty,
+        sampling=sampling,
     )
     print(format_report(report))
     if plot_path:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import jax
 
-from tangshi_jax import __version__, evaluate, release, sample
+from tangshi_jax import __version__, evaluate, release, request
 from tangshi_jax.config import PRESETS, ModelConfig, TrainConfig, preset_configs
 from tangshi_jax.corpus import PACKAGE_SPEC
 from tangshi_jax.devices import PLATFORMS, use_platform
@@ -76,14 +76,14 @@ def data_line(path: str) -> str:
     return f"`{Path(path).name}`: {lines:,} lines, sha256 `{digest}`. {source}."
 
 
-def model_card(loaded: sample.Loaded, metrics: dict | None, report: dict | None) -> str:
-    model_config, train_config, vocab, params, progress = loaded
+def model_card(loaded: release.Loaded, metrics: dict | None, report: dict | None) -> str:
+    model_config, train_config, progress = loaded.model_config, loaded.train_config, loaded.progress
     shape = (
         f"{model_config.layers}×{model_config.hidden} {model_config.cell.upper()}, embedding {model_config.embed}"
         + (", tied head" if model_config.tied else "")
         + (", reads titles" if train_config.titles else "")
     )
-    count = sum(int(array.size) for array in jax.tree_util.tree_leaves(params))
+    count = sum(int(array.size) for array in jax.tree_util.tree_leaves(loaded.params))
     lines = [
         "---",
         "language: zh",
@@ -93,7 +93,7 @@ def model_card(loaded: sample.Loaded, metrics: dict | None, report: dict | None)
         "",
         "# tangshi-jax: a character-level model of Tang poems",
         "",
-        f"A {shape} ({count:,} parameters, vocabulary of {len(vocab):,} characters), "
+        f"A {shape} ({count:,} parameters, vocabulary of {len(loaded.vocab):,} characters), "
         f"trained for {progress.get('epoch')} epoch{'' if progress.get('epoch') == 1 else 's'} "
         f"({progress.get('step'):,} steps). Exported by tangshi-jax "
         f"{__version__}.",
@@ -147,9 +147,9 @@ def model_card(loaded: sample.Loaded, metrics: dict | None, report: dict | None)
     lines += [
         "## Sampling defaults",
         "",
-        f"Temperature {sample.DEFAULT_TEMPERATURE}, top-p {sample.DEFAULT_TOP_P}, repetition penalty "
-        f"{sample.DEFAULT_REPETITION_PENALTY}, the best of {sample.DEFAULT_CANDIDATES} drafts, at most "
-        f"{sample.MAX_LEN} characters. Forms (五绝 七绝 五律 七律), rhyme (平水韵) and tones (平仄) are masks on "
+        f"Temperature {request.DEFAULT_TEMPERATURE}, top-p {request.DEFAULT_TOP_P}, repetition penalty "
+        f"{request.DEFAULT_REPETITION_PENALTY}, the best of {request.DEFAULT_CANDIDATES} drafts, at most "
+        f"{request.MAX_LEN} characters. Forms (五绝 七绝 五律 七律), rhyme (平水韵) and tones (平仄) are masks on "
         "the sampler, so they hold whatever the model.",
         "",
     ]
@@ -168,20 +168,11 @@ def export(
     """Write the release folder of the latest checkpoint; evaluate it first when eval_num > 0
     and no report is given."""
     release.require_new(out)  # before a long evaluation
-    loaded = sample.load_model(checkpoint_dir)
+    loaded = release.load_model(checkpoint_dir=checkpoint_dir)
     metrics = release.last_metrics(checkpoint_dir, epoch=loaded.progress.get("epoch"))
     if report is None and eval_num > 0:
         log(f"evaluating the checkpoint ({eval_num} poems a row; --eval-num 0 skips this)")
-        report = evaluate.evaluate_checkpoint(
-            checkpoint_dir,
-            data_path,
-            eval_num,
-            settings=settings,
-            log=log,
-            temperature=sample.DEFAULT_TEMPERATURE,
-            top_p=sample.DEFAULT_TOP_P,
-            repetition_penalty=sample.DEFAULT_REPETITION_PENALTY,
-        )
+        report = evaluate.evaluate_checkpoint(checkpoint_dir, data_path, eval_num, settings=settings, log=log)
     if report is not None and report.get("step") != loaded.progress.get("step"):
         raise TangshiError(
             f"the evaluation report is of step {report.get('step')}, the checkpoint is at step "

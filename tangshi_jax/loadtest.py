@@ -95,20 +95,6 @@ def summarise(name: str, records: list[dict], seconds: float, calls: int) -> dic
     }
 
 
-def compare(engine, metrics, requests: int, clients: int, max_poems: int, drafts: int = 8, log=print) -> list[dict]:
-    """The same load against the same warmed-up engine, with batching, then one call a request."""
-    from tangshi_jax.serve import create_app, serving
-
-    results = []
-    for name, merge in (("batched", True), ("one call a request", False)):
-        app = create_app(engine, metrics, merge=merge, max_poems=max_poems, log=log)
-        with serving(app) as url:
-            log(f"load test, {name}: {requests} requests from {clients} clients to {url}")
-            records, seconds = fire(url, requests, clients, bodies_with(drafts))
-            results.append({**summarise(name, records, seconds, app.state.batcher.calls), "drafts": drafts})
-    return results
-
-
 def format_results(results: list[dict]) -> str:
     kinds = " and ".join(json.dumps(body, ensure_ascii=False) for body in bodies_with(results[0]["drafts"]))
     lines = [

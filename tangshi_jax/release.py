@@ -6,13 +6,14 @@ the JAX version that wrote them.
     vocab.json          {character: id}, ids 0..V-1
     README.md           the model card (written by `python -m tangshi_jax.export`)
 
-`load_model` reads either a release folder or a checkpoint directory and returns what
-`sample.load_model` returns, so sample, evaluate and serve treat both alike.
+`load_model` reads either a release folder or a checkpoint directory into one `Loaded`, so
+sample, evaluate, serve and export treat both alike.
 """
 
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import jax
@@ -20,13 +21,42 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from tangshi_jax import metrics, sample
+from tangshi_jax import checkpoint, metrics
 from tangshi_jax.config import ModelConfig, TrainConfig, from_dict, to_dict
 from tangshi_jax.errors import TangshiError
 from tangshi_jax.model import abstract_params
 
 FORMAT, FORMAT_VERSION = "tangshi-jax-release", 1
 WEIGHTS, CONFIG, VOCAB, CARD = "model.safetensors", "config.json", "vocab.json", "README.md"
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A trained model as sampling, evaluation, serving and export read it: no optimizer state."""
+
+    model_config: ModelConfig
+    train_config: TrainConfig
+    vocab: list[str]
+    params: dict
+    progress: dict  # epoch, batch and step of the checkpoint
+
+    @property
+    def max_title(self) -> int:
+        """Title characters the model reads before a poem (0: it was trained without titles)."""
+        return self.train_config.max_title if self.train_config.titles else 0
+
+
+def load_model(*, checkpoint_dir=None, model_dir=None, warn=None) -> Loaded:
+    """The release folder model_dir when given, else the newest checkpoint of checkpoint_dir
+    that reads completely (each one passed over is one line given to `warn`); no poems.txt needed."""
+    if model_dir is not None:
+        return load_release(model_dir)
+    if checkpoint_dir is None:
+        raise ValueError("load_model needs a checkpoint_dir or a model_dir")
+    on_skip = warn and (lambda step, reason: warn(checkpoint.skipped_line(Path(checkpoint_dir), step, reason)))
+    restored = checkpoint.load_params(checkpoint_dir, on_skip)
+    model_config, train_config, vocab, progress = restored.meta
+    return Loaded(model_config, train_config, vocab, restored.state["params"], progress)
 
 
 def require_new(out_dir) -> Path:
@@ -36,17 +66,16 @@ def require_new(out_dir) -> Path:
     return out
 
 
-def write_release(out_dir, loaded: sample.Loaded, metrics: dict | None, card: str) -> Path:
+def write_release(out_dir, loaded: Loaded, metrics: dict | None, card: str) -> Path:
     """Write the folder beside its final place, then rename it, so a failed export leaves nothing."""
     from safetensors.numpy import save_file
 
     out = require_new(out_dir)
-    model_config, train_config, vocab, params, progress = loaded
     partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     try:
-        flat = traverse_util.flatten_dict(jax.device_get(params), sep=".")
+        flat = traverse_util.flatten_dict(jax.device_get(loaded.params), sep=".")
         save_file(
             {name: np.ascontiguousarray(array) for name, array in flat.items()},
             str(partial / WEIGHTS),
@@ -55,14 +84,14 @@ def write_release(out_dir, loaded: sample.Loaded, metrics: dict | None, card: st
         config = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "model": to_dict(model_config),
-            "train": to_dict(train_config),
-            "progress": dict(progress),
+            "model": to_dict(loaded.model_config),
+            "train": to_dict(loaded.train_config),
+            "progress": dict(loaded.progress),
             "metrics": metrics,
         }
         (partial / CONFIG).write_text(json.dumps(config, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
         (partial / VOCAB).write_text(
-            json.dumps({char: index for index, char in enumerate(vocab)}, ensure_ascii=False, indent=0) + "\n",
+            json.dumps({char: index for index, char in enumerate(loaded.vocab)}, ensure_ascii=False, indent=0) + "\n",
             encoding="utf-8",
         )
         (partial / CARD).write_text(card, encoding="utf-8")
@@ -87,7 +116,7 @@ def read_json(path: Path, what: str):
         ) from None
 
 
-def load_release(model_dir) -> sample.Loaded:
+def load_release(model_dir) -> Loaded:
     """Configs, vocabulary and parameters of a release folder, checked against each other."""
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
@@ -139,12 +168,7 @@ def load_release(model_dir) -> sample.Loaded:
             "export the model again"
         )
     params = traverse_util.unflatten_dict({tuple(name.split(".")): jnp.asarray(array) for name, array in flat.items()})
-    return sample.Loaded(model_config, train_config, vocab, params, dict(config.get("progress", {})))
-
-
-def load_model(checkpoint_dir, model_dir=None) -> sample.Loaded:
-    """The release folder when model_dir is given, else the latest checkpoint of checkpoint_dir."""
-    return load_release(model_dir) if model_dir is not None else sample.load_model(checkpoint_dir)
+    return Loaded(model_config, train_config, vocab, params, dict(config.get("progress", {})))
 
 
 def last_metrics(checkpoint_dir, model_dir=None, epoch: int | None = None) -> dict | None:

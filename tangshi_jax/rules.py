@@ -44,15 +44,6 @@ LINE_SHAPES = {
 SCHEMES = {5: ["BAaBbAaB", "bAaBbAaB", "ABbAaBbA", "aBbAaBbA"], 7: ["ABbAaBbA", "aBbAaBbA", "BAaBbAaB", "bAaBbAaB"]}
 
 
-def parse_form(name: str) -> str:
-    form = FORM_ALIASES.get(name, name)
-    if form not in FORMS:
-        raise TangshiError(
-            f"--form {name!r} is not a form; choose one of wujue, qijue, wulv, qilv (五绝, 七绝, 五律, 七律)"
-        )
-    return form
-
-
 @dataclass(frozen=True)
 class Prosody:
     """Per-vocabulary classes. A polyphonic character may be both level and oblique."""
@@ -146,7 +137,13 @@ def form_template(
     lines, chars = FORMS[form]
     length = lines * (chars + 1)
     if length > max_len:
-        raise TangshiError(f"--max-len {max_len} is too short for {form} ({length} characters); raise it")
+        raise TangshiError(
+            "{max_len} {value} is too short for {form_name} ({length} characters); raise it",
+            field="max_len",
+            value=max_len,
+            form_name=form,
+            length=length,
+        )
     kind = np.full(max_len + 1, FORCED, np.int32)
     forced = np.full(max_len + 1, end_id, np.int32)
     rhyme = np.zeros(max_len + 1, np.int32)

@@ -7,11 +7,12 @@ every begin text of up to --max-len characters; the prefix is never re-run.
 """
 
 import argparse
+import dataclasses
 import functools
 import hashlib
 import json
-import os
 import re
+import secrets
 import sys
 from pathlib import Path
 from typing import NamedTuple
@@ -20,20 +21,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tangshi_jax import checkpoint, data, rules
-from tangshi_jax.cache import default_cache_dir
-from tangshi_jax.config import ModelConfig, TrainConfig
+from tangshi_jax import data, release, request, rules
+from tangshi_jax.cache import default_cache_dir, write_atomically
+from tangshi_jax.config import ModelConfig
 from tangshi_jax.devices import PLATFORMS, use_platform
 from tangshi_jax.errors import TangshiError, run_cli
 from tangshi_jax.model import PoemModel, initial_carry
+from tangshi_jax.request import PoemRequest
 
-MAX_LEN = 64  # a 七言律诗: 8 lines of 7 characters and 8 punctuation marks
 SENTENCE_END = "。！？"
-# Defaults chosen by `evaluate` over a grid of settings (README, "How the defaults were chosen").
-DEFAULT_TEMPERATURE, DEFAULT_TOP_P, DEFAULT_REPETITION_PENALTY = 0.8, 1.0, 1.5
-DEFAULT_CANDIDATES = 8  # chosen by evaluate's best-of-8 rows (README, "The best of several drafts")
-MAX_ROWS = 1024  # poems × drafts written in one batch; a larger --num is written batch by batch and streamed
-MAX_LEN_LIMIT = 1024  # --max-len at most: far above any poem, and the loop's arrays stay small
 BLOCK = 64  # vocabulary entries per block of the two-level inverse-CDF sampler
 TOP_K_RANGE, TOP_K_ITERATIONS = 24.0, 16
 
@@ -157,6 +153,20 @@ def update_rules(plan, prosody, t, chosen, alive, required, second_end):
     return alive, required, second_end
 
 
+class SamplerState(NamedTuple):
+    """What `generate`'s loop carries from one character to the next."""
+
+    t: jax.Array  # the position just written (0: the start token)
+    carry: object  # the recurrent state after reading tokens[:, t]
+    tokens: jax.Array  # (num, max_len + 1) the poems so far, E after each poem's end
+    log_probs: jax.Array  # (num, max_len) the model's log-probability of each token written
+    done: jax.Array  # (num,) the poem has ended
+    alive: jax.Array  # (num, schemes) the tonal schemes the poem still fits
+    required: jax.Array  # (num, groups) the rhyme groups the rhyme may still take
+    second_end: jax.Array  # (num, groups) the rhyme groups of the second line's last character
+    used: jax.Array  # (num, V) the Chinese characters the poem has used (the repetition penalty)
+
+
 @functools.partial(jax.jit, static_argnames=("model_config", "num", "max_len", "start_id", "end_id", "with_log_probs"))
 def generate(
     params,
@@ -197,15 +207,15 @@ def generate(
     second_end = jnp.zeros_like(required)
     used = jnp.zeros((num, vocab_size), bool)
     carry = initial_carry(model_config, num) if carry is None else carry
-    state = (0, carry, tokens, log_probs, jnp.zeros(num, bool), alive, required, second_end, used)
+    state = SamplerState(0, carry, tokens, log_probs, jnp.zeros(num, bool), alive, required, second_end, used)
     bar_start = jnp.zeros(vocab_size).at[start_id].set(-jnp.inf)
     bar_end = bar_start.at[end_id].set(-jnp.inf)
     hanzi_only = prosody["hanzi"][None, :]
 
-    def keep_going(state):
-        return (state[0] < max_len) & ~jnp.all(state[4])
+    def keep_going(state: SamplerState):
+        return (state.t < max_len) & ~jnp.all(state.done)
 
-    def step(state):
+    def step(state: SamplerState) -> SamplerState:
         t, carry, tokens, log_probs, done, alive, required, second_end, used = state
         carry, logits = model.apply({"params": params}, tokens[:, t, None], carry)
         # G only ever begins a poem; E is barred until min_len characters stand.
@@ -230,7 +240,7 @@ def generate(
             log_probs = log_probs.at[:, t].set(chosen_logits - jax.nn.logsumexp(logits, axis=-1))
         alive, required, second_end = update_rules(plan, prosody, t, chosen, alive, required, second_end)
         used = used.at[jnp.arange(num), chosen].max(prosody["hanzi"][chosen])  # punctuation is never penalised
-        return (
+        return SamplerState(
             t + 1,
             carry,
             tokens.at[:, t + 1].set(chosen),
@@ -243,7 +253,7 @@ def generate(
         )
 
     final = jax.lax.while_loop(keep_going, step, state)
-    return final[2], final[3]
+    return final.tokens, final.log_probs
 
 
 @functools.partial(jax.jit, static_argnames=("model_config",))
@@ -262,21 +272,16 @@ def read_titles(params, titles, lengths, *, model_config: ModelConfig):
     return carry
 
 
-def title_ids(title: str, vocab: list[str], max_title: int, flag: str = "--title/--keywords") -> list[int]:
+def title_ids(title: str, vocab: list[str], max_title: int, field: str = "title") -> list[int]:
     """Ids of a title as training read titles: Chinese characters only, the first max_title."""
     kept = data.clean_title(title)
     if not kept:
         raise TangshiError(
-            f"{flag} {title!r} has no Chinese character; give a title such as 春夜喜雨 or keywords such as 春 雨"
+            "{field} {title!r} has no Chinese character; give a title such as 春夜喜雨 or keywords such as 春 雨",
+            field=field,
+            title=title,
         )
-    return begin_ids(kept[:max_title], vocab, max_title, flag=flag)
-
-
-def keywords_title(keywords: list[str]) -> str:
-    """Keywords are read the way titles are: joined in the order given."""
-    if not keywords or not all(word.strip() for word in keywords):
-        raise TangshiError("--keywords needs one or more words, e.g. --keywords 春 雨 夜")
-    return "".join(word.strip() for word in keywords)
+    return begin_ids(kept[:max_title], vocab, max_title, field=field)
 
 
 def title_carry(params, model_config, vocab, titles: list[str | None], max_title: int):
@@ -290,24 +295,28 @@ def title_carry(params, model_config, vocab, titles: list[str | None], max_title
     return read_titles(params, ids, lengths, model_config=model_config)
 
 
-def begin_ids(begin: str, vocab: list[str], max_len: int, flag: str = "--begin") -> list[int]:
-    """Ids of the begin text; a character missing from the vocabulary is tried in simplified form."""
+def begin_ids(begin: str, vocab: list[str], max_len: int, field: str = "begin") -> list[int]:
+    """Ids of the begin text (or of another option's characters: `field`); a character missing
+    from the vocabulary is tried in simplified form."""
     begin = begin.strip()
+    refuse = lambda message, **values: TangshiError(message, field=field, **values)
     if not begin:
-        raise TangshiError(f"{flag} is empty; give the first character(s) of the poem, e.g. {flag} 日")
+        raise refuse("{field} is empty; give the first character(s) of the poem, e.g. {field} 日")
     if len(begin) > max_len:
-        raise TangshiError(f"{flag} has {len(begin)} characters, more than --max-len {max_len}")
+        raise refuse("{field} has {length} characters, more than {max_len} {limit}", length=len(begin), limit=max_len)
     ids = {char: index for index, char in enumerate(vocab)}
     result = []
     for char in begin:
         if char in (data.START, data.END):
-            raise TangshiError(f"{flag} may not contain {char!r}: it is the model's start/end token")
+            raise refuse("{field} may not contain {char!r}: it is the model's start/end token", char=char)
         if char not in ids:
             simplified = to_simplified(char)
             if simplified not in ids:
-                raise TangshiError(
-                    f"{flag} character {char!r} is not in the model's vocabulary of "
-                    f"{len(vocab):,} characters; use another character"
+                raise refuse(
+                    "{field} character {char!r} is not in the model's vocabulary of {size:,} characters; use another "
+                    "character",
+                    char=char,
+                    size=len(vocab),
                 )
             char = simplified
         result.append(ids[char])
@@ -331,23 +340,6 @@ def decode(tokens: np.ndarray, vocab: list[str], end_id: int) -> str:
 def split_lines(poem: str) -> list[str]:
     """One sentence (up to 。！？) a line."""
     return [line for line in re.findall(rf"[^{SENTENCE_END}]*[{SENTENCE_END}]|[^{SENTENCE_END}]+$", poem) if line]
-
-
-class Loaded(NamedTuple):
-    model_config: ModelConfig
-    train_config: TrainConfig
-    vocab: list[str]
-    params: dict
-    progress: dict
-
-
-def load_model(checkpoint_dir, warn=None) -> Loaded:
-    """Configs, vocabulary and parameters of the newest checkpoint that reads completely (each
-    one passed over is one warning line, given to `warn`, stderr by default); no poems.txt needed."""
-    on_skip = warn and (lambda step, reason: warn(checkpoint.skipped_line(Path(checkpoint_dir), step, reason)))
-    restored = checkpoint.load_params(checkpoint_dir, on_skip)
-    model_config, train_config, vocab, progress = restored.meta
-    return Loaded(model_config, train_config, vocab, restored.state["params"], progress)
 
 
 def device_prosody(vocab: list[str]) -> dict:
@@ -395,9 +387,15 @@ def make_plan(
         chars = rules.FORMS[form][1]
         second_end = 2 * (chars + 1) - 1
         if len(begin) > chars:
-            raise TangshiError(f"--begin has {len(begin)} characters, more than a line of {form} ({chars})")
+            raise TangshiError(
+                "{begin} has {length} characters, more than a line of {form_name} ({chars})",
+                field="begin",
+                length=len(begin),
+                form_name=form,
+                chars=chars,
+            )
         if heads and begin and begin[0] != heads[0]:
-            raise TangshiError("--begin must start with the first --acrostic character (or be left out)")
+            raise TangshiError("{begin} must start with the first {acrostic} character (or be left out)", field="begin")
     kind[1 : len(begin) + 1] = rules.FORCED
     forced[1 : len(begin) + 1] = begin
     prosody = rules.build_prosody(tuple(vocab))
@@ -406,8 +404,10 @@ def make_plan(
         groups = prosody.rhymes[rhyme_group] & prosody.level_groups
         if not groups.any():
             raise TangshiError(
-                f"--rhyme-group {vocab[rhyme_group]!r} has no level-tone (平) rhyme group; "
-                "give a level-tone character such as 东 or 山"
+                "{rhyme_group} {char!r} has no level-tone (平) rhyme group; "
+                "give a level-tone character such as 东 or 山",
+                field="rhyme_group",
+                char=vocab[rhyme_group],
             )
     return {
         "kind": kind,
@@ -422,136 +422,110 @@ def make_plan(
     }
 
 
-def plan_request(
-    vocab,
-    begin: str | None = None,
-    max_len: int = MAX_LEN,
-    form: str | None = None,
-    acrostic: str | None = None,
-    line_length: int = 7,
-    rhyme: bool = False,
-    rhyme_group: str | None = None,
-    tones: bool = False,
-    loose_tones: bool = False,
-    min_len: int = 0,
-    title=None,
-    max_title: int = 0,
-) -> dict:
-    """The plan (make_plan) of one request, after checking its options; raises TangshiError on
-    any the model cannot honour. Host-side only, so a server checks each request before batching it."""
-    if title is not None and not max_title:
+def check_topic(topic: str, vocab: list[str], max_title: int, field: str = "title") -> None:
+    """A title (or keywords joined) the model can read, or a TangshiError about `field`."""
+    if not max_title:
         raise TangshiError(
-            "this model was trained without titles, so --title and --keywords cannot steer it; "
-            "train one with `python -m tangshi_jax.train --titles --checkpoint-dir checkpoints-titles`"
+            "this model was trained without titles, so {title} and {keywords} cannot steer it; leave them out, "
+            "or use a model that reads titles (the quick, hour and gpu presets train one)",
+            field=field,
         )
-    ids = begin_ids(begin, vocab, max_len) if begin is not None else []
-    heads = None
-    if acrostic is not None:
-        heads = begin_ids(acrostic, vocab, max_len, flag="--acrostic")
-        form = form or ("qijue" if line_length == 7 else "wujue")
+    title_ids(topic, vocab, max_title, field=field)
+
+
+def plan_request(vocab: list[str], wanted: PoemRequest, max_title: int = 0) -> dict:
+    """The plan (make_plan) of one request, after checking what only the model can check (its
+    vocabulary, whether it reads titles); raises TangshiError on anything it cannot honour.
+    Host-side only, so a server checks each request before batching it. max_title: the title
+    length the model was trained with (0: it reads no titles)."""
+    if wanted.topic is not None:
+        check_topic(wanted.topic, vocab, max_title, "keywords" if wanted.keywords is not None else "title")
+    ids = begin_ids(wanted.begin, vocab, wanted.max_len) if wanted.begin is not None else []
+    form, heads = wanted.form, None
+    if wanted.acrostic is not None:
+        heads = begin_ids(wanted.acrostic, vocab, wanted.max_len, field="acrostic")
+        form = form or ("qijue" if wanted.line_length == 7 else "wujue")
         lines = rules.FORMS[form][0]
         if len(heads) != lines:
             raise TangshiError(
-                f"--acrostic has {len(heads)} characters but {form} has {lines} lines; give {lines} characters"
+                "{acrostic} has {length} characters but {form_name} has {lines} lines; give {lines} characters",
+                field="acrostic",
+                length=len(heads),
+                form_name=form,
+                lines=lines,
             )
-    if (rhyme or tones or rhyme_group) and not form:
-        raise TangshiError("--rhyme, --rhyme-group and --tones need a --form (or --acrostic)")
-    if rhyme_group and len(rhyme_group.strip()) != 1:
-        raise TangshiError(f"--rhyme-group takes one character, got {rhyme_group!r}")
-    group = begin_ids(rhyme_group, vocab, max_len, flag="--rhyme-group")[0] if rhyme_group else None
-    plan = make_plan(
+    if (wanted.rhyme or wanted.tones or wanted.rhyme_group) and not form:
+        raise TangshiError("{rhyme}, {rhyme_group} and {tones} need a {form} (or {acrostic})", field="form")
+    if wanted.rhyme_group and len(wanted.rhyme_group.strip()) != 1:
+        raise TangshiError(
+            "{rhyme_group} takes one character, got {text!r}", field="rhyme_group", text=wanted.rhyme_group
+        )
+    group = begin_ids(wanted.rhyme_group, vocab, wanted.max_len, field="rhyme_group")[0] if wanted.rhyme_group else None
+    return make_plan(
         vocab,
-        max_len,
+        wanted.max_len,
         ids,
         form=form,
         heads=heads,
-        rhyme=rhyme or group is not None,
+        rhyme=wanted.rhyme or group is not None,
         rhyme_group=group,
-        tones=tones,
-        loose_tones=loose_tones,
-        min_len=min_len,
+        tones=wanted.tones,
+        loose_tones=wanted.loose_tones,
     )
-    return plan
 
 
 def write_poems(
     params,
     model_config,
     vocab,
-    begin: str | None = None,
-    num: int = 1,
-    temperature: float = DEFAULT_TEMPERATURE,
-    top_k: int = 0,
-    top_p: float = DEFAULT_TOP_P,
-    repetition_penalty: float = DEFAULT_REPETITION_PENALTY,
-    greedy: bool = False,
-    max_len: int = MAX_LEN,
-    seed: int = 0,
-    form: str | None = None,
-    acrostic: str | None = None,
-    line_length: int = 7,
-    rhyme: bool = False,
-    rhyme_group: str | None = None,
-    tones: bool = False,
-    loose_tones: bool = False,
-    min_len: int = 0,
-    title: str | list[str] | None = None,
+    wanted: PoemRequest,
+    *,
     max_title: int = 0,
-    candidates: int = 1,
+    titles: list[str | None] | None = None,
     corpus_lines: set[str] | None = None,
     with_scores: bool = False,
     rows: int = 0,
     part: int = 0,
 ) -> list[str] | tuple[list[str], list[float]]:
-    """Poems as strings (without G/E); see the command's flags for the meaning of each option.
+    """Poems as strings (without G/E), as `wanted` asks (its script aside: poems come simplified).
 
-    title: one title for every poem, or a title per poem; max_title: the title length the
-    model was trained with (0: it reads no titles, and a title is an error). candidates: drafts
-    written per poem in the same batch, the best by `score_poem` kept; corpus_lines: lines of
-    the training poems, which the score penalises copying. with_scores: also the kept poems' scores.
-    rows: run the sampler on at least this many rows, the rest padding, so that one compiled
-    program serves every batch up to that size (a row's draws do not depend on the batch size).
-    part: the index of this call in a request written part by part (sample --num); each draws its own numbers."""
-    plan = plan_request(
-        vocab,
-        begin,
-        max_len,
-        form,
-        acrostic,
-        line_length,
-        rhyme,
-        rhyme_group,
-        tones,
-        loose_tones,
-        min_len,
-        title,
-        max_title,
-    )
+    max_title: the title length the model was trained with (0: it reads no titles, and a title
+    is an error). titles: a title per poem, in place of the request's one (the batcher merges
+    requests on different titles). The best of `wanted.candidates` drafts per poem is kept, by
+    `score_poem`; corpus_lines: lines of the training poems, which the score penalises copying.
+    with_scores: also the kept poems' scores. rows: run the sampler on at least this many rows,
+    the rest padding, so that one compiled program serves every batch up to that size (a row's
+    draws do not depend on the batch size). part: the index of this call in a request written
+    part by part (sample --num); each draws its own numbers. A request without a seed draws one."""
+    plan = plan_request(vocab, wanted, max_title)
+    for title in set(titles or ()) - {None}:
+        check_topic(title, vocab, max_title)
     start_id, end_id = vocab.index(data.START), vocab.index(data.END)
-    candidates = 1 if greedy else candidates  # greedy drafts would all be the same
+    num, candidates = wanted.num, wanted.drafts
     batch = max(rows, num * candidates)
     carry = None
-    if title is not None:
-        titles = [title] * num if isinstance(title, str) else list(title)
+    titles = titles if titles is not None else None if wanted.topic is None else [wanted.topic] * num
+    if titles is not None and any(title is not None for title in titles):
         # Drafts of poem i are rows i*candidates ... (i+1)*candidates - 1.
-        row_titles = [t for t in titles for _ in range(candidates)]
+        row_titles = [title for title in titles for _ in range(candidates)]
         carry = title_carry(params, model_config, vocab, row_titles + [None] * (batch - len(row_titles)), max_title)
     scoring = candidates > 1 or with_scores
+    seed = wanted.seed if wanted.seed is not None else secrets.randbelow(2**31)
     key = jax.random.fold_in(jax.random.key(seed), part) if part else jax.random.key(seed)
     tokens, log_probs = generate(
         params,
         plan,
         device_prosody(vocab),
         key,
-        jnp.float32(temperature),
-        jnp.float32(top_p),
-        jnp.float32(repetition_penalty),
+        jnp.float32(wanted.temperature),
+        jnp.float32(wanted.top_p),
+        jnp.float32(wanted.repetition_penalty),
         carry,
         model_config=model_config,
         num=batch,
-        max_len=max_len,
-        top_k=jnp.int32(min(top_k, len(vocab))),
-        greedy=jnp.bool_(greedy),
+        max_len=wanted.max_len,
+        top_k=jnp.int32(min(wanted.top_k, len(vocab))),
+        greedy=jnp.bool_(wanted.greedy),
         start_id=start_id,
         end_id=end_id,
         with_log_probs=scoring,
@@ -567,6 +541,13 @@ def write_poems(
     best = [max(range(i * candidates, (i + 1) * candidates), key=scores.__getitem__) for i in range(num)]
     poems = [drafts[row] for row in best]
     return (poems, [scores[row] for row in best]) if with_scores else poems
+
+
+def in_script(poems: list[str], script: str) -> list[str]:
+    """The poems in the script asked for (the model writes simplified characters)."""
+    if script == "traditional":
+        return [rules.opencc_converter("s2t").convert(poem) for poem in poems]
+    return poems
 
 
 # The reranking score's weights: nats taken off per share of copied lines and of repeated
@@ -612,81 +593,15 @@ def corpus_lines(path) -> set[str] | None:
         return None
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
-        temporary = cached.with_suffix(f".{os.getpid()}.tmp")
-        temporary.write_text("\n".join(sorted(lines)), encoding="utf-8")
-        temporary.replace(cached)
+        write_atomically(cached, "\n".join(sorted(lines)))
     except OSError:
         pass  # a read-only cache only costs the next call the same second or two
     return lines
 
 
-# The sampler computes in float32: numbers outside its range would overflow (Python floats, so
-# that the comparison itself does not cast to float32).
-FLOAT32_TINY, FLOAT32_MAX = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
-
-
-def check_sampling(temperature: float, top_p: float, repetition_penalty: float = 0.0) -> None:
-    if not abs(repetition_penalty) <= FLOAT32_MAX:
-        raise TangshiError(
-            f"--repetition-penalty must be a number of at most {FLOAT32_MAX:.3g}, got {repetition_penalty}"
-        )
-    if not temperature > 0:
-        raise TangshiError(f"--temperature must be positive, got {temperature}; use --greedy for argmax")
-    if not FLOAT32_TINY <= temperature <= FLOAT32_MAX:
-        raise TangshiError(f"--temperature must be between {FLOAT32_TINY:.3g} and {FLOAT32_MAX:.3g}, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise TangshiError(f"--top-p must be in (0, 1], got {top_p}")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tangshi_jax.sample", description=__doc__.splitlines()[0])
-    parser.add_argument("--begin", default=None, help="first character(s) of the poem (default: the model's choice)")
-    parser.add_argument("--title", default=None, help="a title to write on (models trained with --titles)")
-    parser.add_argument("--keywords", nargs="+", default=None, help="words to write on, read as a title, e.g. 春 雨 夜")
-    parser.add_argument("--num", type=int, default=1, help="poems written together in one batch")
-    parser.add_argument(
-        "--candidates",
-        type=int,
-        default=DEFAULT_CANDIDATES,
-        help="drafts written per poem, the best kept (mean log-probability, less copied lines and repeats)",
-    )
-    parser.add_argument(
-        "--temperature", type=float, default=DEFAULT_TEMPERATURE, help="below 1 is safer, above 1 wilder"
-    )
-    parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest characters (0: all)")
-    parser.add_argument(
-        "--top-p",
-        type=float,
-        default=DEFAULT_TOP_P,
-        help="sample among the likeliest characters that hold this share of the probability (1: all)",
-    )
-    parser.add_argument(
-        "--repetition-penalty",
-        type=float,
-        default=DEFAULT_REPETITION_PENALTY,
-        help="subtracted from the logit of every character the poem already used (0: off)",
-    )
-    parser.add_argument("--greedy", action="store_true", help="always the likeliest character (the original)")
-    parser.add_argument("--form", default=None, help="wujue, qijue, wulv or qilv (五绝, 七绝, 五律, 七律)")
-    parser.add_argument("--acrostic", default=None, help="藏头诗: line i begins with the i-th character")
-    parser.add_argument(
-        "--line-length",
-        type=int,
-        choices=(5, 7),
-        default=7,
-        help="characters a line of an --acrostic quatrain without --form",
-    )
-    parser.add_argument("--rhyme", action="store_true", help="押韵: even lines end on one 平水韵 level-tone group")
-    parser.add_argument("--rhyme-group", default=None, help="a character whose rhyme group to use (implies --rhyme)")
-    parser.add_argument("--tones", action="store_true", help="平仄: every position follows a regulated-verse pattern")
-    parser.add_argument(
-        "--loose-tones",
-        action="store_true",
-        help="with --tones, the customary freedom at the 1st, 3rd (and 5th) characters",
-    )
-    parser.add_argument("--script", choices=("simplified", "traditional"), default="simplified")
-    parser.add_argument("--max-len", type=int, default=MAX_LEN, help="characters at most, punctuation included")
-    parser.add_argument("--seed", type=int, default=0)
+    request.add_flags(parser)
     parser.add_argument("--json", action="store_true", help="one JSON object per poem per line")
     parser.add_argument("--checkpoint-dir", default="checkpoints")
     parser.add_argument(
@@ -698,65 +613,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    if args.num < 1 or args.max_len < 1 or args.top_k < 0 or args.candidates < 1:
-        raise TangshiError("--num, --candidates and --max-len must be at least 1 and --top-k at least 0")
-    if args.candidates > MAX_ROWS:
-        raise TangshiError(
-            f"--candidates must be at most {MAX_ROWS} (a poem's drafts are written in one batch), got {args.candidates}"
-        )
-    if args.max_len > MAX_LEN_LIMIT:
-        raise TangshiError(f"--max-len must be at most {MAX_LEN_LIMIT}, got {args.max_len}")
-    if not -(2**63) <= args.seed < 2**63:
-        raise TangshiError(f"--seed must fit in 64 bits, got {args.seed}")
-    check_sampling(args.temperature, args.top_p, args.repetition_penalty)
-    form = rules.parse_form(args.form) if args.form else None
+    wanted = request.from_args(args)  # every flag checked before any work
     use_platform(args.platform)
-    if args.title is not None and args.keywords is not None:
-        raise TangshiError("give --title or --keywords, not both")
-    title = keywords_title(args.keywords) if args.keywords is not None else args.title
-    from tangshi_jax import release  # it imports this module
-
-    model_config, train_config, vocab, params, _ = release.load_model(args.checkpoint_dir, args.model)
-    copied = corpus_lines(train_config.data) if args.candidates > 1 and not args.greedy else None
+    model = release.load_model(checkpoint_dir=args.checkpoint_dir, model_dir=args.model)
+    copied = corpus_lines(model.train_config.data) if wanted.drafts > 1 else None
     # A part at a time, printed as it is done: memory stays bounded whatever --num asks. The last
     # part is padded to the others' rows, so that one compiled program serves them all.
-    per_part = max(1, MAX_ROWS // (1 if args.greedy else args.candidates))
-    rows = per_part * (1 if args.greedy else args.candidates) if args.num > per_part else 0
-    for part, first in enumerate(range(0, args.num, per_part)):
+    per_part = max(1, request.MAX_ROWS // wanted.drafts)
+    rows = per_part * wanted.drafts if wanted.num > per_part else 0
+    for part, first in enumerate(range(0, wanted.num, per_part)):
+        this_part = dataclasses.replace(wanted, num=min(per_part, wanted.num - first))
         poems = write_poems(
-            params,
-            model_config,
-            vocab,
-            args.begin,
-            num=min(per_part, args.num - first),
-            temperature=args.temperature,
-            title=title,
-            max_title=train_config.max_title if train_config.titles else 0,
-            candidates=args.candidates,
+            model.params,
+            model.model_config,
+            model.vocab,
+            this_part,
+            max_title=model.max_title,
             corpus_lines=copied,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            repetition_penalty=args.repetition_penalty,
-            greedy=args.greedy,
-            max_len=args.max_len,
-            seed=args.seed,
-            form=form,
-            acrostic=args.acrostic,
-            line_length=args.line_length,
-            rhyme=args.rhyme,
-            rhyme_group=args.rhyme_group,
-            tones=args.tones,
-            loose_tones=args.loose_tones,
             rows=rows,
             part=part,
         )
-        if args.script == "traditional":
-            poems = [rules.opencc_converter("s2t").convert(poem) for poem in poems]
-        for index, poem in enumerate(poems, start=first):
+        for index, poem in enumerate(in_script(poems, wanted.script), start=first):
             if args.json:
                 print(
                     json.dumps(
-                        {"begin": args.begin or "", "title": title or "", "poem": poem, "lines": split_lines(poem)},
+                        {
+                            "begin": wanted.begin or "",
+                            "title": wanted.topic or "",
+                            "poem": poem,
+                            "lines": split_lines(poem),
+                        },
                         ensure_ascii=False,
                     )
                 )

@@ -15,27 +15,23 @@ import contextlib
 import ipaddress
 import json
 import math
-import re
 import socket
 import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 
-from tangshi_jax import __version__, release, rules, sample
-from tangshi_jax.batcher import Batcher, Engine, PoemRequest
+from tangshi_jax import __version__, loadtest, release, sample
+from tangshi_jax.batcher import Batcher, Engine
 from tangshi_jax.config import to_dict
 from tangshi_jax.devices import PLATFORMS, use_platform
-from tangshi_jax.errors import TangshiError, run_cli
+from tangshi_jax.errors import TangshiError, as_field, run_cli
+from tangshi_jax.request import DEFAULT_CANDIDATES, MAX_CANDIDATES, MAX_POEMS, Field, PoemRequest, field_table
 
 STATIC = Path(__file__).parent / "static"
 MAX_BODY = 4096  # bytes of a request; a poem request is under 400
-MAX_POEMS = 16  # poems a request
-MAX_CANDIDATES = 16  # drafts a poem
 DEFAULT_MAX_BATCH = 128  # rows (poems × drafts) of one sampler call: a full request
-FORM_CHOICES = ("free",) + tuple(rules.FORMS) + tuple(rules.FORM_ALIASES)
 
 
 class BadRequest(Exception):
@@ -46,46 +42,10 @@ class BadRequest(Exception):
         self.status = status
 
 
-@dataclass(frozen=True)
-class Field:
-    """One field of POST /api/poems: its JSON type, limits and meaning."""
-
-    kind: str  # string | integer | number | boolean | strings
-    help: str
-    low: float | None = None
-    high: float | None = None
-    choices: tuple | None = None
-    max_chars: int | None = None
-    low_open: bool = False  # low itself is not allowed
-
-
 def poem_fields(max_poems: int = MAX_POEMS) -> dict[str, Field]:
-    """The request's fields, named as `sample`'s flags (--top-k is top_k)."""
-    return {
-        "begin": Field("string", "first character(s) of the poem", max_chars=16),
-        "title": Field("string", "a title to write on (a model trained with --titles)", max_chars=32),
-        "keywords": Field(
-            "strings", "words to write on, read as a title: a list, or one string split on spaces", max_chars=32
-        ),
-        "num": Field("integer", "poems to write", 1, max_poems),
-        "candidates": Field("integer", "drafts a poem, the best kept", 1, MAX_CANDIDATES),
-        "temperature": Field("number", "below 1 is safer, above 1 wilder", 0, 5, low_open=True),
-        "top_k": Field("integer", "sample among the k likeliest characters (0: all)", 0, 100_000),
-        "top_p": Field(
-            "number", "sample among the likeliest characters holding this share (1: all)", 0, 1, low_open=True
-        ),
-        "repetition_penalty": Field("number", "subtracted from the logit of each character already used", 0, 10),
-        "greedy": Field("boolean", "always the likeliest character"),
-        "form": Field("string", "free, wujue, qijue, wulv, qilv or 五绝, 七绝, 五律, 七律", choices=FORM_CHOICES),
-        "acrostic": Field("string", "藏头诗: line i begins with the i-th character", max_chars=8),
-        "line_length": Field("integer", "characters a line of an acrostic quatrain without a form", choices=(5, 7)),
-        "rhyme": Field("boolean", "押韵: even lines end on one 平水韵 level-tone group"),
-        "rhyme_group": Field("string", "a character whose rhyme group to use (implies rhyme)", max_chars=1),
-        "tones": Field("boolean", "平仄: every position follows a regulated-verse pattern"),
-        "loose_tones": Field("boolean", "with tones, the customary freedom at the 1st, 3rd (and 5th) characters"),
-        "script": Field("string", "simplified or traditional", choices=("simplified", "traditional")),
-        "seed": Field("integer", "the same seed and fields give the same poems (default: a new draw)", 0, 2**31 - 1),
-    }
+    """The request's fields (PoemRequest's options, named as declared: --top-k is top_k), with
+    the API's bounds and this server's cap on poems."""
+    return field_table("api", caps={"num": max_poems})
 
 
 TYPE_NAMES = {
@@ -97,9 +57,8 @@ TYPE_NAMES = {
 }
 
 
-def check_value(name: str, field: Field, value):
-    """The value in the type PoemRequest holds, or BadRequest with a one-line reason."""
-    kind = field.kind
+def json_value(name: str, kind: str, value):
+    """A JSON value in the type PoemRequest holds, or BadRequest naming the type it must have."""
     if kind == "strings" and isinstance(value, str):
         value = value.split()
     wrong_type = {
@@ -111,23 +70,12 @@ def check_value(name: str, field: Field, value):
     }[kind]
     if wrong_type:
         raise BadRequest(f"{name} must be {TYPE_NAMES[kind]}, got {json.dumps(value, ensure_ascii=False)[:40]}")
-    if kind == "number" and not math.isfinite(value):
-        raise BadRequest(f"{name} must be a finite number")
-    if field.choices is not None and value not in field.choices:
-        raise BadRequest(
-            f"{name} must be one of {', '.join(map(str, field.choices))}; got "
-            f"{json.dumps(value, ensure_ascii=False)[:40]}"
-        )
-    if field.low is not None and (value < field.low or (field.low_open and value == field.low) or value > field.high):
-        bounds = f"above {field.low:g}" if field.low_open else f"at least {field.low:g}"
-        raise BadRequest(f"{name} must be {bounds} and at most {field.high:g}, got {value}")
-    length = len("".join(value)) if kind == "strings" else len(value) if kind == "string" else 0
-    if field.max_chars is not None and length > field.max_chars:
-        raise BadRequest(f"{name} has {length} characters, more than {field.max_chars}; shorten it")
-    return tuple(value) if kind == "strings" else float(value) if kind == "number" else value
+    return float(value) if kind == "number" else value
 
 
 def parse_request(body: bytes, fields: dict[str, Field]) -> PoemRequest:
+    """The request a body asks for, each field checked against the API's bounds (PoemRequest's,
+    or the narrower ones it declares for the API); BadRequest (400) otherwise."""
     try:
         values = json.loads(body.decode("utf-8"))
     except UnicodeDecodeError:
@@ -145,24 +93,15 @@ def parse_request(body: bytes, fields: dict[str, Field]) -> PoemRequest:
             f"unknown field {json.dumps(unknown[0], ensure_ascii=False)[:40]}; the fields are {', '.join(fields)}"
         )
     # null or an empty string is the field left out, as a form that sends every input would have it
-    checked = {
-        name: check_value(name, fields[name], value)
+    typed = {
+        name: json_value(name, fields[name].kind, value)
         for name, value in values.items()
         if value is not None and value != ""
     }
-    if checked.get("form") == "free":
-        del checked["form"]
-    if "title" in checked and "keywords" in checked:
-        raise BadRequest("give title or keywords, not both")
-    return PoemRequest(**checked)
-
-
-FLAG = re.compile(r"--(begin|title/--keywords|title|keywords|acrostic|rhyme-group|form|line-length|rhyme|tones)\b")
-
-
-def in_field_names(message: str) -> str:
-    """The engine's messages name `sample`'s flags; the API's fields are named without dashes."""
-    return FLAG.sub(lambda match: match.group(1).replace("/--", "/").replace("-", "_"), message)
+    try:
+        return PoemRequest.checked("api", caps={"num": fields["num"].high}, **typed)
+    except TangshiError as error:
+        raise BadRequest(error.worded(as_field)) from None
 
 
 def openapi(fields: dict[str, Field]) -> dict:
@@ -179,22 +118,16 @@ def openapi(fields: dict[str, Field]) -> dict:
         result = {**result, "description": field.help}
         if field.choices:
             result["enum"] = list(field.choices)
+        if field.default is not None:
+            result["default"] = field.default
         if field.low is not None:
             result["exclusiveMinimum" if field.low_open else "minimum"] = field.low
+        if field.high is not None:
             result["maximum"] = field.high
         if field.max_chars:
             result["maxLength"] = field.max_chars
         return result
 
-    error = {
-        "description": "refused: one line in `error`",
-        "content": {"application/json": {"schema": {"type": "object", "properties": {"error": {"type": "string"}}}}},
-    }
-    poem = {
-        "type": "object",
-        "properties": {name: {"type": "string"} for name in ("begin", "title", "poem")}
-        | {"lines": {"type": "array", "items": {"type": "string"}}, "score": {"type": "number"}},
-    }
     return {
         "openapi": "3.1.0",
         "info": {
@@ -203,43 +136,7 @@ def openapi(fields: dict[str, Field]) -> dict:
             "description": "Tang poems from a character-level recurrent model.",
         },
         "paths": {
-            "/api/poems": {
-                "post": {
-                    "summary": "Write poems (the fields of `python -m tangshi_jax.sample`)",
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            "application/json": {
-                                "schema": {
-                                    "type": "object",
-                                    "additionalProperties": False,
-                                    "properties": {name: schema(field) for name, field in fields.items()},
-                                }
-                            }
-                        },
-                    },
-                    "responses": {
-                        "200": {
-                            "description": "the poems, the seconds taken and the batch they shared",
-                            "content": {
-                                "application/json": {
-                                    "schema": {
-                                        "type": "object",
-                                        "properties": {
-                                            "poems": {"type": "array", "items": poem},
-                                            "seconds": {"type": "number"},
-                                            "batch": {"type": "object"},
-                                        },
-                                    }
-                                }
-                            },
-                        },
-                        "400": error,
-                        "413": error,
-                        "422": error,
-                    },
-                }
-            },
+            "/api/poems": {"post": poems_operation({name: schema(field) for name, field in fields.items()})},
             "/api/model": {
                 "get": {
                     "summary": "The model: config, vocabulary size, step, validation loss, limits",
@@ -256,30 +153,106 @@ def openapi(fields: dict[str, Field]) -> dict:
     }
 
 
+def poems_operation(properties: dict) -> dict:
+    """POST /api/poems in OpenAPI's words: the request's fields (properties), the answer, the refusals."""
+    error = {
+        "description": "refused: one line in `error`",
+        "content": {"application/json": {"schema": {"type": "object", "properties": {"error": {"type": "string"}}}}},
+    }
+    poem = {
+        "type": "object",
+        "properties": {name: {"type": "string"} for name in ("begin", "title", "poem")}
+        | {"lines": {"type": "array", "items": {"type": "string"}}, "score": {"type": "number"}},
+    }
+    return {
+        "summary": "Write poems (the fields of `python -m tangshi_jax.sample`)",
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {"type": "object", "additionalProperties": False, "properties": properties}
+                }
+            },
+        },
+        "responses": {
+            "200": {
+                "description": "the poems, the seconds taken and the batch they shared",
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "properties": {
+                                "poems": {"type": "array", "items": poem},
+                                "seconds": {"type": "number"},
+                                "batch": {"type": "object"},
+                            },
+                        }
+                    }
+                },
+            },
+            "400": error,
+            "413": error,
+            "422": error,
+        },
+    }
+
+
 def model_info(engine: Engine, metrics: dict | None, fields: dict[str, Field]) -> dict:
-    training = {key: value for key, value in to_dict(engine.train_config).items() if key != "data"}  # no paths
+    model = engine.model
+    training = {key: value for key, value in to_dict(model.train_config).items() if key != "data"}  # no paths
     pick = lambda key: metrics.get(key) if metrics else None
     return {
-        "model": to_dict(engine.model_config),
+        "model": to_dict(model.model_config),
         "training": training,
-        "vocab_size": len(engine.vocab),
-        "reads_titles": bool(engine.max_title),
-        "step": engine.progress.get("step"),
-        "epoch": engine.progress.get("epoch"),
+        "vocab_size": len(model.vocab),
+        "reads_titles": bool(model.max_title),
+        "step": model.progress.get("step"),
+        "epoch": model.progress.get("epoch"),
         "val_loss": pick("val_loss"),
         "val_ppl": pick("val_ppl"),
         "val_char_loss": pick("val_char_loss"),
         "val_char_ppl": pick("val_char_ppl"),
         "limits": {
             "num": fields["num"].high,
-            "candidates": MAX_CANDIDATES,
+            "candidates": fields["candidates"].high,
             "batch_rows": engine.max_rows,
             "body_bytes": MAX_BODY,
         },
         "defaults": {
-            name: getattr(PoemRequest, name)
+            name: fields[name].default
             for name in ("num", "candidates", "temperature", "top_p", "repetition_penalty", "script")
         },
+    }
+
+
+async def read_body(http_request) -> bytes:
+    """The body, read no further than MAX_BODY bytes (BadRequest 413 past it)."""
+    declared = http_request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY):
+        raise BadRequest(f"the body is over {MAX_BODY} bytes; a poem request needs a few hundred", 413)
+    body = b""
+    async for chunk in http_request.stream():
+        body += chunk
+        if len(body) > MAX_BODY:
+            raise BadRequest(f"the body is over {MAX_BODY} bytes; a poem request needs a few hundred", 413)
+    return body
+
+
+def answer(wanted: PoemRequest, written, seconds: float) -> dict:
+    """The JSON answer to a request: its poems, the time taken and the batch it shared."""
+    return {
+        "poems": [
+            {
+                "begin": wanted.begin or "",
+                "title": wanted.topic or "",
+                "poem": poem,
+                "lines": sample.split_lines(poem),
+                "score": round(score, 4) if math.isfinite(score) else None,
+            }
+            for poem, score in zip(written.poems, written.scores)
+        ],
+        "seconds": round(seconds, 4),
+        "batch": {"requests": written.batch_requests, "rows": written.batch_rows},
     }
 
 
@@ -305,47 +278,17 @@ def create_app(
     def refuse(message: str, status: int) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status)
 
-    async def read_body(request: Request) -> bytes:
-        declared = request.headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY):
-            raise BadRequest(f"the body is over {MAX_BODY} bytes; a poem request needs a few hundred", 413)
-        body = b""
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_BODY:
-                raise BadRequest(f"the body is over {MAX_BODY} bytes; a poem request needs a few hundred", 413)
-        return body
-
-    async def poems(request: Request) -> JSONResponse:
+    async def poems(http_request: Request) -> JSONResponse:
         arrived = time.perf_counter()
         try:
-            wanted = parse_request(await read_body(request), fields)
+            wanted = parse_request(await read_body(http_request), fields)
             engine.check(wanted)
+            written = await batcher.submit(wanted)  # checked, so a TangshiError here is not expected
         except BadRequest as error:
             return refuse(str(error), error.status)
-        except TangshiError as error:
-            return refuse(in_field_names(str(error)), 422)
-        try:
-            written = await batcher.submit(wanted)
-        except TangshiError as error:  # checked above, so not expected; still the request's fault
-            return refuse(in_field_names(str(error)), 422)
-        topic = wanted.topic or ""
-        return JSONResponse(
-            {
-                "poems": [
-                    {
-                        "begin": wanted.begin or "",
-                        "title": topic,
-                        "poem": poem,
-                        "lines": sample.split_lines(poem),
-                        "score": round(score, 4) if math.isfinite(score) else None,
-                    }
-                    for poem, score in zip(written.poems, written.scores)
-                ],
-                "seconds": round(time.perf_counter() - arrived, 4),
-                "batch": {"requests": written.batch_requests, "rows": written.batch_rows},
-            }
-        )
+        except TangshiError as error:  # what only the model can check: its vocabulary, titles
+            return refuse(error.worded(as_field), 422)
+        return JSONResponse(answer(wanted, written, time.perf_counter() - arrived))
 
     async def page(request: Request) -> FileResponse:
         return FileResponse(
@@ -447,8 +390,21 @@ def serving(app, host: str = "127.0.0.1", port: int = 0):
         sock.close()
 
 
+def load_test(engine, metrics, requests: int, clients: int, max_poems: int, drafts: int = 8, log=print) -> list[dict]:
+    """The same load (loadtest.fire) against the same warmed-up engine, with batching, then one
+    sampler call a request."""
+    results = []
+    for name, merge in (("batched", True), ("one call a request", False)):
+        app = create_app(engine, metrics, merge=merge, max_poems=max_poems, log=log)
+        with serving(app) as url:
+            log(f"load test, {name}: {requests} requests from {clients} clients to {url}")
+            records, seconds = loadtest.fire(url, requests, clients, loadtest.bodies_with(drafts))
+            results.append({**loadtest.summarise(name, records, seconds, app.state.batcher.calls), "drafts": drafts})
+    return results
+
+
 def load_engine(checkpoint_dir, model_dir, max_batch: int, log) -> tuple[Engine, dict | None]:
-    loaded = release.load_model(checkpoint_dir, model_dir)
+    loaded = release.load_model(checkpoint_dir=checkpoint_dir, model_dir=model_dir)
     metrics = release.last_metrics(checkpoint_dir, model_dir, loaded.progress.get("epoch"))
     lines = sample.corpus_lines(loaded.train_config.data)
     engine = Engine(loaded, max_rows=max_batch, corpus_lines=lines)
@@ -456,7 +412,7 @@ def load_engine(checkpoint_dir, model_dir, max_batch: int, log) -> tuple[Engine,
     rows = ", ".join(map(str, engine.buckets))
     log(
         f"compiled {programs} sampler programs (batches of {rows} rows"
-        f"{', with and without titles' if engine.max_title else ''}) in {seconds:.1f} s"
+        f"{', with and without titles' if loaded.max_title else ''}) in {seconds:.1f} s"
     )
     return engine, metrics
 
@@ -483,9 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--requests", type=int, default=200, help="load test: requests in all")
     parser.add_argument("--clients", type=int, default=50, help="load test: clients sending at once")
-    parser.add_argument(
-        "--drafts", type=int, default=sample.DEFAULT_CANDIDATES, help="load test: candidates of each request"
-    )
+    parser.add_argument("--drafts", type=int, default=DEFAULT_CANDIDATES, help="load test: candidates of each request")
     return parser
 
 
@@ -500,23 +454,18 @@ def main(argv=None) -> None:
             f"--max-poems, --requests and --clients must be at least 1, --drafts 1 to "
             f"{MAX_CANDIDATES}, --port 0 to 65535"
         )
-    if args.max_batch < args.max_poems * sample.DEFAULT_CANDIDATES:
+    if args.max_batch < args.max_poems * DEFAULT_CANDIDATES:
         raise TangshiError(
             f"--max-batch must hold a full request: at least --max-poems × "
-            f"{sample.DEFAULT_CANDIDATES} drafts = {args.max_poems * sample.DEFAULT_CANDIDATES}"
+            f"{DEFAULT_CANDIDATES} drafts = {args.max_poems * DEFAULT_CANDIDATES}"
         )
     log = lambda message: print(message, file=sys.stderr, flush=True)
     use_platform(args.platform)
     started = time.perf_counter()
     engine, metrics = load_engine(args.checkpoint_dir, args.model, args.max_batch, log)
     if args.load_test:
-        from tangshi_jax import loadtest
-
-        print(
-            loadtest.format_results(
-                loadtest.compare(engine, metrics, args.requests, args.clients, args.max_poems, args.drafts, log=log)
-            )
-        )
+        results = load_test(engine, metrics, args.requests, args.clients, args.max_poems, args.drafts, log=log)
+        print(loadtest.format_results(results))
         return
     import uvicorn
 

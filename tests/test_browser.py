@@ -17,6 +17,8 @@ from tangshi_jax.batcher import Engine
 
 CHROMIUM, DRIVER = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
 
+pytestmark = pytest.mark.slow  # a browser and a server
+
 
 @pytest.fixture(scope="module")
 def browser():
@@ -45,7 +47,7 @@ def browser():
 @pytest.fixture(scope="module")
 def page_url(titles_run):
     directory = os.environ.get("TANGSHI_BROWSER_CHECKPOINT") or titles_run[0]
-    loaded = release.load_model(directory)
+    loaded = release.load_model(checkpoint_dir=directory)
     engine = Engine(loaded, max_rows=16, corpus_lines=sample.corpus_lines(loaded.train_config.data), min_rows=4)
     engine.warm_up()
     app = serve.create_app(

@@ -14,9 +14,9 @@ import warnings
 from pathlib import Path
 
 import pytest
-from conftest import SMALL_MODEL, small_config, write_poems
+from helpers import SMALL_MODEL, small_config, write_corpus
 
-from tangshi_jax import checkpoint, data, errors, metrics, sample
+from tangshi_jax import checkpoint, data, errors, guards, metrics, release, request, sample
 from tangshi_jax import train as train_module
 from tangshi_jax.errors import Diverged, TangshiError, run_cli
 from tangshi_jax.train import train
@@ -69,6 +69,7 @@ def stderr_lines(capsys):
 # --- unreadable checkpoints -------------------------------------------------------------------
 
 
+@pytest.mark.slow  # trains
 def test_a_truncated_newest_step_is_skipped_by_sample_and_train_resumes_from_the_one_before(
     trained_run, tmp_path, capsys
 ):
@@ -82,7 +83,7 @@ def test_a_truncated_newest_step_is_skipped_by_sample_and_train_resumes_from_the
     err = captured.err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("warning: ") and f"step {newest}" in err[0], err
     assert "truncated" in err[0] and "rm -r" in err[0]
-    assert sample.load_model(directory).progress["step"] == older
+    assert release.load_model(checkpoint_dir=directory).progress["step"] == older
     capsys.readouterr()
 
     # Training resumes from the older step, sets the damaged one aside (never deletes it) and
@@ -124,7 +125,7 @@ def test_each_skipped_step_gets_one_line_that_says_why(trained_run, tmp_path, ca
     else:
         model = json.loads((step_dir / "model" / "metadata").read_text())
         (step_dir / "model" / "metadata").write_text(json.dumps(dict(model, hidden=model["hidden"] * 2)))
-    loaded = sample.load_model(directory)
+    loaded = release.load_model(checkpoint_dir=directory)
     assert loaded.progress["step"] == older
     err = stderr_lines(capsys)
     assert len(err) == 1 and f"step {newest}" in err[0] and reason in err[0], err
@@ -144,8 +145,9 @@ def test_no_readable_step_is_one_clear_error(trained_run, tmp_path, capsys):
 # --- divergence -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # trains
 def test_a_diverging_run_stops_with_its_own_exit_code_and_keeps_the_last_good_checkpoint(tmp_path):
-    data_path = write_poems(tmp_path / "poems.txt", count=60)
+    data_path = write_corpus(tmp_path / "poems.txt", count=60)
     directory = tmp_path / "run"
     config = lambda **kw: small_config(data_path, num_buckets=1, **kw)
     train(config(epochs=1), SMALL_MODEL, directory, log=quiet, show_progress=False)
@@ -157,7 +159,7 @@ def test_a_diverging_run_stops_with_its_own_exit_code_and_keeps_the_last_good_ch
     assert "epoch 2" in message and "step" in message and "--lr" in message and f"step {good}" in message
     assert steps_of(directory) == [good]  # the diverged state was not saved
     assert [m["epoch"] for m in metrics_of(directory)] == [1]
-    assert sample.load_model(directory).progress["step"] == good
+    assert release.load_model(checkpoint_dir=directory).progress["step"] == good
 
 
 def test_run_cli_gives_each_outcome_its_exit_code(capsys):
@@ -177,17 +179,17 @@ def test_run_cli_gives_each_outcome_its_exit_code(capsys):
 def test_the_guard_stops_on_a_non_finite_loss_or_a_runaway_one():
     vocab_size = 50
     limit = 2 * math.log(vocab_size)
-    guard = train_module.DivergenceGuard(vocab_size)
+    guard = guards.DivergenceGuard(vocab_size)
     for step in range(1, 30):  # a healthy run, one spike above the limit
         guard.check(limit - 1 if step != 7 else limit + 1, step, 1)
     guard.settle(29, 1)
     with pytest.raises(Diverged, match="step 31 .*epoch 2.*loss is nan"):
         guard.check(float("nan"), 31, 2)
-    guard = train_module.DivergenceGuard(vocab_size)
+    guard = guards.DivergenceGuard(vocab_size)
     with pytest.raises(Diverged, match="above"):
-        for step in range(1, train_module.DIVERGED_STEPS + 1):
+        for step in range(1, guards.DIVERGED_STEPS + 1):
             guard.check(limit * 3, step, 1)
-    guard = train_module.DivergenceGuard(vocab_size)
+    guard = guards.DivergenceGuard(vocab_size)
     guard.check(limit * 3, 1, 1)
     with pytest.raises(Diverged):  # never save a state whose last loss runs away
         guard.settle(1, 1)
@@ -206,7 +208,7 @@ def test_perplexity_of_a_huge_loss_is_inf_without_a_warning():
 
 def test_a_checkpoint_dir_under_a_file_is_one_clear_line(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    write_poems(tmp_path / "poems.txt", count=20)
+    write_corpus(tmp_path / "poems.txt", count=20)
     (tmp_path / "afile").write_text("x")
     assert run_cli(train_module.main, ["--checkpoint-dir", "afile/ck", "--platform", "cpu", "--no-progress"]) == 2
     err = stderr_lines(capsys)
@@ -239,6 +241,7 @@ def read_only(path: Path):
         subprocess.run(["umount", str(path)], check=True)
 
 
+@pytest.mark.slow  # mount processes (as root)
 def test_a_read_only_checkpoint_dir_refuses_training_and_still_samples(trained_run, tmp_path, capsys):
     directory, data_path = copy_run(trained_run, tmp_path)
     before = steps_of(directory)
@@ -250,7 +253,7 @@ def test_a_read_only_checkpoint_dir_refuses_training_and_still_samples(trained_r
         assert run_cli(sample.main, ["--checkpoint-dir", str(directory), "--candidates", "1"]) == 0
         assert not capsys.readouterr().err.strip()
     assert steps_of(directory) == before
-    assert sample.load_model(directory).progress["step"] == before[-1]
+    assert release.load_model(checkpoint_dir=directory).progress["step"] == before[-1]
 
 
 @contextlib.contextmanager
@@ -289,6 +292,7 @@ def fill(mount_point: Path, spare_bytes: int) -> None:
 
 
 @pytest.mark.parametrize("how", ["file size limit", "full filesystem"])
+@pytest.mark.slow  # trains; mount processes
 def test_a_save_that_cannot_be_written_is_one_line_and_keeps_the_previous_checkpoint(trained_run, tmp_path, how):
     with contextlib.ExitStack() as stack:
         if how == "file size limit":
@@ -311,7 +315,7 @@ def test_a_save_that_cannot_be_written_is_one_line_and_keeps_the_previous_checkp
         assert ("No space left" in message) if how == "full filesystem" else ("File too large" in message)
         assert steps_of(directory) == before
         assert not [p for p in directory.iterdir() if "tmp" in p.name]  # nothing half-written left
-        assert sample.load_model(directory).progress["step"] == before[-1]
+        assert release.load_model(checkpoint_dir=directory).progress["step"] == before[-1]
 
 
 # --- data identity ----------------------------------------------------------------------------
@@ -334,7 +338,7 @@ def test_resuming_with_other_poems_is_refused_and_says_what_differs(trained_run,
 
 
 def test_the_fingerprint_follows_the_poems_read_not_the_file(tmp_path):
-    first = write_poems(tmp_path / "a.txt", count=30)
+    first = write_corpus(tmp_path / "a.txt", count=30)
     second = tmp_path / "b.txt"
     second.write_bytes(b"\xef\xbb\xbf" + first.read_bytes().replace(b"\n", b"\r\n"))  # BOM and CRLF
     config = small_config(first)
@@ -347,12 +351,13 @@ def test_the_fingerprint_follows_the_poems_read_not_the_file(tmp_path):
 # --- readers beside a writer --------------------------------------------------------------------
 
 
+@pytest.mark.slow  # trains in a child process
 def test_sampling_while_training_saves_every_epoch_never_fails(tmp_path):
-    data_path = write_poems(tmp_path / "poems.txt", count=60)
+    data_path = write_corpus(tmp_path / "poems.txt", count=60)
     directory = tmp_path / "run"
     script = (
         f"import sys; sys.path.insert(0, {str(TESTS)!r})\n"
-        "from conftest import SMALL_MODEL, small_config\n"
+        "from helpers import SMALL_MODEL, small_config\n"
         "from tangshi_jax.train import train\n"
         f"train(small_config({str(data_path)!r}, epochs=30, save_every=1, num_buckets=1), SMALL_MODEL, "
         f"{str(directory)!r}, log=lambda m: print(m, flush=True), show_progress=False)\n"
@@ -372,7 +377,7 @@ def test_sampling_while_training_saves_every_epoch_never_fails(tmp_path):
                 continue
             messages = []
             try:
-                loaded = sample.load_model(directory, warn=messages.append)
+                loaded = release.load_model(checkpoint_dir=directory, warn=messages.append)
             except Exception as error:  # any failure fails the test, after the writer stops
                 problems.append(repr(error))
                 continue
@@ -403,7 +408,7 @@ def test_many_poems_are_written_in_bounded_batches_and_streamed(trained_run, mon
         return generate(*args, **kwargs)
 
     monkeypatch.setattr(sample, "generate", counting)
-    monkeypatch.setattr(sample, "MAX_ROWS", 6)
+    monkeypatch.setattr(request, "MAX_ROWS", 6)
     assert run_cli(sample.main, argv + ["--num", "10"]) == 0
     many = [json.loads(line)["poem"] for line in capsys.readouterr().out.splitlines()]
     assert calls == [6, 6, 6, 6]  # 3 poems × 2 drafts a batch, the last one padded
@@ -412,7 +417,7 @@ def test_many_poems_are_written_in_bounded_batches_and_streamed(trained_run, mon
 
 def test_too_many_drafts_for_one_batch_are_refused(trained_run, capsys):
     directory, _, _ = trained_run
-    argv = ["--checkpoint-dir", str(directory), "--candidates", str(sample.MAX_ROWS + 1)]
+    argv = ["--checkpoint-dir", str(directory), "--candidates", str(request.MAX_ROWS + 1)]
     assert run_cli(sample.main, argv) == 2
     err = stderr_lines(capsys)
-    assert len(err) == 1 and f"--candidates must be at most {sample.MAX_ROWS}" in err[0]
+    assert len(err) == 1 and f"--candidates must be at least 1 and at most {request.MAX_ROWS}" in err[0]

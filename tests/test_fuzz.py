@@ -12,8 +12,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from tangshi_jax import data, sample
+from tangshi_jax import data, release, sample
 from tangshi_jax.errors import TangshiError, run_cli
+from tangshi_jax.request import PoemRequest
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 FUZZ_SAMPLING = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -120,8 +121,8 @@ def test_an_unreadable_poems_file_is_one_line(tmp_path):
 @pytest.fixture(scope="module")
 def model(trained_run):
     directory, _, _ = trained_run
-    model_config, _, vocab, params, _ = sample.load_model(directory)
-    return directory, model_config, vocab, params
+    model = release.load_model(checkpoint_dir=directory)
+    return directory, model.model_config, model.vocab, model.params
 
 
 @FUZZ_SAMPLING
@@ -130,7 +131,7 @@ def test_any_begin_or_acrostic_text_writes_poems_or_is_refused(model, text, acro
     _, model_config, vocab, params = model
     options = {"acrostic": text} if acrostic else {"begin": text}
     try:
-        poems = sample.write_poems(params, model_config, vocab, num=2, **options)
+        poems = sample.write_poems(params, model_config, vocab, PoemRequest(num=2, candidates=1, **options))
     except TangshiError as error:
         assert "\n" not in str(error)
         return

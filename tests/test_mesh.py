@@ -16,13 +16,16 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import write_poems
+from helpers import write_corpus
 
-from tangshi_jax import sample
+from tangshi_jax import release, sample
 from tangshi_jax.devices import launched_by_cluster
+from tangshi_jax.request import PoemRequest
 
 WORKER = Path(__file__).parent / "mesh_worker.py"
 TIMEOUT_S = 50  # every process; a hang in a collective fails the test instead of the suite
+
+pytestmark = pytest.mark.slow  # worker processes on meshes of forced devices
 
 
 def start_worker(*args, log: Path) -> subprocess.Popen:
@@ -81,7 +84,7 @@ def two_processes(root: Path, name: str) -> list[subprocess.Popen]:
 def compared(tmp_path_factory):
     """1 and 4 devices with the same global batch, and checkpoints resumed across them."""
     root = tmp_path_factory.mktemp("mesh")
-    write_poems(root / "poems.txt")
+    write_corpus(root / "poems.txt")
     log = root / "compare.log"
     assert finish(start_worker("compare", root, log=log)) == 0, log.read_text()
     return {**result_of(log), "root": root}
@@ -105,14 +108,16 @@ def test_checkpoints_resume_on_another_device_count(compared):
 
 
 def test_sampling_on_one_device_reads_a_checkpoint_of_four(compared):
-    one, four = sample.load_model(compared["root"] / "one"), sample.load_model(compared["root"] / "four")
+    one = release.load_model(checkpoint_dir=compared["root"] / "one")
+    four = release.load_model(checkpoint_dir=compared["root"] / "four")
     # The two runs sum gradients in other orders; RMSprop scales each weight's step by its own
     # gradient's size, so a weight whose gradient is near zero can differ by rounding in every
     # one of the 30 steps: the weights must agree to a thousandth of one step of the learning rate.
     step = one.train_config.lr
     for a, b in zip(jax.tree_util.tree_leaves(one.params), jax.tree_util.tree_leaves(four.params)):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-3 * step)
-    poems = sample.write_poems(four.params, four.model_config, four.vocab, "春", num=2, max_len=20, seed=0)
+    wanted = PoemRequest(begin="春", num=2, max_len=20, seed=0, candidates=1)
+    poems = sample.write_poems(four.params, four.model_config, four.vocab, wanted)
     assert len(poems) == 2 and all(poem.startswith("春") for poem in poems)
 
 
@@ -120,7 +125,7 @@ def test_two_processes_train_as_one_and_stop_together(compared, tmp_path):
     # An uninterrupted run of two processes with two devices each.
     whole = tmp_path / "whole"
     whole.mkdir()
-    write_poems(whole / "poems.txt")
+    write_corpus(whole / "poems.txt")
     processes = two_processes(whole, "whole")
     assert [finish(process) for process in processes] == [0, 0], (whole / "whole1.log").read_text()[-2000:]
     records = metrics(whole / "checkpoints")
@@ -131,7 +136,7 @@ def test_two_processes_train_as_one_and_stop_together(compared, tmp_path):
     # SIGTERM to process 1 once training has started: both save one step and exit as interrupted.
     stopped = tmp_path / "stopped"
     stopped.mkdir()
-    write_poems(stopped / "poems.txt")
+    write_corpus(stopped / "poems.txt")
     processes = two_processes(stopped, "first")
     deadline = time.monotonic() + TIMEOUT_S
     while "compiled" not in (stopped / "first0.log").read_text():

@@ -9,6 +9,7 @@ import pytest
 from tangshi_jax import evaluate, export, release, sample
 from tangshi_jax.config import ModelConfig, TrainConfig
 from tangshi_jax.errors import TangshiError, run_cli
+from tangshi_jax.request import PoemRequest
 
 
 @pytest.fixture(scope="module")
@@ -21,9 +22,7 @@ def exported(titles_run, tmp_path_factory):
         num=2,
         settings=[evaluate.SETTINGS[0]],
         log=lambda m: None,
-        temperature=0.8,
-        top_p=1.0,
-        repetition_penalty=1.5,
+        sampling=PoemRequest(temperature=0.8, top_p=1.0, repetition_penalty=1.5),
     )
     export.export(directory, out, report=report, log=lambda message: None)
     return directory, data, out
@@ -40,7 +39,7 @@ def test_the_folder_holds_the_files_users_know(exported):
     from safetensors.numpy import load_file
 
     weights = load_file(str(out / "model.safetensors"))  # plain numpy, no JAX needed
-    checkpoint = sample.load_model(directory)
+    checkpoint = release.load_model(checkpoint_dir=directory)
     flat = {
         ".".join(key.key for key in path): np.asarray(leaf)
         for path, leaf in jax.tree_util.tree_leaves_with_path(checkpoint.params)
@@ -58,26 +57,20 @@ def test_the_folder_holds_the_files_users_know(exported):
     assert "| free | 2 |" in card and "Temperature 0.8" in card and "sha256" in card
 
 
+@pytest.mark.slow  # compiles the sampler for many requests
 def test_the_release_writes_the_checkpoints_poems(exported, capsys):
     directory, data, out = exported
-    from_release, from_checkpoint = release.load_release(out), sample.load_model(directory)
+    from_release, from_checkpoint = release.load_release(out), release.load_model(checkpoint_dir=directory)
     assert from_release.vocab == from_checkpoint.vocab and from_release.model_config == from_checkpoint.model_config
     assert from_release.train_config == from_checkpoint.train_config
     heads = "".join([char for char in from_release.vocab if sample.data.is_hanzi(char)][:4])
-    options = dict(
-        num=3,
-        seed=6,
-        candidates=4,
-        form="qijue",
-        rhyme=True,
-        acrostic=heads,
-        title="题春",
-        max_title=from_release.train_config.max_title,
-        corpus_lines=sample.corpus_lines(data),
-    )
+    wanted = PoemRequest(num=3, seed=6, candidates=4, form="qijue", rhyme=True, acrostic=heads, title="题春")
+    options = dict(max_title=from_release.max_title, corpus_lines=sample.corpus_lines(data))
     assert sample.write_poems(
-        from_release.params, from_release.model_config, from_release.vocab, **options
-    ) == sample.write_poems(from_checkpoint.params, from_checkpoint.model_config, from_checkpoint.vocab, **options)
+        from_release.params, from_release.model_config, from_release.vocab, wanted, **options
+    ) == sample.write_poems(
+        from_checkpoint.params, from_checkpoint.model_config, from_checkpoint.vocab, wanted, **options
+    )
     outputs = []
     for source in (["--model", str(out)], ["--checkpoint-dir", str(directory)]):
         assert run_cli(sample.main, source + ["--num", "4", "--seed", "3", "--json", "--keywords", "春", "月"]) == 0
@@ -85,11 +78,11 @@ def test_the_release_writes_the_checkpoints_poems(exported, capsys):
     assert outputs[0] == outputs[1] and len(outputs[0].splitlines()) == 4
 
 
+@pytest.mark.slow  # compiles the evaluation
 def test_evaluate_reads_a_release(exported):
     directory, data, out = exported
-    kwargs = dict(
-        num=2, settings=[evaluate.SETTINGS[0]], log=lambda m: None, temperature=0.8, top_p=1.0, repetition_penalty=1.5
-    )
+    sampling = PoemRequest(temperature=0.8, top_p=1.0, repetition_penalty=1.5)
+    kwargs = dict(num=2, settings=[evaluate.SETTINGS[0]], log=lambda m: None, sampling=sampling)
     from_release = evaluate.evaluate_checkpoint(None, str(data), model_dir=out, **kwargs)
     from_checkpoint = evaluate.evaluate_checkpoint(directory, str(data), **kwargs)
     assert from_release["val_nll"] == from_checkpoint["val_nll"]

@@ -9,6 +9,13 @@ from tangshi_jax import rules, sample
 from tangshi_jax.config import ModelConfig
 from tangshi_jax.errors import TangshiError
 from tangshi_jax.model import init_params
+from tangshi_jax.request import PoemRequest
+
+
+def write(config, params, **options):
+    """Poems of the untrained model, one draft each unless asked."""
+    return sample.write_poems(params, config, VOCAB, PoemRequest(**{"candidates": 1, **options}))
+
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # the package imports the deprecated pkg_resources
@@ -53,7 +60,7 @@ def test_every_poem_has_its_form_with_rhyme_and_tones(untrained, form):
     config, params = untrained
     lines, chars = rules.FORMS[form]
     checker = PoemStructureChecker()
-    poems = sample.write_poems(params, config, VOCAB, num=40, seed=1, form=form, rhyme=True, tones=True)
+    poems = write(config, params, num=40, seed=1, form=form, rhyme=True, tones=True)
     for poem in poems:
         expected = "".join(f"[^，。]{{{chars}}}{'，' if i % 2 == 0 else '。'}" for i in range(lines))
         assert re.fullmatch(expected, poem), poem
@@ -62,21 +69,21 @@ def test_every_poem_has_its_form_with_rhyme_and_tones(untrained, form):
         assert checker.check_poem_pingze_meter(text)[0], (poem, checker.check_poem_pingze_meter(text))
 
 
+@pytest.mark.slow  # compiles the sampler for two more forms
 def test_plain_forms_and_loose_tones_keep_the_shape(untrained):
     config, params = untrained
     checker = PoemStructureChecker()
-    plain = sample.write_poems(params, config, VOCAB, num=20, seed=2, form="wujue")
+    plain = write(config, params, num=20, seed=2, form="wujue")
     assert all(len(verse_lines(p)) == 4 and all(len(v) == 5 for v in verse_lines(p)) for p in plain)
-    loose = sample.write_poems(params, config, VOCAB, num=30, seed=3, form="qilv", tones=True, loose_tones=True)
+    loose = write(config, params, num=30, seed=3, form="qilv", tones=True, loose_tones=True)
     assert all(checker.check_poem_pingze_meter(TO_TRADITIONAL(p))[0] for p in loose)
 
 
 def test_acrostic_heads_and_rhyme_group(untrained):
     config, params = untrained
-    poems = sample.write_poems(
-        params,
+    poems = write(
         config,
-        VOCAB,
+        params,
         num=20,
         seed=4,
         acrostic="春夏秋冬".replace("夏", "花").replace("冬", "月"),
@@ -94,7 +101,7 @@ def test_acrostic_heads_and_rhyme_group(untrained):
 
 def test_begin_with_a_form(untrained):
     config, params = untrained
-    for poem in sample.write_poems(params, config, VOCAB, "春花", num=5, form="qijue"):
+    for poem in write(config, params, begin="春花", num=5, form="qijue"):
         assert poem.startswith("春花") and len(verse_lines(poem)) == 4
 
 
@@ -105,6 +112,7 @@ def test_begin_with_a_form(untrained):
         (dict(acrostic="春花秋夏"), "'夏' is not in the model's vocabulary"),
         (dict(form="wulv", acrostic="春花秋月"), "wulv has 8 lines"),
         (dict(rhyme=True), "need a --form"),
+        (dict(acrostic="春花秋月", form="wujue", begin="秋"), "--begin must start with the first --acrostic"),
         (dict(form="wujue", begin="春花秋月何时"), "more than a line of wujue"),
         (dict(form="qilv", max_len=40), "--max-len 40 is too short"),
         (dict(form="wujue", rhyme_group="日"), "no level-tone"),
@@ -114,10 +122,11 @@ def test_begin_with_a_form(untrained):
 def test_bad_rule_requests_are_clear_errors(untrained, kwargs, message):
     config, params = untrained
     with pytest.raises(TangshiError, match=message):
-        sample.write_poems(params, config, VOCAB, **kwargs)
+        write(config, params, **kwargs)
 
 
-def test_form_names_accept_chinese():
-    assert rules.parse_form("七律") == "qilv" and rules.parse_form("wujue") == "wujue"
-    with pytest.raises(TangshiError, match="not a form"):
-        rules.parse_form("sonnet")
+def test_form_names_accept_chinese_and_free():
+    assert PoemRequest.checked(form="七律").form == "qilv" and PoemRequest.checked(form="wujue").form == "wujue"
+    assert PoemRequest.checked(form="free").form is None
+    with pytest.raises(TangshiError, match="--form must be one of free, wujue"):
+        PoemRequest.checked(form="sonnet")

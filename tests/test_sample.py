@@ -6,16 +6,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tangshi_jax import sample
+from tangshi_jax import release, sample
 from tangshi_jax.errors import TangshiError, run_cli
 from tangshi_jax.model import PoemModel, initial_carry
+from tangshi_jax.request import PoemRequest
 
 
 @pytest.fixture(scope="module")
 def loaded(trained_run):
     directory, _, _ = trained_run
-    model_config, _, vocab, params, _ = sample.load_model(directory)
-    return directory, model_config, vocab, params
+    model = release.load_model(checkpoint_dir=directory)
+    return directory, model.model_config, model.vocab, model.params
 
 
 def words(vocab, count):
@@ -57,23 +58,29 @@ def test_step_wise_log_probs_equal_the_full_forward_pass(loaded):
 def test_poems_start_with_the_begin_text_and_stop_at_the_end(loaded):
     _, model_config, vocab, params = loaded
     begin = words(vocab, 2)
-    poems = sample.write_poems(params, model_config, vocab, begin, num=6, max_len=30, seed=1)
+    one_draft = lambda **options: PoemRequest(candidates=1, **options)
+    poems = sample.write_poems(params, model_config, vocab, one_draft(begin=begin, num=6, max_len=30, seed=1))
     assert len(poems) == 6 and len(set(poems)) > 1
     for poem in poems:
         assert poem.startswith(begin) and 2 <= len(poem) <= 30
         assert "G" not in poem and "E" not in poem
-    greedy = [sample.write_poems(params, model_config, vocab, begin[0], num=2, greedy=True) for _ in range(2)]
+    greedy = [
+        sample.write_poems(params, model_config, vocab, one_draft(begin=begin[0], num=2, greedy=True)) for _ in range(2)
+    ]
     assert greedy[0] == greedy[1] and greedy[0][0] == greedy[0][1]
-    assert sample.write_poems(params, model_config, vocab, begin, num=3, seed=5) == sample.write_poems(
-        params, model_config, vocab, begin, num=3, seed=5
+    seeded = one_draft(begin=begin, num=3, seed=5)
+    assert sample.write_poems(params, model_config, vocab, seeded) == sample.write_poems(
+        params, model_config, vocab, seeded
     )
 
 
 def test_top_k_one_is_greedy(loaded):
     _, model_config, vocab, params = loaded
     begin = words(vocab, 1)
-    assert sample.write_poems(params, model_config, vocab, begin, num=3, top_k=1, seed=3) == sample.write_poems(
-        params, model_config, vocab, begin, num=3, greedy=True
+    top_one = PoemRequest(begin=begin, num=3, top_k=1, seed=3, candidates=1)
+    greedy = PoemRequest(begin=begin, num=3, greedy=True)
+    assert sample.write_poems(params, model_config, vocab, top_one) == sample.write_poems(
+        params, model_config, vocab, greedy
     )
 
 
@@ -119,7 +126,7 @@ def test_cli_prints_json_poems(loaded, capsys):
     "argv, message",
     [
         (["--begin", "日"], "no checkpoint in"),
-        (["--begin", "日", "--temperature", "0"], "--temperature must be positive"),
+        (["--begin", "日", "--temperature", "0"], "--temperature must be above 0"),
     ],
 )
 def test_bad_sampling_input_gives_one_clear_line(tmp_path, capsys, argv, message):
@@ -154,12 +161,12 @@ def test_top_p_keeps_the_smallest_set_holding_that_mass():
 @pytest.fixture(scope="module")
 def titled(titles_run):
     directory, _ = titles_run
-    loaded = sample.load_model(directory)
-    return directory, loaded
+    return directory, release.load_model(checkpoint_dir=directory)
 
 
 def test_reading_a_title_in_a_padded_batch_equals_reading_it_alone(titled):
-    _, (model_config, _, vocab, params, _) = titled
+    _, model = titled
+    model_config, vocab, params = model.model_config, model.vocab, model.params
     title = [vocab.index(char) for char in "题" + words(vocab, 2)]
     ids = np.zeros((2, 5), np.int32)
     ids[0, :3], ids[1, :2] = title, title[:2]
@@ -172,17 +179,25 @@ def test_reading_a_title_in_a_padded_batch_equals_reading_it_alone(titled):
             np.testing.assert_allclose(np.asarray(got)[row], np.asarray(expected)[0], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # compiles the sampler for many requests
 def test_a_title_steers_the_poems_and_keeps_every_rule(titled):
-    _, (model_config, train_config, vocab, params, _) = titled
-    write = lambda **kwargs: sample.write_poems(
-        params, model_config, vocab, num=6, seed=3, max_title=train_config.max_title, **kwargs
+    _, model = titled
+    vocab = model.vocab
+    write = lambda titles=None, **options: sample.write_poems(
+        model.params,
+        model.model_config,
+        vocab,
+        PoemRequest(num=6, seed=3, candidates=1, **options),
+        max_title=model.max_title,
+        titles=titles,
     )
     first, second = "题" + words(vocab, 2), "题" + words(vocab, 4)[2:]
     untitled, titled_poems = write(), write(title=first)
     assert untitled != titled_poems and titled_poems == write(title=first)
     assert write(title=first) != write(title=second)
+    assert write(titles=[first] * 6) == titled_poems  # a title per poem, as the batcher gives them
     heads = words(vocab, 4)
-    for poem in write(title=[first, second] * 3, form="qijue", rhyme=True, acrostic=heads):
+    for poem in write(titles=[first, second] * 3, form="qijue", rhyme=True, acrostic=heads):
         assert [line[0] for line in re.split("[，。]", poem) if line] == list(heads)
         assert re.fullmatch("([^，。]{7}，[^，。]{7}。){2}", poem)
 
@@ -204,8 +219,9 @@ def test_title_errors_are_one_clear_line(trained_run, titled, capsys):
         assert len(err) == 1 and message in err[0], err
 
 
+@pytest.mark.slow  # compiles the sampler for titled requests
 def test_keywords_are_read_as_a_title(titled, capsys):
-    directory, (_, _, vocab, _, _) = titled
+    directory, vocab = titled[0], titled[1].vocab
     argv = ["--checkpoint-dir", str(directory), "--num", "2", "--seed", "4", "--json"]
     one, two = words(vocab, 2)
     assert run_cli(sample.main, argv + ["--keywords", one, two]) == 0
@@ -218,9 +234,13 @@ def test_keywords_are_read_as_a_title(titled, capsys):
 
 def test_the_best_draft_has_the_best_score_and_keeps_the_rules(loaded):
     _, model_config, vocab, params = loaded
-    options = dict(seed=2, form="wujue", rhyme=True, tones=True, with_scores=True)
-    drafts, draft_scores = sample.write_poems(params, model_config, vocab, num=6, **options)
-    best, best_scores = sample.write_poems(params, model_config, vocab, num=2, candidates=3, **options)
+    options = dict(seed=2, form="wujue", rhyme=True, tones=True)
+    drafts, draft_scores = sample.write_poems(
+        params, model_config, vocab, PoemRequest(num=6, candidates=1, **options), with_scores=True
+    )
+    best, best_scores = sample.write_poems(
+        params, model_config, vocab, PoemRequest(num=2, candidates=3, **options), with_scores=True
+    )
     for i in range(2):
         pick = int(np.argmax(draft_scores[3 * i : 3 * i + 3])) + 3 * i
         assert best[i] == drafts[pick] and best_scores[i] == draft_scores[pick]
@@ -255,6 +275,7 @@ def test_corpus_lines_are_read_once_then_from_the_cache(tmp_path, capsys):
     assert "cannot penalise copied lines" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a child process
 def test_inference_reads_the_parameters_alone_and_never_imports_the_trainer(trained_run):
     """sample (and serve, evaluate and export, through it) restore the parameters without the
     optimizer state, so none of them imports the trainer or optax; the parameters equal a full
@@ -268,12 +289,12 @@ def test_inference_reads_the_parameters_alone_and_never_imports_the_trainer(trai
     directory = trained_run[0]
     code = (
         "import sys, tangshi_jax.sample as s, tangshi_jax.serve, tangshi_jax.evaluate, tangshi_jax.export; "
-        "s.load_model(sys.argv[1]); "
+        "import tangshi_jax.release as r; r.load_model(checkpoint_dir=sys.argv[1]); "
         "print(sorted(m for m in ('optax', 'tangshi_jax.train') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code, str(directory)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr[-2000:]
-    params = sample.load_model(directory).params
+    params = release.load_model(checkpoint_dir=directory).params
     full = checkpoint.load_newest(
         directory, lambda meta: jax.eval_shape(lambda: init_state(meta.model_config, meta.train_config, 0))
     ).state

@@ -7,8 +7,10 @@ import jax
 import pytest
 from starlette.testclient import TestClient  # needs httpx2, in the test extra
 
-from tangshi_jax import loadtest, rules, sample, serve
-from tangshi_jax.batcher import Batcher, Engine, PoemRequest, row_buckets
+from tangshi_jax import loadtest, release, rules, sample, serve
+from tangshi_jax.batcher import Batcher, Engine, row_buckets
+from tangshi_jax.errors import TangshiError, as_field
+from tangshi_jax.request import PoemRequest
 
 MAX_ROWS, MAX_POEMS, MIN_ROWS = 16, 2, 4  # buckets of 4, 8 and 16 rows: few programs to compile
 
@@ -16,7 +18,7 @@ MAX_ROWS, MAX_POEMS, MIN_ROWS = 16, 2, 4  # buckets of 4, 8 and 16 rows: few pro
 @pytest.fixture(scope="module")
 def engine(titles_run):
     directory, data = titles_run
-    loaded = sample.load_model(directory)
+    loaded = release.load_model(checkpoint_dir=directory)
     engine = Engine(loaded, max_rows=MAX_ROWS, corpus_lines=sample.corpus_lines(data), min_rows=MIN_ROWS)
     engine.warm_up()
     return engine
@@ -35,7 +37,7 @@ def client(engine):
 
 
 def hanzi(engine, count):
-    return "".join([char for char in engine.vocab if sample.data.is_hanzi(char)][:count])
+    return "".join([char for char in engine.model.vocab if sample.data.is_hanzi(char)][:count])
 
 
 def verses(poem):
@@ -53,22 +55,20 @@ def test_buckets_cover_every_batch_up_to_the_limit():
     assert row_buckets(1) == [1] and row_buckets(16, 4) == [4, 8, 16] and row_buckets(2, 4) == [2]
 
 
+@pytest.mark.slow  # warms up an engine: compiles six sampler programs
 def test_a_seeded_request_gives_the_poems_sample_gives(client, engine):
     """Padding the batch to a compiled size and scoring every draft must not change a poem."""
     begin, title = hanzi(engine, 1), "题" + hanzi(engine, 2)
     write = lambda **options: sample.write_poems(
-        engine.params,
-        engine.model_config,
-        engine.vocab,
-        max_title=engine.max_title,
+        engine.model.params,
+        engine.model.model_config,
+        engine.model.vocab,
+        PoemRequest(**options),
+        max_title=engine.model.max_title,
         corpus_lines=engine.corpus_lines,
-        **options,
     )
     cases = [
-        (
-            {"num": 2, "seed": 11, "begin": begin},
-            write(num=2, seed=11, begin=begin, candidates=sample.DEFAULT_CANDIDATES),
-        ),
+        ({"num": 2, "seed": 11, "begin": begin}, write(num=2, seed=11, begin=begin)),
         (
             {"num": 2, "seed": 5, "title": title, "form": "wujue", "rhyme": True, "candidates": 2},
             write(num=2, seed=5, title=title, form="wujue", rhyme=True, candidates=2),
@@ -80,6 +80,7 @@ def test_a_seeded_request_gives_the_poems_sample_gives(client, engine):
         assert ask(client, **fields)["poems"] == answer["poems"]
 
 
+@pytest.mark.slow  # warms up an engine: compiles six sampler programs
 def test_each_field_does_what_sample_does(client, engine):
     begin, heads = hanzi(engine, 2), hanzi(engine, 4)
     poems = ask(client, begin=begin, num=2)["poems"]
@@ -142,8 +143,9 @@ BAD = [
 
 
 @pytest.mark.parametrize("body, status, message", BAD)
+@pytest.mark.slow  # warms up an engine: compiles six sampler programs
 def test_bad_requests_get_a_4xx_with_one_line(client, titles_run, body, status, message):
-    # A few need characters of the tiny vocabulary; the fixture's is 题 and CHARS of conftest.
+    # A few need characters of the tiny vocabulary; the fixture's is 题 and CHARS of helpers.
     response = client.post(
         "/api/poems",
         content=body if isinstance(body, bytes) else body.encode(),
@@ -155,10 +157,12 @@ def test_bad_requests_get_a_4xx_with_one_line(client, titles_run, body, status, 
     assert str(titles_run[0].parent) not in response.text and "--" not in error
 
 
+@pytest.mark.slow  # warms up an engine: compiles six sampler programs
 def test_the_other_routes(client, engine):
     model = client.get("/api/model").json()
-    assert model["vocab_size"] == len(engine.vocab) and model["model"]["hidden"] == engine.model_config.hidden
-    assert model["reads_titles"] and model["step"] == engine.progress["step"] and model["val_loss"] == 2.0
+    assert model["vocab_size"] == len(engine.model.vocab)
+    assert model["model"]["hidden"] == engine.model.model_config.hidden
+    assert model["reads_titles"] and model["step"] == engine.model.progress["step"] and model["val_loss"] == 2.0
     assert model["limits"]["num"] == MAX_POEMS and "data" not in model["training"]  # no file paths
     assert client.get("/api/health").json()["status"] == "ok"
     spec = client.get("/api/openapi.json").json()
@@ -191,6 +195,7 @@ def run_together(batcher, requests):
     return asyncio.run(main())
 
 
+@pytest.mark.slow  # warms up an engine: compiles six sampler programs
 def test_requests_that_arrive_together_share_one_sampler_call(engine):
     heads = hanzi(engine, 4)
     requests = (
@@ -216,6 +221,7 @@ def test_requests_that_arrive_together_share_one_sampler_call(engine):
     assert full.calls == 2 and [answer.batch_rows for answer in answers] == [16, 16, 8]
 
 
+@pytest.mark.slow  # warms up an engine: compiles six sampler programs
 def test_no_request_compiles_after_warm_up(client, engine):
     compiles = []
     on_duration = lambda event, seconds, **kwargs: compiles.append(event) if "backend_compile" in event else None
@@ -242,8 +248,9 @@ def test_no_request_compiles_after_warm_up(client, engine):
     assert compiles == [], compiles
 
 
+@pytest.mark.slow  # servers (uvicorn)
 def test_a_tiny_load_test_has_no_failures(engine, capsys):
-    results = loadtest.compare(engine, None, requests=12, clients=4, max_poems=MAX_POEMS, log=lambda message: None)
+    results = serve.load_test(engine, None, requests=12, clients=4, max_poems=MAX_POEMS, log=lambda message: None)
     assert [row["mode"] for row in results] == ["batched", "one call a request"]
     assert all(row["failed"] == 0 and row["requests"] == 12 for row in results)
     assert results[1]["sampler_calls"] == 12 and results[0]["sampler_calls"] <= 12
@@ -255,16 +262,20 @@ def test_a_tiny_load_test_has_no_failures(engine, capsys):
 def test_serve_refuses_a_taken_port_in_one_line(capsys):
     taken = serve.bind("127.0.0.1", 0)
     try:
-        with pytest.raises(sample.TangshiError, match="cannot listen on 127.0.0.1"):
+        with pytest.raises(TangshiError, match="cannot listen on 127.0.0.1"):
             serve.bind("127.0.0.1", taken.getsockname()[1])
     finally:
         taken.close()
 
 
-def test_a_model_without_titles_refuses_them_in_api_words(trained_run):
-    plain = Engine(sample.load_model(trained_run[0]))  # checks only: nothing compiled
-    for request in (PoemRequest(title="春"), PoemRequest(keywords=("春", "雨"))):
-        with pytest.raises(sample.TangshiError, match="trained without titles, so title and keywords") as error:
+def test_a_model_without_titles_refuses_them_in_each_edges_words(trained_run):
+    """The engine's error names its fields; the command line words them as flags, the API as fields."""
+    plain = Engine(release.load_model(checkpoint_dir=trained_run[0]))  # checks only: nothing compiled
+    for request, field in ((PoemRequest(title="春"), "title"), (PoemRequest(keywords=("春", "雨")), "keywords")):
+        with pytest.raises(TangshiError) as error:
             plain.check(request)
-        assert "--" not in str(error.value)
+        assert error.value.field == field
+        assert "trained without titles, so title and keywords" in error.value.worded(as_field)
+        assert "--" not in error.value.worded(as_field)
+        assert "trained without titles, so --title and --keywords" in str(error.value)
     plain.check(PoemRequest(begin="春"))

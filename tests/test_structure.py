@@ -1,0 +1,77 @@
+"""The package's shape: modules that import each other only one way, and functions a reader can hold."""
+
+import ast
+from pathlib import Path
+
+import tangshi_jax
+
+PACKAGE = Path(tangshi_jax.__file__).parent
+MODULES = {path.stem: path for path in PACKAGE.glob("*.py")}
+LONGEST_FUNCTION, LONGEST_TRAIN_LOOP, LONGEST_TRAINER = 90, 110, 450
+
+
+def imported_modules(path: Path) -> set[str]:
+    """The package's modules a module imports, at the top or inside a function."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "tangshi_jax" and len(parts) > 1 and parts[1] in MODULES:
+                found.add(parts[1])
+    return found - {path.stem}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state, path = {}, []
+
+    def visit(node):
+        state[node] = "open"
+        path.append(node)
+        for other in sorted(graph[node]):
+            if state.get(other) == "open":
+                return path[path.index(other) :] + [other]
+            if other not in state and (cycle := visit(other)):
+                return cycle
+        state[node] = "done"
+        path.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_no_import_cycle_in_the_package():
+    graph = {name: imported_modules(path) for name, path in MODULES.items()}
+    assert graph["sample"] >= {"request", "release"} and "train" not in graph["sample"]  # the reader sees real edges
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_the_cycle_finder_finds_cycles():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def function_lengths(path: Path) -> dict[str, int]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return {
+        f"{path.stem}.{node.name}:{node.lineno}": node.end_lineno - node.lineno + 1
+        for node in ast.walk(tree)
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+    }
+
+
+def test_functions_stay_short_and_the_trainer_keeps_to_training():
+    lengths = {name: length for path in MODULES.values() for name, length in function_lengths(path).items()}
+    too_long = {name: length for name, length in lengths.items() if length > LONGEST_FUNCTION}
+    assert not too_long, too_long
+    train_loop = next(length for name, length in lengths.items() if name.startswith("train.train:"))
+    assert train_loop <= LONGEST_TRAIN_LOOP
+    assert len(MODULES["train"].read_text(encoding="utf-8").splitlines()) <= LONGEST_TRAINER
