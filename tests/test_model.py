@@ -86,6 +86,7 @@ def test_relu_head_makes_logits_non_negative():
         assert bool((logits >= 0).all()) == relu_head
 
 
+@pytest.mark.slow  # two gradients and two train steps, on two batch shapes
 def test_padding_changes_neither_loss_nor_gradients():
     config = ModelConfig(vocab_size=12, hidden=8, embed=4)
     params = init_params(config, jax.random.key(0))
@@ -153,6 +154,7 @@ def test_loss_is_the_masked_mean_nll_of_a_numpy_log_softmax(tied):
     assert float(metrics["chars"]) == chars.sum()
 
 
+@pytest.mark.slow  # compiles two gradients
 def test_tied_head_gradients_through_the_fused_loss_match_a_plain_log_softmax():
     config = ModelConfig(vocab_size=11, hidden=6, embed=5, tied=True)
     params = init_params(config, jax.random.key(1))
@@ -217,6 +219,7 @@ def test_optimizer_follows_pytorch_rmsprop_with_clipping():
 
 
 @pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.slow  # compiles train steps in two dtypes
 def test_bfloat16_step_is_near_float32_and_keeps_float32_parameters(tied):
     config = ModelConfig(vocab_size=40, hidden=16, embed=8, tied=tied)
     rng = np.random.default_rng(2)
@@ -237,6 +240,7 @@ def test_bfloat16_step_is_near_float32_and_keeps_float32_parameters(tied):
 
 
 @pytest.mark.parametrize("cell, layers", [("lstm", 2), ("gru", 3)])
+@pytest.mark.slow  # gradients of both layer orders, in two cells
 def test_wavefront_matches_the_layers_scanned_in_turn_dropout_included(cell, layers):
     """The reference is the default layer-by-layer scan (each layer over the whole sequence in
     turn): same outputs, carry and gradients, with the same dropout."""
@@ -265,9 +269,10 @@ def test_wavefront_matches_the_layers_scanned_in_turn_dropout_included(cell, lay
 
 
 @pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.slow  # trains three steps of three step variants
 def test_the_faster_step_trains_as_the_step_before_it(tied):
-    """Three training steps of the default step (the LSTM's own backward pass) and of issue 8's
-    other levers together (the wavefront, 3 time steps per head trip, the transposed weight
+    """Three training steps of the default step (the LSTM's own backward pass) and of the other
+    levers of PERFORMANCE.md together (the wavefront, 3 time steps per head trip, the transposed weight
     gradient) against the step before the LSTM's own backward pass (autodiff of the scanned
     cell): the same losses and parameters to float32 rounding. The time (7) is not a multiple
     of 3, so a padded trip is included."""

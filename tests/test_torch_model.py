@@ -31,13 +31,14 @@ def test_pytorch_model_with_our_weights_gives_our_loss_and_first_step():
     np.testing.assert_allclose(model.head.weight.detach().numpy().T, new_state["params"]["head"]["kernel"], atol=1e-4)
 
 
+@pytest.mark.slow  # a PyTorch child process
 def test_bench_against_torch_alternates_windows_with_a_child(tmp_path, capsys):
-    from conftest import write_poems
+    from helpers import write_corpus
 
     from tangshi_jax import bench
     from tangshi_jax.errors import run_cli
 
-    data = write_poems(tmp_path / "poems.txt", count=200)
+    data = write_corpus(tmp_path / "poems.txt", count=200)
     out = tmp_path / "bench.json"
     argv = [
         "--data",
