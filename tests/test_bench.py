@@ -57,9 +57,20 @@ def test_bench_prints_the_table_and_writes_json(tmp_path, capsys):
         "machine",
     ):
         assert figures[key], key
-    assert figures["train_tokens_per_s"] == figures["variants_tokens_per_s"]["fused"]
+    # Figures checked against what they are made of, not against themselves.
+    windows = figures["train_window_tokens_per_s"]
+    assert set(windows) == {"fused", "plain", "wavefront"} and all(len(rates) == 2 for rates in windows.values())
+    for variant, rates in windows.items():  # the median of its own windows, each a plausible rate
+        assert figures["variants_tokens_per_s"][variant] == pytest.approx(sorted(rates)[0] / 2 + sorted(rates)[1] / 2)
+        assert all(0 < rate < figures["ceiling_tokens_per_s"] for rate in rates), (variant, rates)
+    assert figures["train_tokens_per_s"] == pytest.approx(sum(windows["fused"]) / 2)  # the first variant's
     rates = figures["matmul_gflops_by_backend"]
     assert figures["matmul_gflops"] == max(rates["xla"]["all"], rates["numpy"]["all"]) > 0
+    per_token = figures["flops_per_token"]
+    assert figures["ceiling_tokens_per_s"] == pytest.approx(figures["matmul_gflops"] * 1e9 / per_token)
+    assert 0 < figures["padded_share"] < 1 and figures["val_tokens_per_s"] > 0
+    for kind in ("train", "eval"):  # the compile time of a kind is its programs' times summed
+        assert figures[f"compile_s_{kind}"] == pytest.approx(sum(figures["compile_s"][kind].values()))
     assert figures["model"]["hidden"] == 128 and figures["model"]["embed"] == 100  # the original's, by default
 
 

@@ -126,16 +126,31 @@ def model(trained_run):
 
 
 @FUZZ_SAMPLING
-@given(text=st.text(max_size=10), acrostic=st.booleans())
-def test_any_begin_or_acrostic_text_writes_poems_or_is_refused(model, text, acrostic):
+@given(text=st.text(max_size=10), acrostic=st.booleans(), drawn=st.data())
+@example(text="", acrostic=False, drawn=None)  # a draw from the vocabulary, which must write poems
+@example(text="", acrostic=True, drawn=None)
+def test_any_begin_or_acrostic_text_writes_poems_or_is_refused(model, text, acrostic, drawn):
+    """Any text writes poems or is refused in one line; text of the model's own characters (a
+    begin of at most --max-len, an acrostic of one character a line) must write poems."""
     _, model_config, vocab, params = model
+    hanzi = [char for char in vocab if data.is_hanzi(char)]
+    if drawn is None or drawn.draw(st.booleans()):  # half the draws are valid by construction
+        length = 4 if acrostic else (drawn.draw(st.integers(1, 10)) if drawn else 3)
+        text = "".join(drawn.draw(st.sampled_from(hanzi)) for _ in range(length)) if drawn else "".join(hanzi[:length])
+    stripped = text.strip()
+    valid = bool(stripped) and all(char in hanzi for char in stripped) and (len(stripped) == 4 or not acrostic)
     options = {"acrostic": text} if acrostic else {"begin": text}
     try:
         poems = sample.write_poems(params, model_config, vocab, PoemRequest(num=2, candidates=1, **options))
     except TangshiError as error:
+        assert not valid, f"{options} was refused: {error}"
         assert "\n" not in str(error)
         return
     assert len(poems) == 2 and all(isinstance(poem, str) for poem in poems)
+    if valid and acrostic:
+        assert all([line[0] for line in data.lines_of(poem)] == list(stripped) for poem in poems), poems
+    elif valid:
+        assert all(poem.startswith(stripped) for poem in poems), poems
 
 
 NUMBERS = st.floats(allow_nan=True, allow_infinity=True)
@@ -155,6 +170,7 @@ NUMBERS = st.floats(allow_nan=True, allow_infinity=True)
     greedy=st.booleans(),
 )
 @example(temperature=0.8, top_p=1.0, penalty=1e308, top_k=0, num=1, candidates=1, max_len=8, seed=0, greedy=False)
+@example(temperature=0.8, top_p=0.9, penalty=-1.5, top_k=10**9, num=2, candidates=2, max_len=8, seed=-5, greedy=False)
 @example(temperature=1e308, top_p=1.0, penalty=1.5, top_k=0, num=1, candidates=1, max_len=8, seed=2**64, greedy=False)
 def test_any_sampling_flags_write_poems_or_give_one_clear_line(
     model, capsys, temperature, top_p, penalty, top_k, num, candidates, max_len, seed, greedy
@@ -176,7 +192,15 @@ def test_any_sampling_flags_write_poems_or_give_one_clear_line(
     ]
     code = run_cli(sample.main, argv + (["--greedy"] if greedy else []))
     out, err = capsys.readouterr()
+    values = dict(temperature=temperature, top_p=top_p, repetition_penalty=penalty, top_k=top_k, num=num)
+    values.update(candidates=candidates, max_len=max_len, seed=seed, greedy=greedy)
+    try:
+        PoemRequest.checked("cli", **values)
+        accepted = True
+    except TangshiError:
+        accepted = False
     if code == 0:
-        assert len(out.splitlines()) == num
-    else:
+        assert accepted and len(out.splitlines()) == num
+    else:  # refused in one line, and only what the request's own bounds refuse
         assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+        assert not accepted, f"{values} are within every bound but were refused: {err}"

@@ -261,14 +261,20 @@ def test_score_is_mean_log_prob_less_copies_and_repeats():
     )
 
 
-def test_corpus_lines_are_read_once_then_from_the_cache(tmp_path, capsys):
+def test_corpus_lines_are_read_once_then_from_the_cache(tmp_path, capsys, monkeypatch):
     path = tmp_path / "poems.txt"
     path.write_text("t:白日依山尽，黄河入海流。\nu:床前明月光，疑是地上霜。\n", encoding="utf-8")
     expected = {"白日依山尽", "黄河入海流", "床前明月光", "疑是地上霜"}
     assert sample.corpus_lines(path) == expected
     cached = list(sample.default_cache_dir().glob("lines-*.txt"))
     assert cached and any(set(c.read_text(encoding="utf-8").split("\n")) == expected for c in cached)
+
+    def unread(*args, **kwargs):
+        raise AssertionError("the poems file was parsed again")
+
+    monkeypatch.setattr(sample.data, "read_corpus", unread)  # the second call must come from the cache
     assert sample.corpus_lines(path) == expected
+    monkeypatch.undo()
     path.write_text("t:春眠不觉晓，处处闻啼鸟。\n", encoding="utf-8")  # a new file is read anew
     assert sample.corpus_lines(path) == {"春眠不觉晓", "处处闻啼鸟"}
     assert sample.corpus_lines(tmp_path / "missing.txt") is None
