@@ -78,6 +78,8 @@ def test_measure_hand_made_row():
     assert row["copied_lines"] == pytest.approx(6 / 9)  # 4 + 2 of 9 lines
     assert row["repeated_4grams"] == pytest.approx((6 / 8 + 0) / 2)  # "春风" has no 4-gram
     assert row["mean_length"] == pytest.approx((20 + 20 + 2) / 3)
+    # 42 characters in 9 lines, 22 of them distinct (4 distinct lines of 5 and 春风); 33 bigrams, 17 distinct.
+    assert row["distinct_1"] == pytest.approx(22 / 42) and row["distinct_2"] == pytest.approx(17 / 33)
     assert evaluate.measure(poems, None, set())["form_valid"] == pytest.approx(2 / 3)  # any form
     assert evaluate.measure([], None, set())["form_valid"] is None
 

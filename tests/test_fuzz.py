@@ -113,6 +113,21 @@ def test_hostile_poems_files_are_read_or_refused_quickly_in_proportion(tmp_path,
     assert peak < 8 * len(content) + 10_000_000, peak
 
 
+@pytest.mark.parametrize(
+    "content, poems",
+    [
+        ((f"题:{POEM}\r\n" * 5 + f"题:{POEM}\n" * 5 + f"题:{POEM}\r\n" * 5).encode(), 15),  # CRLF and LF mixed
+        (b"\xef\xbb\xbf" + f"题:{POEM}\r\n".encode() * 10, 10),  # a BOM, CRLF
+    ],
+)
+def test_a_bom_and_any_line_ends_are_read_as_the_readme_says(tmp_path, content, poems):
+    path = tmp_path / "poems.txt"
+    path.write_bytes(content)
+    corpus = data.read_corpus(path)  # read, never refused
+    assert len(corpus.poems) == poems and corpus.unparsable == 0
+    assert set(corpus.poems) == {data.START + POEM + data.END} and set(corpus.titles) == {"题"}
+
+
 def test_an_unreadable_poems_file_is_one_line(tmp_path):
     with pytest.raises(TangshiError, match="no such file"):
         data.read_corpus(tmp_path)  # a directory
