@@ -45,11 +45,12 @@ def open_manager(directory: str | Path, keep: int = 3, create: bool = True) -> o
 
 def retried(listing, tries: int = 10):
     """listing() again when a step vanished while Orbax listed the steps (a run saving into the
-    same directory rotates its old checkpoints away)."""
+    same directory rotates its old checkpoints away). Orbax reports that as a missing file or,
+    in newer releases, as "Path is not a directory" for the step folder just removed."""
     for attempt in range(tries):
         try:
             return listing()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             if attempt == tries - 1:
                 raise
             time.sleep(0.05)
@@ -226,7 +227,7 @@ def restore_newest(manager, like_of: Callable[[Meta], Any], on_skip=None, partia
     skipped = set()
     for _ in range(5):
         retried(manager.reload)
-        steps = [step for step in sorted(manager.all_steps(), reverse=True) if step not in skipped]
+        steps = [step for step in sorted(retried(manager.all_steps), reverse=True) if step not in skipped]
         vanished = False
         for step in steps:
             for attempt in range(2):

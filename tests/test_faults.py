@@ -434,3 +434,18 @@ def test_too_many_drafts_for_one_batch_are_refused(trained_run, capsys):
     assert run_cli(sample.main, argv) == 2
     err = stderr_lines(capsys)
     assert len(err) == 1 and f"--candidates must be at least 1 and at most {request.MAX_ROWS}" in err[0]
+
+
+def test_a_step_removed_while_the_steps_are_listed_is_listed_again():
+    """A reader beside a saving run lists the steps while the run rotates old ones away; Orbax
+    reports the step just removed as a missing file or (newer releases) "not a directory"."""
+    failures = [FileNotFoundError("gone"), NotADirectoryError("Path is not a directory: run/32")]
+
+    def listing():
+        if failures:
+            raise failures.pop(0)
+        return [40, 48]
+
+    assert checkpoint.retried(listing) == [40, 48] and not failures
+    with pytest.raises(PermissionError):  # any other fault is not a rotation: it is raised at once
+        checkpoint.retried(lambda: (_ for _ in ()).throw(PermissionError("denied")))
