@@ -75,7 +75,7 @@ class Engine:
         rows = sum(request.rows for request in requests)
         bucket = next(bucket for bucket in self.buckets if bucket >= rows)
         merged = dataclasses.replace(requests[0], title=None, keywords=None, num=len(titles), seed=seed)
-        poems, scores = self.sample(merged, titles=titles, rows=bucket)
+        poems, scores = self.call_sampler(merged, titles=titles, rows=bucket)
         answers, start = [], 0
         for request in requests:
             kept = sample.in_script(poems[start : start + request.num], request.script)
@@ -83,7 +83,7 @@ class Engine:
             start += request.num
         return answers
 
-    def sample(self, wanted: PoemRequest, titles: list[str | None], rows: int) -> tuple[list[str], list[float]]:
+    def call_sampler(self, wanted: PoemRequest, titles: list[str | None], rows: int) -> tuple[list[str], list[float]]:
         return sample.write_poems(
             self.model.params,
             self.model.model_config,
@@ -104,7 +104,7 @@ class Engine:
         titles = [None, hanzi] if self.model.max_title else [None]
         for bucket in self.buckets:
             for title in titles:
-                self.sample(PoemRequest(candidates=1, seed=0), titles=[title], rows=bucket)
+                self.call_sampler(PoemRequest(candidates=1, seed=0), titles=[title], rows=bucket)
         rules.opencc_converter("s2t").convert(hanzi)
         return len(self.buckets) * len(titles), time.perf_counter() - started
 

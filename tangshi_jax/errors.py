@@ -26,9 +26,8 @@ class TangshiError(Exception):
     An error about a request's options says so in the domain's words: `field` is the option it
     is about, and its message names options as {placeholders} ("{begin} is empty"; {field} is
     the option of `field`), with any other {value} given by keyword (a user's text goes there,
-    never into the template). Each
-    edge words it: the command line as flags (str(error): "--begin is empty"), the API as
-    fields (error.worded(as_field): "begin is empty")."""
+    never into the template). Each edge words it: the command line as flags (str(error):
+    "--begin is empty"), the API as fields (error.worded(as_field): "begin is empty")."""
 
     exit_code = EXIT_USER_ERROR
 

@@ -30,7 +30,6 @@ FLOAT32_TINY, FLOAT32_MAX = float(np.finfo(np.float32).tiny), float(np.finfo(np.
 FREE = "free"  # the form that is no form
 FORM_CHOICES = (FREE, *rules.FORMS, *rules.FORM_ALIASES)
 
-KINDS = ("string", "integer", "number", "boolean", "strings")
 AS_DECLARED = object()  # an option's command-line default is its declared default
 
 
@@ -47,7 +46,7 @@ class Narrow:
 class Option:
     """How one field of PoemRequest is asked for, checked and described."""
 
-    kind: str  # one of KINDS; "strings" is a list of words (--keywords 春 雨)
+    kind: str  # string, integer, number, boolean, or strings: a list of words (--keywords 春 雨)
     help: str
     low: float | None = None
     high: float | None = None

@@ -273,7 +273,14 @@ def read_titles(params, titles, lengths, *, model_config: ModelConfig):
 
 
 def title_ids(title: str, vocab: list[str], max_title: int, field: str = "title") -> list[int]:
-    """Ids of a title as training read titles: Chinese characters only, the first max_title."""
+    """Ids of a title (or keywords joined: `field`) as training read titles: Chinese characters
+    only, the first max_title; a model that reads no titles (max_title 0) refuses any."""
+    if not max_title:
+        raise TangshiError(
+            "this model was trained without titles, so {title} and {keywords} cannot steer it; leave them out, "
+            "or use a model that reads titles (the quick, hour and gpu presets train one)",
+            field=field,
+        )
     kept = data.clean_title(title)
     if not kept:
         raise TangshiError(
@@ -288,10 +295,10 @@ def title_carry(params, model_config, vocab, titles: list[str | None], max_title
     """The initial state of each poem: after its title, or zero where the title is None."""
     ids = np.zeros((len(titles), max_title), np.int32)
     lengths = np.zeros(len(titles), np.int32)
+    ids_of = {title: title_ids(title, vocab, max_title) for title in set(titles) - {None}}  # each checked once
     for row, title in enumerate(titles):
         if title is not None:
-            row_ids = title_ids(title, vocab, max_title)
-            ids[row, : len(row_ids)], lengths[row] = row_ids, len(row_ids)
+            ids[row, : len(ids_of[title])], lengths[row] = ids_of[title], len(ids_of[title])
     return read_titles(params, ids, lengths, model_config=model_config)
 
 
@@ -422,24 +429,13 @@ def make_plan(
     }
 
 
-def check_topic(topic: str, vocab: list[str], max_title: int, field: str = "title") -> None:
-    """A title (or keywords joined) the model can read, or a TangshiError about `field`."""
-    if not max_title:
-        raise TangshiError(
-            "this model was trained without titles, so {title} and {keywords} cannot steer it; leave them out, "
-            "or use a model that reads titles (the quick, hour and gpu presets train one)",
-            field=field,
-        )
-    title_ids(topic, vocab, max_title, field=field)
-
-
 def plan_request(vocab: list[str], wanted: PoemRequest, max_title: int = 0) -> dict:
     """The plan (make_plan) of one request, after checking what only the model can check (its
     vocabulary, whether it reads titles); raises TangshiError on anything it cannot honour.
     Host-side only, so a server checks each request before batching it. max_title: the title
     length the model was trained with (0: it reads no titles)."""
     if wanted.topic is not None:
-        check_topic(wanted.topic, vocab, max_title, "keywords" if wanted.keywords is not None else "title")
+        title_ids(wanted.topic, vocab, max_title, field="keywords" if wanted.keywords is not None else "title")
     ids = begin_ids(wanted.begin, vocab, wanted.max_len) if wanted.begin is not None else []
     form, heads = wanted.form, None
     if wanted.acrostic is not None:
@@ -498,13 +494,12 @@ def write_poems(
     draws do not depend on the batch size). part: the index of this call in a request written
     part by part (sample --num); each draws its own numbers. A request without a seed draws one."""
     plan = plan_request(vocab, wanted, max_title)
-    for title in set(titles or ()) - {None}:
-        check_topic(title, vocab, max_title)
     start_id, end_id = vocab.index(data.START), vocab.index(data.END)
     num, candidates = wanted.num, wanted.drafts
     batch = max(rows, num * candidates)
     carry = None
-    titles = titles if titles is not None else None if wanted.topic is None else [wanted.topic] * num
+    if titles is None and wanted.topic is not None:
+        titles = [wanted.topic] * num
     if titles is not None and any(title is not None for title in titles):
         # Drafts of poem i are rows i*candidates ... (i+1)*candidates - 1.
         row_titles = [title for title in titles for _ in range(candidates)]
