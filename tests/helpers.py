@@ -31,3 +31,11 @@ def small_config(data, **overrides):
     values = dict(data=str(data), epochs=2, batch_size=16, lr=0.01, save_every=1, seed=0, num_buckets=2)
     values.update(overrides)
     return TrainConfig(**values)
+
+
+def tiny_bench(tmp_path):
+    """`bench` flags for a few timed steps on a small corpus, and the JSON file they write."""
+    data = write_corpus(tmp_path / "poems.txt", count=200)
+    out = tmp_path / "bench.json"
+    argv = ["--data", str(data), "--batch-size", "8", "--windows", "2", "--steps", "2", "--json", str(out)]
+    return argv, out

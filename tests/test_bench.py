@@ -1,7 +1,7 @@
 import json
 
 import pytest
-from helpers import write_corpus
+from helpers import tiny_bench
 
 from tangshi_jax import bench
 from tangshi_jax.config import ModelConfig
@@ -20,24 +20,8 @@ def test_flops_per_token_counts_every_product_three_times():
 
 @pytest.mark.slow  # trains three variants for timed windows
 def test_bench_prints_the_table_and_writes_json(tmp_path, capsys):
-    data = write_corpus(tmp_path / "poems.txt", count=200)
-    out = tmp_path / "bench.json"
-    argv = [
-        "--data",
-        str(data),
-        "--batch-size",
-        "8",
-        "--windows",
-        "2",
-        "--steps",
-        "2",
-        "--json",
-        str(out),
-        "--variants",
-        "fused,plain,wavefront",
-        "--profile",
-        str(tmp_path / "profile"),
-    ]
+    argv, out = tiny_bench(tmp_path)
+    argv += ["--variants", "fused,plain,wavefront", "--profile", str(tmp_path / "profile")]
     assert run_cli(bench.main, argv) == 0
     table = capsys.readouterr().out
     assert "ceiling" in table and "training, plain" in table and "training, wavefront" in table

@@ -33,26 +33,13 @@ def test_pytorch_model_with_our_weights_gives_our_loss_and_first_step():
 
 @pytest.mark.slow  # a PyTorch child process
 def test_bench_against_torch_alternates_windows_with_a_child(tmp_path, capsys):
-    from helpers import write_corpus
+    from helpers import tiny_bench
 
     from tangshi_jax import bench
     from tangshi_jax.errors import run_cli
 
-    data = write_corpus(tmp_path / "poems.txt", count=200)
-    out = tmp_path / "bench.json"
-    argv = [
-        "--data",
-        str(data),
-        "--batch-size",
-        "8",
-        "--windows",
-        "2",
-        "--steps",
-        "2",
-        "--json",
-        str(out),
-        "--against-torch",
-    ]
+    argv, out = tiny_bench(tmp_path)
+    argv.append("--against-torch")
     assert run_cli(bench.main, argv) == 0
     assert "training, PyTorch" in capsys.readouterr().out
     figures = json.loads(out.read_text())
