@@ -28,15 +28,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from tangshi_jax import data
-from tangshi_jax.config import ModelConfig, TrainConfig
+from tangshi_jax.config import HEADS, ModelConfig, TrainConfig
 from tangshi_jax.devices import PLATFORMS, batch_spec, describe_devices, peak_rss_mb, use_platform
 from tangshi_jax.errors import TangshiError, run_cli
+from tangshi_jax.head import cluster_bounds, tail_widths
 from tangshi_jax.metrics import mean_nll
 from tangshi_jax.model import GATES, init_params
 from tangshi_jax.profile import PROFILE_STEPS
 from tangshi_jax.sample import device_prosody, generate, make_plan
 from tangshi_jax.train import init_state, load_poems, make_steps
-from tangshi_jax.train_flags import require_positive
+from tangshi_jax.train_flags import cutoff_list, require_positive
 
 
 def flops_per_token(config: ModelConfig) -> float:
@@ -48,7 +49,14 @@ def flops_per_token(config: ModelConfig) -> float:
     if config.tied:  # the projection to the embedding's width, which the head reads
         forward += 2 * config.hidden * config.embed
         width = config.embed
-    forward += 2 * width * config.vocab_size
+    if config.head == "adaptive":
+        bounds = cluster_bounds(config.vocab_size, config.cutoffs)
+        tails = len(bounds) - 2
+        forward += 2 * width * (bounds[1] + tails)
+        for index, tail_width in enumerate(tail_widths(width, tails, config.head_div)):
+            forward += 2 * tail_width * (width + bounds[index + 2] - bounds[index + 1])
+    else:
+        forward += 2 * width * config.vocab_size
     return 3.0 * forward
 
 
@@ -118,6 +126,9 @@ VARIANTS = {
     "autodiff": {"hand_gradients": False},  # the LSTM differentiated by autodiff of its scan
     # the earlier step (PERFORMANCE.md): the head one time step a loop trip, the LSTM differentiated by autodiff
     "before": {"head_steps": 1, "transposed": False, "hand_gradients": False},
+    # the output layer, whatever --head says: one softmax over the vocabulary, or frequency clusters (--cutoffs)
+    "full": {"head": "full"},
+    "adaptive": {"head": "adaptive"},
 }
 
 
@@ -142,10 +153,11 @@ def compile_variants(train_config, model_config, variants, buckets, plan, batche
     alternate between variants so that the machine's drift falls on all of them alike."""
     programs, states, compile_s = {}, {}, {"train": {}, "eval": {}}
     for variant in variants:
-        state = init_state(model_config, train_config)
         settings = dict(variant_settings(variant))
+        variant_model = dataclasses.replace(model_config, head=settings.pop("head", model_config.head))
+        state = init_state(variant_model, train_config)
         variant_config = dataclasses.replace(train_config, dtype=settings.pop("dtype", "float32"))
-        train_step, eval_step = make_steps(model_config, variant_config, **settings)
+        train_step, eval_step = make_steps(variant_model, variant_config, **settings)
         train_jit, eval_jit = jax.jit(train_step, donate_argnums=0), jax.jit(eval_step)
         programs[variant] = {}
         for length in buckets:  # one after another, each timed alone
@@ -276,6 +288,13 @@ def bench_sampling(model_config, vocab, params, max_len: int = 64, sizes=(1, 64,
     return figures
 
 
+def adaptive_words(model: dict) -> str:
+    """', adaptive head (cutoffs 1000,3000, div 4)' for an adaptive head, else nothing."""
+    if model.get("head") != "adaptive":
+        return ""
+    return f", adaptive head (cutoffs {','.join(map(str, model['cutoffs']))}, div {model['head_div']:g})"
+
+
 def table_rows(figures: dict, vocab_size: int, variants) -> list[tuple[str, str]]:
     """The printed table: each measure in words, rates beside the ceiling they are a share of."""
     model, ceiling = figures["model"], figures["ceiling_tokens_per_s"]
@@ -292,7 +311,8 @@ def table_rows(figures: dict, vocab_size: int, variants) -> list[tuple[str, str]
         (
             "model",
             f"{model['layers']}×{model['hidden']} {model['cell']}, embedding {model['embed']}"
-            f"{', tied head' if model['tied'] else ''}, batch {figures['batch_size']}, {vocab_size:,} characters",
+            f"{', tied head' if model['tied'] else ''}{adaptive_words(model)}, batch {figures['batch_size']}, "
+            f"{vocab_size:,} characters",
         ),
         ("matrix products, XLA (float32)", products("xla")),
         ("matrix products, numpy's BLAS", products("numpy")),
@@ -366,6 +386,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--hidden", type=int, default=model_defaults["hidden"])
     parser.add_argument("--embed", type=int, default=model_defaults["embed"])
     parser.add_argument("--tied", action="store_true", help="the head reuses the embedding through a projection")
+    parser.add_argument("--head", choices=HEADS, default="full", help="output layer: full or adaptive")
+    parser.add_argument(
+        "--cutoffs", default=None, metavar="N,M,...", help="adaptive head's clusters (default 1000,3000)"
+    )
+    parser.add_argument(
+        "--tied-tails",
+        action=argparse.BooleanOptionalAction,
+        default=ModelConfig.tied_tails,
+        help="adaptive head of a tied model: tails read the embedding through a projection, or own weights",
+    )
+    parser.add_argument("--head-div", type=float, default=ModelConfig.head_div, help="adaptive head's width divisor")
     parser.add_argument("--windows", type=int, default=5, help="timed windows; the median is reported")
     parser.add_argument("--steps", type=int, default=20, help="training steps per window")
     parser.add_argument("--platform", choices=PLATFORMS, default=None)
@@ -378,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
         "differentiated by autodiff of its scan), wavefront (the stacked layers in one scan), plain "
         "(all logits and a plain log-softmax), bfloat16 (bfloat16 activations and products), "
         "stepsN (the head takes N time steps a loop trip), transposed, untransposed "
-        "(the head's weight-gradient layout)",
+        "(the head's weight-gradient layout), full, adaptive (the output layer, with --cutoffs)",
     )
     parser.add_argument(
         "--profile",
@@ -415,7 +446,16 @@ def main(argv=None) -> None:
     machine = machine_name()
     train_config = TrainConfig(data=args.data, batch_size=args.batch_size, max_poems=args.max_poems)
     model_settings = dict(
-        cell=args.cell, layers=args.layers, hidden=args.hidden, embed=args.embed, tied=args.tied, relu_head=False
+        cell=args.cell,
+        layers=args.layers,
+        hidden=args.hidden,
+        embed=args.embed,
+        tied=args.tied,
+        relu_head=False,
+        head=args.head,
+        cutoffs=cutoff_list(args.cutoffs) or ModelConfig.cutoffs,
+        head_div=args.head_div,
+        tied_tails=args.tied_tails,
     )
     poems = load_poems(train_config, log).poems[: train_config.max_poems]
     vocab = data.build_vocab(poems)

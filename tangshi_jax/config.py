@@ -13,6 +13,7 @@ CELLS = ("lstm", "gru", "rnn")
 OPTIMIZERS = ("rmsprop", "adam")
 SCHEDULES = ("constant", "cosine")
 DTYPES = ("float32", "bfloat16")
+HEADS = ("full", "adaptive")
 
 
 @dataclass(frozen=True)
@@ -25,11 +26,20 @@ class ModelConfig:
     relu_head: bool = False  # the original's ReLU on the logits; off by default (its loss stalls near 6)
     dropout: float = 0.0  # dropped share of the embeddings, between layers and before the head (training only)
     tied: bool = False  # the head reuses the embedding: last layer -> Dense(embed) -> embeddingᵀ
+    head: str = "full"  # full: one softmax over the vocabulary | adaptive: frequency clusters (head.py)
+    cutoffs: tuple[int, ...] = (1000, 3000)  # adaptive: where the tail clusters start (vocabulary ids)
+    head_div: float = 4.0  # adaptive: tail cluster i reads width // head_div**(i+1) features
+    tied_tails: bool = False  # adaptive and tied: tails see the embedding through a projection (measured slower)
+
+    def __post_init__(self):  # JSON gives lists back; a frozen config must stay hashable
+        object.__setattr__(self, "cutoffs", tuple(int(cutoff) for cutoff in self.cutoffs))
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     data: str = "poems.txt"  # title:content lines, as the original read them
+    corpus: tuple[str, ...] = ("tang",)  # parts read: tang is `data`; another part P is read beside it
+    # (poems.P.txt, corpus.part_path) and only trains; validation stays on the Tang poems
     epochs: int = 30  # total epochs; a resumed run continues up to this
     batch_size: int = 100  # poems per step, as the original
     lr: float = 0.01  # peak learning rate (RMSprop at 0.01, as the original)
@@ -52,10 +62,14 @@ class TrainConfig:
     dtype: str = "float32"  # training's activations and matrix products: float32 | bfloat16
     # (parameters, optimizer state and the loss stay float32)
 
+    def __post_init__(self):  # JSON gives lists back; a frozen config must stay hashable
+        object.__setattr__(self, "corpus", tuple(self.corpus))
+
 
 # Settings that decide the data or the optimisation path; a resumed run must keep them to
 # replay the same batches with the same learning rates.
 DATA_ORDER_FIELDS = (
+    "corpus",
     "batch_size",
     "max_poems",
     "seed",
@@ -79,6 +93,8 @@ PRESETS = {
     "original": {"epochs": 5},
     # The README's first command, at most 15 minutes of training on 2 CPU cores: the first quarter
     # of the hour preset (the learning rate is still near its peak; a cosine over 3 epochs did worse).
+    # The full head: the adaptive one trains 1.2-1.3x faster here but learns less an epoch, and
+    # came out no better within 15 minutes (RUNS.md, "The adaptive output layer").
     "quick": {
         "epochs": 3,
         "hidden": 256,

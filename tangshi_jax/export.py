@@ -16,12 +16,14 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 
 from tangshi_jax import __version__, evaluate, release, request
 from tangshi_jax.config import PRESETS, ModelConfig, TrainConfig, preset_configs
 from tangshi_jax.corpus import PACKAGE_SPEC
 from tangshi_jax.devices import PLATFORMS, use_platform
 from tangshi_jax.errors import TangshiError, run_cli
+from tangshi_jax.model import describe_head
 
 # TrainConfig fields that `train` takes no flag for: named in the card when they differ from the default.
 NO_FLAG = ("lr_floor", "val_fraction", "num_buckets", "keep", "max_title")
@@ -55,6 +57,8 @@ def training_command(model_config: ModelConfig, train_config: TrainConfig) -> st
             unflagged.append(f"{name}={value!r}")
         elif isinstance(value, bool):
             words.append(flag if value else f"--no-{name.replace('_', '-')}")
+        elif isinstance(value, tuple):  # --cutoffs 1000,3000, --corpus tang,song
+            words.append(f"{flag} {','.join(map(str, value))}")
         else:
             words.append(f"{flag} {value}")
     command = " ".join(words)
@@ -80,7 +84,7 @@ def model_card(loaded: release.Loaded, metrics: dict | None, report: dict | None
     model_config, train_config, progress = loaded.model_config, loaded.train_config, loaded.progress
     shape = (
         f"{model_config.layers}×{model_config.hidden} {model_config.cell.upper()}, embedding {model_config.embed}"
-        + (", tied head" if model_config.tied else "")
+        + describe_head(model_config)
         + (", reads titles" if train_config.titles else "")
     )
     count = sum(int(array.size) for array in jax.tree_util.tree_leaves(loaded.params))
@@ -132,6 +136,13 @@ def model_card(loaded: release.Loaded, metrics: dict | None, report: dict | None
             f"only (perplexity {metrics['val_char_ppl']:.1f}).",
             "",
         ]
+    if metrics and metrics.get("half"):
+        half = metrics["half"]
+        lines += [
+            f"Weights stored as float16: validation NLL {half['float16_nll']:.4f} nats against "
+            f"{half['float32_nll']:.4f} with the float32 weights they were rounded from.",
+            "",
+        ]
     lines += ["## Evaluation", ""]
     if report:
         lines += [
@@ -164,12 +175,16 @@ def export(
     data_path=None,
     settings=evaluate.SETTINGS,
     log=print,
+    half: bool = False,
 ) -> Path:
     """Write the release folder of the latest checkpoint; evaluate it first when eval_num > 0
-    and no report is given."""
+    and no report is given. With half, the weights are stored as float16 if that moves the
+    validation NLL by under HALF_TOLERANCE nats (measured here, stated in the card)."""
     release.require_new(out)  # before a long evaluation
     loaded = release.load_model(checkpoint_dir=checkpoint_dir)
     metrics = release.last_metrics(checkpoint_dir, epoch=loaded.progress.get("epoch"))
+    if half:
+        loaded, metrics = halved(loaded, metrics, data_path or loaded.train_config.data, log)
     if report is None and eval_num > 0:
         log(f"evaluating the checkpoint ({eval_num} poems a row; --eval-num 0 skips this)")
         report = evaluate.evaluate_checkpoint(checkpoint_dir, data_path, eval_num, settings=settings, log=log)
@@ -178,7 +193,31 @@ def export(
             f"the evaluation report is of step {report.get('step')}, the checkpoint is at step "
             f"{loaded.progress.get('step')}; evaluate the checkpoint again or leave out --evaluation"
         )
-    return release.write_release(out, loaded, metrics, model_card(loaded, metrics, report))
+    card = model_card(loaded, metrics, report)
+    return release.write_release(out, loaded, metrics, card, "float16" if half else "float32")
+
+
+HALF_TOLERANCE = 0.001  # nats of validation NLL that storing the weights as float16 may cost
+
+
+def halved(loaded: release.Loaded, metrics: dict | None, data_path, log) -> tuple[release.Loaded, dict]:
+    """The model with its weights rounded to float16 (kept float32 in memory), and the metrics
+    with both validation NLLs; refused when rounding costs HALF_TOLERANCE nats or more."""
+    rounded = jax.tree_util.tree_map(lambda w: w.astype(jnp.float16).astype(jnp.float32), loaded.params)
+    log(f"measuring what float16 weights cost on the validation split of {data_path}")
+    val = evaluate.load_dataset(data_path, loaded.train_config, loaded.vocab).val
+    before, after = (
+        evaluate.validation_nll(params, loaded.model_config, loaded.train_config, val)
+        for params in (loaded.params, rounded)
+    )
+    change = after["nll"] - before["nll"]
+    if abs(change) >= HALF_TOLERANCE:
+        raise TangshiError(
+            f"float16 weights move the validation NLL by {change:+.4f} nats (limit {HALF_TOLERANCE}); "
+            "export without --half"
+        )
+    figures = {"float32_nll": before["nll"], "float16_nll": after["nll"], "float16_char_nll": after["char_nll"]}
+    return dataclasses.replace(loaded, params=rounded), dict(metrics or {}, half=figures)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -197,6 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="without --evaluation: poems a row of the evaluation run for the card (0: none)",
     )
     parser.add_argument("--data", default=None, help="poems file for the evaluation (default: the training one)")
+    parser.add_argument(
+        "--half",
+        action="store_true",
+        help=f"store the weights as float16 (half the size) if the validation NLL moves by < {HALF_TOLERANCE} nats",
+    )
     parser.add_argument("--platform", choices=PLATFORMS, default=None)
     return parser
 
@@ -222,6 +266,7 @@ def main(argv=None) -> None:
         args.eval_num,
         args.data,
         log=lambda message: print(message, file=sys.stderr),
+        half=args.half,
     )
     print(f"wrote {out}: " + ", ".join(sorted(path.name for path in out.iterdir())))
 

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from tangshi_jax import data
+from tangshi_jax import data, head
 from tangshi_jax.cache import write_atomically
 from tangshi_jax.config import ModelConfig
 from tangshi_jax.devices import peak_rss_mb
 from tangshi_jax.errors import TangshiError
-from tangshi_jax.loss import head_nll_positions
-from tangshi_jax.model import PoemModel, head_weights, initial_carry
+from tangshi_jax.loss import HEAD_STEPS, head_nll, head_nll_positions
+from tangshi_jax.model import PoemModel, adaptive_weights, head_weights, initial_carry
 
 
 def position_nll(model_config: ModelConfig, params, inputs, targets):
@@ -23,8 +23,19 @@ def position_nll(model_config: ModelConfig, params, inputs, targets):
     _, features = PoemModel(model_config).apply(
         {"params": params}, inputs, initial_carry(model_config, inputs.shape[0]), features_only=True
     )
+    if model_config.head == "adaptive":
+        return head.nll_positions(features, adaptive_weights(params, model_config), targets)
     kernel, bias = head_weights(params, model_config)
     return head_nll_positions(features, kernel, bias, targets, model_config.relu_head)
+
+
+def summed_nll(model_config: ModelConfig, params, features, targets, mask, steps=HEAD_STEPS, transposed=False):
+    """Sum of -log p(target) over the masked positions, through the model's head fused with its
+    loss (gradients made in the forward pass, loss.py and head.py); what training differentiates."""
+    if model_config.head == "adaptive":
+        return head.fused_nll(features, adaptive_weights(params, model_config), targets, mask, steps)
+    kernel, bias = head_weights(params, model_config)
+    return head_nll(features, kernel, bias, targets, mask, model_config.relu_head, steps, transposed)
 
 
 def eval_sums(model_config: ModelConfig, params, batch) -> dict:

@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tangshi_jax import head
 from tangshi_jax.config import ModelConfig
 
 GATES = {"lstm": 4, "gru": 3, "rnn": 1}
@@ -336,29 +337,86 @@ class PoemModel(nn.Module):
                 new_carry.append(layer_carry)
         if config.tied:
             x = nn.Dense(config.embed, name="project", dtype=self.dtype)(x)
+        if config.head == "adaptive":
+            self.adaptive_params(x.shape[-1])
+            if features_only:
+                return tuple(new_carry), x
+            return tuple(new_carry), head.log_probs(x, adaptive_weights(self.variables["params"], config))
+        if config.tied:
             bias = self.param("head_bias", nn.initializers.zeros, (config.vocab_size,))
             logits = None if features_only else embed.attend(x) + bias
         else:
-            head = nn.Dense(
+            head_layer = nn.Dense(
                 config.vocab_size,
                 kernel_init=nn.initializers.xavier_uniform(),
                 bias_init=nn.initializers.zeros,
                 name="head",
                 dtype=self.dtype,
             )
-            logits = None if features_only else head(x)
+            logits = None if features_only else head_layer(x)
         if features_only:
             return tuple(new_carry), x
         if config.relu_head:
             logits = jax.nn.relu(logits)
         return tuple(new_carry), logits
 
+    def adaptive_params(self, width: int):
+        """The adaptive head's parameters (head.py). Tied, the head cluster's characters are
+        the embedding's first rows and each tail reads the embedding through a projection of
+        its own (`tail_i_embed`); untied, each tail has its own `tail_i_kernel`."""
+        config = self.config
+        bounds = head.cluster_bounds(config.vocab_size, config.cutoffs)
+        tails = len(bounds) - 2
+        shortlist = bounds[1]
+        if config.tied:
+            self.param("cluster_kernel", nn.initializers.normal(width**-0.5), (width, tails))
+        else:
+            self.param("head_kernel", nn.initializers.xavier_uniform(), (width, shortlist + tails))
+        self.param("head_bias", nn.initializers.zeros, (shortlist + tails,))
+        for index, tail_width in enumerate(head.tail_widths(width, tails, config.head_div)):
+            self.param(f"tail_{index}_projection", nn.initializers.lecun_normal(), (width, tail_width))
+            size = bounds[index + 2] - bounds[index + 1]
+            if config.tied and config.tied_tails:
+                self.param(f"tail_{index}_embed", nn.initializers.lecun_normal(), (config.embed, tail_width))
+            else:
+                self.param(f"tail_{index}_kernel", nn.initializers.xavier_uniform(), (tail_width, size))
+
+
+def adaptive_weights(params, config: ModelConfig) -> head.AdaptiveWeights:
+    """The adaptive head's weights as head.py takes them, from the model's parameters."""
+    bounds = head.cluster_bounds(config.vocab_size, config.cutoffs)
+    tails = range(len(bounds) - 2)
+    if config.tied:
+        embedding = params["embed"]["embedding"]
+        head_kernel = jnp.concatenate([embedding[: bounds[1]].T, params["cluster_kernel"]], axis=1)
+    else:
+        head_kernel = params["head_kernel"]
+    if config.tied and config.tied_tails:
+        tail_kernels = tuple((embedding[bounds[i + 1] : bounds[i + 2]] @ params[f"tail_{i}_embed"]).T for i in tails)
+    else:
+        tail_kernels = tuple(params[f"tail_{i}_kernel"] for i in tails)
+    return head.AdaptiveWeights(
+        head_kernel, params["head_bias"], tuple(params[f"tail_{i}_projection"] for i in tails), tail_kernels
+    )
+
 
 def head_weights(params, config: ModelConfig):
-    """The head's (kernel (features, vocab), bias) as the fused loss takes them."""
+    """The full head's (kernel (features, vocab), bias) as the fused loss takes them."""
     if config.tied:
         return params["embed"]["embedding"].T, params["head_bias"]
     return params["head"]["kernel"], params["head"]["bias"]
+
+
+def describe_head(config: ModelConfig) -> str:
+    """', tied head', ', adaptive head (clusters from 1000, 3000; tails 32, 8 wide)' and the like."""
+    text = ", tied head" if config.tied else ""
+    if config.head == "adaptive":
+        bounds = head.cluster_bounds(config.vocab_size, config.cutoffs)
+        width = config.embed if config.tied else config.hidden
+        widths = head.tail_widths(width, len(bounds) - 2, config.head_div)
+        starts = ", ".join(str(start) for start in bounds[1:-1]) or "none"
+        text += f", adaptive head (tail clusters from {starts}; {', '.join(map(str, widths)) or 'no'} features wide)"
+    return text
 
 
 def initial_carry(config: ModelConfig, batch_size: int):

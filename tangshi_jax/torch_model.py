@@ -3,8 +3,9 @@
     python -m tangshi_jax.bench --against-torch   (runs this module in a child process)
 
 A batched `nn.LSTM` (or GRU, RNN) between an embedding and a linear head with a plain
-cross-entropy, RMSprop as the original after clipping at norm 1: the best ordinary PyTorch
-way to train the original exercise. It trains on the very batches bench times JAX on. glibc's
+cross-entropy (or, for the adaptive head, PyTorch's `nn.AdaptiveLogSoftmaxWithLoss`),
+RMSprop as the original after clipping at norm 1: the best ordinary PyTorch way to train
+the original exercise. It trains on the very batches bench times JAX on. glibc's
 allocator settles before the process starts, so bench re-executes this module in a child
 with the tuned setting (TORCH_ALLOCATOR), PyTorch's best on the CPU (1.0× to 2.3× its default
 allocator's speed, PERFORMANCE.md).
@@ -22,6 +23,7 @@ import numpy as np
 from tangshi_jax import data
 from tangshi_jax.config import ModelConfig, TrainConfig, from_dict, to_dict
 from tangshi_jax.errors import TangshiError
+from tangshi_jax.head import cluster_bounds
 
 TORCH_ALLOCATOR = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=17179869184"
 
@@ -43,16 +45,35 @@ def make_model(model_config: ModelConfig):
         raise TangshiError("--against-torch compares the plain model only: leave out --tied")
     recurrent = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}[model_config.cell]
 
+    adaptive = model_config.head == "adaptive"
+
     class Model(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.embed = torch.nn.Embedding(model_config.vocab_size, model_config.embed)
             self.recurrent = recurrent(model_config.embed, model_config.hidden, model_config.layers, batch_first=True)
-            self.head = torch.nn.Linear(model_config.hidden, model_config.vocab_size)
+            if adaptive:  # PyTorch's own: tails hidden // div**(i+1) wide, no tail bias (our head takes that form)
+                self.head = torch.nn.AdaptiveLogSoftmaxWithLoss(
+                    model_config.hidden,
+                    model_config.vocab_size,
+                    list(cluster_bounds(model_config.vocab_size, model_config.cutoffs)[1:-1]),
+                    div_value=model_config.head_div,
+                    head_bias=True,
+                )
+            else:
+                self.head = torch.nn.Linear(model_config.hidden, model_config.vocab_size)
 
         def forward(self, inputs):
+            """Logits (batch, time, vocab), or with the adaptive head the features it reads."""
             features, _ = self.recurrent(self.embed(inputs))
-            return self.head(features)
+            return features if adaptive else self.head(features)
+
+        def target_nll(self, inputs, targets):
+            """-log p(target), flat over (batch × time)."""
+            out = self(inputs.long())
+            if adaptive:
+                return -self.head(out.flatten(0, 1), targets.long().flatten()).output
+            return torch.nn.functional.cross_entropy(out.flatten(0, 1), targets.long().flatten(), reduction="none")
 
     return Model()
 
@@ -72,8 +93,15 @@ def load_jax_params(model, params) -> None:
             getattr(model.recurrent, f"bias_ih_l{index}").copy_(tensor(layer["input"]["bias"]))
             getattr(model.recurrent, f"weight_hh_l{index}").copy_(tensor(layer["cell"]["recurrent"]["kernel"]).T)
             getattr(model.recurrent, f"bias_hh_l{index}").zero_()
-        model.head.weight.copy_(tensor(params["head"]["kernel"]).T)
-        model.head.bias.copy_(tensor(params["head"]["bias"]))
+        if isinstance(model.head, torch.nn.AdaptiveLogSoftmaxWithLoss):
+            model.head.head.weight.copy_(tensor(params["head_kernel"]).T)
+            model.head.head.bias.copy_(tensor(params["head_bias"]))
+            for index, (projection, kernel) in enumerate(model.head.tail):
+                projection.weight.copy_(tensor(params[f"tail_{index}_projection"]).T)
+                kernel.weight.copy_(tensor(params[f"tail_{index}_kernel"]).T)
+        else:
+            model.head.weight.copy_(tensor(params["head"]["kernel"]).T)
+            model.head.bias.copy_(tensor(params["head"]["bias"]))
 
 
 def make_train_step(model, lr: float):
@@ -83,8 +111,7 @@ def make_train_step(model, lr: float):
 
     def step(batch):
         inputs, targets, mask = (torch.from_numpy(np.asarray(batch[key])) for key in ("inputs", "targets", "mask"))
-        logits = model(inputs.long())
-        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.long().flatten(), reduction="none")
+        nll = model.target_nll(inputs, targets)
         loss = (nll * mask.flatten()).sum() / mask.sum().clamp(min=1.0)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -40,9 +40,9 @@ from tangshi_jax.devices import (
 )
 from tangshi_jax.errors import TangshiError, run_cli
 from tangshi_jax.guards import DivergenceGuard, StopRequest
-from tangshi_jax.loss import HEAD_STEPS, HEAD_TRANSPOSED, head_nll, nll_of_logits
-from tangshi_jax.metrics import append_metrics, epoch_line, epoch_record, eval_sums, mean_nll, trim_metrics
-from tangshi_jax.model import PoemModel, head_weights, init_params, initial_carry
+from tangshi_jax.loss import HEAD_STEPS, HEAD_TRANSPOSED, nll_of_logits
+from tangshi_jax.metrics import append_metrics, epoch_line, epoch_record, eval_sums, mean_nll, summed_nll, trim_metrics
+from tangshi_jax.model import PoemModel, describe_head, init_params, initial_carry
 from tangshi_jax.profile import StepTrace
 from tangshi_jax.train_flags import DEFAULT_DATA, add_flags, configs_from_args
 
@@ -104,10 +104,7 @@ def make_steps(
             _, features = model.apply(
                 {"params": params}, batch["inputs"], carry, features_only=True, train=train, rngs=rngs
             )
-            kernel, bias = head_weights(params, model_config)
-            nll_sum = head_nll(
-                features.astype(dtype), kernel, bias, targets, mask, model_config.relu_head, head_steps, transposed
-            )
+            nll_sum = summed_nll(model_config, params, features.astype(dtype), targets, mask, head_steps, transposed)
         else:
             _, logits = model.apply({"params": params}, batch["inputs"], carry, train=train, rngs=rngs)
             nll_sum = jnp.sum(nll_of_logits(logits, targets)[0] * mask)
@@ -156,18 +153,13 @@ def compile_steps(model_config, train_config, steps_per_epoch, state, buckets, f
 
 
 def load_poems(train_config: TrainConfig, log) -> data.Corpus:
-    path = Path(train_config.data)
-    if not path.exists() and train_config.data == DEFAULT_DATA and jax.process_count() > 1:
-        raise TangshiError(
-            f"{path} not found; build it once before a run of several processes: "
-            "python -m tangshi_jax.corpus (on a filesystem every host reads)"
-        )
-    if not path.exists() and train_config.data == DEFAULT_DATA:
-        from tangshi_jax import corpus
-
-        log(f"{path} not found: building it from the chinese-poetry package (downloaded once)")
-        corpus.build_corpus(path)
-    return data.read_corpus(path)
+    return data.load_corpus(
+        train_config.data,
+        train_config.corpus,
+        build=train_config.data == DEFAULT_DATA,
+        several_processes=jax.process_count() > 1,
+        log=log,
+    )
 
 
 def abstract_state(model_config: ModelConfig, train_config: TrainConfig, mesh: Mesh):
@@ -237,22 +229,28 @@ def read_poems(train_config: TrainConfig, saved, directory: Path, log) -> tuple:
 def log_summary(log, corpus, dataset, model_config, train_config, steps_per_epoch: int, feed: Feed) -> None:
     """The lines a run starts with: its poems, model, optimizer, buckets and devices."""
     train_data, val_data = dataset.train, dataset.val
-    kept = len(corpus.poems[: train_config.max_poems])
+    kept = len(corpus.used(train_config.max_poems))
     used = f"{kept:,} of {len(corpus.poems):,} usable" if kept < len(corpus.poems) else f"{kept:,} usable"
     log(
         f"poems: {used} ({train_data.num_poems:,} train, {val_data.num_poems:,} validation), "
         f"{corpus.skipped:,} skipped by the rules, {corpus.unparsable:,} unparsable lines"
-        + (f" (first at line {corpus.first_unparsable})" if corpus.unparsable else "")
+        + (f" (first at line {corpus.first_unparsable} of {train_config.data})" if corpus.first_unparsable else "")
     )
     if train_config.split == "grouped":
         counts = dataset.counts
         log(
             f"split: {counts.near_poems:,} poems in {counts.near_groups:,} groups of near-repeats kept on one side; "
             f"{counts.exact_repeats:,} exact repeats not trained again"
+            + (
+                f"; {counts.near_val:,} poems of {', '.join(train_config.corpus[1:])} "
+                "near-repeat a validation poem, not trained"
+                if len(train_config.corpus) > 1
+                else ""
+            )
         )
     log(
         f"vocabulary: {len(dataset.vocab):,} characters; model: {model_config.layers}×{model_config.hidden} "
-        f"{model_config.cell}, embed {model_config.embed}{', tied head' if model_config.tied else ''}"
+        f"{model_config.cell}, embed {model_config.embed}{describe_head(model_config)}"
         f"{', relu head' if model_config.relu_head else ''}"
         f"{f', dropout {model_config.dropout}' if model_config.dropout else ''}"
         f"{', titles' if train_config.titles else ''}"

@@ -8,12 +8,14 @@ from tangshi_jax.config import (
     CELLS,
     DEFAULT_PRESET,
     DTYPES,
+    HEADS,
     OPTIMIZERS,
     PRESETS,
     SCHEDULES,
     TrainConfig,
     preset_configs,
 )
+from tangshi_jax.corpus import MAIN_PART, PARTS
 from tangshi_jax.devices import PLATFORMS
 from tangshi_jax.errors import TangshiError
 from tangshi_jax.profile import PROFILE_STEPS
@@ -29,6 +31,31 @@ def require_positive(args, names) -> None:
             raise TangshiError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
 
 
+def cutoff_list(text: str | tuple | None) -> tuple[int, ...] | None:
+    """'--cutoffs 1000,3000' -> (1000, 3000): positive and rising."""
+    if text is None or isinstance(text, tuple):
+        return text
+    try:
+        cutoffs = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise TangshiError(f"--cutoffs are whole numbers joined by commas, e.g. 1000,3000; got {text!r}") from None
+    if any(cutoff < 1 for cutoff in cutoffs) or list(cutoffs) != sorted(set(cutoffs)):
+        raise TangshiError(f"--cutoffs must be positive and rising, e.g. 1000,3000; got {text!r}")
+    return cutoffs
+
+
+def part_list(text: str | None) -> tuple[str, ...] | None:
+    """'--corpus tang,song' -> ('tang', 'song'): known parts, the Tang poems first, each once."""
+    if text is None:
+        return None
+    parts = tuple(text.split(","))
+    if any(part not in PARTS for part in parts) or len(set(parts)) != len(parts) or parts[0] != MAIN_PART:
+        raise TangshiError(
+            f"--corpus parts are {', '.join(PARTS)}, each once, {MAIN_PART} first (e.g. tang,song); got {text!r}"
+        )
+    return parts
+
+
 def add_flags(parser: argparse.ArgumentParser) -> None:
     """The preset and every setting a run takes from the command line, then where and how it runs."""
     parser.add_argument(
@@ -41,6 +68,12 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         "--data",
         default=DEFAULT_DATA,
         help="poems file of title:content lines (built from the corpus package if the default is missing)",
+    )
+    parser.add_argument(
+        "--corpus",
+        metavar="tang[,song]",
+        help="corpus parts to train on (default tang): song adds the 全宋诗 from poems.song.txt beside --data, "
+        "built when missing; validation stays on the Tang poems",
     )
     parser.add_argument("--checkpoint-dir", default="checkpoints", help="where checkpoints and metrics.jsonl go")
     parser.add_argument("--epochs", type=int)
@@ -73,6 +106,21 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--split", choices=("hash", "grouped"), help="grouped keeps near-repeat poems on one side")
     parser.add_argument("--relu-head", action="store_true", default=None, help="the original's ReLU on the logits")
+    parser.add_argument(
+        "--head", choices=HEADS, help="output layer: full softmax, or adaptive (frequency clusters, cheaper)"
+    )
+    parser.add_argument(
+        "--cutoffs",
+        metavar="N,M,...",
+        help="adaptive head: vocabulary ids where the tail clusters start, rising (e.g. 1000,3000)",
+    )
+    parser.add_argument(
+        "--tied-tails",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="adaptive head of a tied model: tails read the embedding through a projection, or (default) own weights",
+    )
+    parser.add_argument("--head-div", type=float, help="adaptive head: tail i reads width / DIV^(i+1) features")
     parser.add_argument("--save-every", type=int, help="epochs between checkpoints")
     parser.add_argument("--max-poems", type=int, default=None, help="train on the first N poems only")
     parser.add_argument("--seed", type=int)
@@ -106,6 +154,8 @@ def configs_from_args(args) -> tuple[dict, TrainConfig]:
         raise TangshiError(f"--lr must be positive, got {args.lr}")
     if args.dropout is not None and not 0 <= args.dropout < 1:
         raise TangshiError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.head_div is not None and not args.head_div >= 1:
+        raise TangshiError(f"--head-div must be 1 or more, got {args.head_div}")
     if args.warmup_steps is not None and args.warmup_steps < 0:
         raise TangshiError(f"--warmup-steps must be 0 or more, got {args.warmup_steps}")
     flags = {
@@ -127,10 +177,18 @@ def configs_from_args(args) -> tuple[dict, TrainConfig]:
             "titles",
             "split",
             "relu_head",
+            "head",
+            "head_div",
+            "tied_tails",
             "save_every",
             "max_poems",
             "seed",
             "dtype",
         )
     }
-    return preset_configs(args.preset, data=args.data, **flags)
+    model_settings, train_config = preset_configs(
+        args.preset, data=args.data, corpus=part_list(args.corpus), cutoffs=cutoff_list(args.cutoffs), **flags
+    )
+    if model_settings["head"] == "adaptive" and model_settings["relu_head"]:
+        raise TangshiError("--relu-head works with the full head only; drop it or use --head full")
+    return model_settings, train_config

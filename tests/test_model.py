@@ -332,3 +332,19 @@ def test_lstm_hand_gradients_match_autodiff_of_the_scanned_cell():
     for name, a, b in zip(("kernel", "x_proj", "h", "c"), hand_grads, auto_grads):
         assert np.abs(b).max() > 0.1, name  # every gradient is really exercised
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max(), err_msg=name)
+
+
+def test_bfloat16_products_keep_the_lstm_cell_state_in_float32():
+    """README: under --dtype bfloat16 the products run in bfloat16 but the carry stays float32
+    (a bfloat16 cell state loses the slow memory)."""
+    config = ModelConfig(vocab_size=20, hidden=8, embed=4, tied=True)
+    params = init_params(config, jax.random.key(0))
+    tokens = jnp.arange(12).reshape(2, 6) % 20
+    carry, logits = PoemModel(config, jnp.bfloat16).apply({"params": params}, tokens, initial_carry(config, 2))
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(carry))
+    _, features = PoemModel(config, jnp.bfloat16).apply(
+        {"params": params}, tokens, initial_carry(config, 2), features_only=True
+    )
+    assert features.dtype == jnp.bfloat16  # the projection to the tied head ran in bfloat16
+    _, exact = PoemModel(config).apply({"params": params}, tokens, initial_carry(config, 2))
+    np.testing.assert_allclose(np.asarray(logits, np.float32), exact, atol=0.1)

@@ -99,6 +99,11 @@ def test_training_command_names_the_nearest_preset_and_the_differences():
         export.training_command(ModelConfig(100), TrainConfig(epochs=5, data="x.txt", lr_floor=0.1))
         == "python -m tangshi_jax.train --preset original --data x.txt  # and, in config.py, lr_floor=0.1"
     )
+    adaptive = ModelConfig(100, head="adaptive", cutoffs=(50, 80))
+    assert (
+        export.training_command(adaptive, TrainConfig(epochs=5, corpus=("tang", "song")))
+        == "python -m tangshi_jax.train --preset original --head adaptive --cutoffs 50,80 --corpus tang,song"
+    )
 
 
 def test_broken_releases_and_a_taken_folder_are_one_clear_line(exported, tmp_path, capsys):
@@ -117,7 +122,9 @@ def test_broken_releases_and_a_taken_folder_are_one_clear_line(exported, tmp_pat
     for path in out.iterdir():
         (cut / path.name).write_bytes(path.read_bytes()[:100] if path.suffix == ".safetensors" else path.read_bytes())
     cases.append((["--model", str(cut)], "cannot read"))
-    cases.append((["--model", str(tmp_path / "nowhere")], "is not a release folder"))
+    cases.append((["--model", str(tmp_path / "nowhere")], "no such folder and no model of that name"))
+    (tmp_path / "empty").mkdir()
+    cases.append((["--model", str(tmp_path / "empty")], "is not a release folder"))
     for argv, message in cases:
         assert run_cli(sample.main, argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
@@ -133,3 +140,46 @@ def test_broken_releases_and_a_taken_folder_are_one_clear_line(exported, tmp_pat
         config["model"]["hidden"] += 1
         (other / "config.json").write_text(json.dumps(config), encoding="utf-8")
         release.load_release(other)
+
+
+def test_half_precision_release_is_checked_then_reads_back_as_float32(exported, tmp_path):
+    directory, data, _ = exported
+    out = export.export(directory, tmp_path / "half", eval_num=0, data_path=data, log=lambda m: None, half=True)
+    from safetensors.numpy import load_file
+
+    assert {array.dtype.name for array in load_file(str(out / "model.safetensors")).values()} == {"float16"}
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    assert config["format_version"] == 2 and config["weights_dtype"] == "float16"
+    half = config["metrics"]["half"]
+    assert abs(half["float16_nll"] - half["float32_nll"]) < export.HALF_TOLERANCE and half["float32_nll"] > 0
+    assert "Weights stored as float16" in (out / "README.md").read_text(encoding="utf-8")
+    loaded, original = release.load_model(model_dir=out), release.load_model(checkpoint_dir=directory)
+    for got, want in zip(jax.tree_util.tree_leaves(loaded.params), jax.tree_util.tree_leaves(original.params)):
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, np.asarray(want).astype(np.float16).astype(np.float32))
+        assert np.abs(np.asarray(got) - np.asarray(want)).max() > 0 or np.all(want == 0)
+
+
+def test_a_format_1_release_still_reads(exported, tmp_path):
+    _, _, out = exported
+    old = tmp_path / "format1"
+    old.mkdir()
+    for path in out.iterdir():
+        (old / path.name).write_bytes(path.read_bytes())
+    config = json.loads((old / "config.json").read_text(encoding="utf-8"))
+    config["format_version"] = 1
+    del config["weights_dtype"]
+    (old / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    loaded = release.load_model(model_dir=old)
+    assert loaded.vocab == release.load_model(model_dir=out).vocab
+
+
+def test_a_shipped_model_is_found_by_name_and_an_unknown_name_is_one_line(exported, tmp_path, monkeypatch, capsys):
+    _, _, out = exported
+    monkeypatch.setattr(release, "SHIPPED", out.parent)
+    monkeypatch.chdir(tmp_path)
+    assert release.shipped_models() == [out.name]
+    assert release.find_release(out.name) == out
+    assert release.load_model(model_dir=out.name).vocab == release.load_model(model_dir=out).vocab
+    with pytest.raises(TangshiError, match=f"no model of that name.*{out.name}"):
+        release.find_release("no-such-model")

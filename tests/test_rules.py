@@ -29,10 +29,11 @@ VOCAB = ["G", "E", "，", "。"] + list(CHARS)
 TO_TRADITIONAL = rules.to_traditional
 
 
-@pytest.fixture(scope="module")
-def untrained():
-    """A model that knows nothing: whatever holds on its poems holds by construction."""
-    config = ModelConfig(vocab_size=len(VOCAB), hidden=16, embed=8)
+@pytest.fixture(scope="module", params=["full", "adaptive"])
+def untrained(request):
+    """A model that knows nothing: whatever holds on its poems holds by construction. With
+    either head: the adaptive one's tail clusters hold most of these characters."""
+    config = ModelConfig(vocab_size=len(VOCAB), hidden=16, embed=8, head=request.param, cutoffs=(12, 30))
     return config, init_params(config, jax.random.key(0))
 
 

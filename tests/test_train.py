@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import signal
 
 import jax
@@ -77,6 +78,10 @@ RESUMED_RUNS = {
         dict(SMALL_MODEL, dropout=0.3, tied=True),
         dict(schedule="cosine", warmup_steps=3, decay_epochs=3, split="grouped"),
     ),
+    "adaptive head": (
+        dict(SMALL_MODEL, dropout=0.2, tied=True, head="adaptive", cutoffs=(10, 25)),
+        dict(titles=True, split="grouped"),
+    ),
 }
 
 
@@ -143,8 +148,14 @@ def test_a_titles_run_records_how_it_was_trained(titles_run):
     assert meta.train_config.titles and "题" in meta.vocab
 
 
+def own_copy(directory, tmp_path):
+    """A test that trains into a run writes to a copy: a broken refusal must not spoil the shared run."""
+    return shutil.copytree(directory, tmp_path / "copy")
+
+
 def test_another_model_or_data_order_in_the_directory_is_refused(tmp_path, trained_run):
     directory, data, _ = trained_run
+    directory = own_copy(directory, tmp_path)
     before = sorted(p.name for p in directory.iterdir())
     with pytest.raises(TangshiError, match="another model .*cell: 'lstm' -> 'gru'"):
         train(small_config(data, epochs=5), dict(SMALL_MODEL, cell="gru"), directory, log=quiet)
@@ -152,11 +163,16 @@ def test_another_model_or_data_order_in_the_directory_is_refused(tmp_path, train
         train(small_config(data, epochs=5, batch_size=8), SMALL_MODEL, directory, log=quiet)
     with pytest.raises(TangshiError, match="another data order or schedule .*titles: False -> True"):
         train(small_config(data, epochs=5, titles=True), SMALL_MODEL, directory, log=quiet)
+    with pytest.raises(TangshiError, match="another data order or schedule .*corpus: .*'tang'.* -> .*'song'"):
+        train(small_config(data, epochs=5, corpus=("tang", "song")), SMALL_MODEL, directory, log=quiet)
+    with pytest.raises(TangshiError, match="another model .*head: 'full' -> 'adaptive'"):
+        train(small_config(data, epochs=5), dict(SMALL_MODEL, head="adaptive"), directory, log=quiet)
     assert sorted(p.name for p in directory.iterdir()) == before
 
 
-def test_a_finished_run_says_so(trained_run):
+def test_a_finished_run_says_so(trained_run, tmp_path):
     directory, data, _ = trained_run
+    directory = own_copy(directory, tmp_path)
     messages = []
     assert train(small_config(data, epochs=3, save_every=2), SMALL_MODEL, directory, log=messages.append) == {}
     assert "already trained for 3 epochs" in messages[0]
@@ -178,12 +194,20 @@ def test_a_finished_run_says_so(trained_run):
         (["--coordinator", "127.0.0.1:1234"], "go together"),
         (["--coordinator", "localhost", "--num-processes", "2", "--process-id", "0"], "expected HOST:PORT"),
         (["--coordinator", "localhost:1", "--num-processes", "2", "--process-id", "2"], "ids run from 0"),
+        (["--cutoffs", "3000,1000"], "cutoffs must be positive and rising"),
+        (["--cutoffs", "10,x"], "whole numbers joined by commas"),
+        (["--head-div", "0.5"], "--head-div must be 1 or more"),
+        (["--head", "adaptive", "--relu-head"], "--relu-head works with the full head only"),
+        (["--corpus", "song"], "tang first"),
+        (["--corpus", "tang,yuan"], "parts are tang, song"),
+        (["--data", "mine.txt", "--corpus", "tang,song"], "mine.song.txt: no such file"),
     ],
 )
 def test_bad_training_input_gives_one_clear_line(tmp_path, monkeypatch, capsys, argv, message):
     monkeypatch.chdir(tmp_path)
     write_corpus(tmp_path / "poems.txt", count=20)
     (tmp_path / "afile").write_text("x")
+    write_corpus(tmp_path / "mine.txt", count=20)
     assert run_cli(train_module.main, argv + ["--platform", "cpu", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
@@ -221,3 +245,34 @@ def test_a_stop_on_an_epochs_last_batch_finishes_that_epoch(tmp_path):
     assert [(m["epoch"], m["train_loss"], m["val_loss"]) for m in resumed] == [
         (m["epoch"], m["train_loss"], m["val_loss"]) for m in straight
     ]
+
+
+def test_a_platform_this_machine_lacks_is_one_clear_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    write_corpus(tmp_path / "poems.txt", count=20)
+    assert run_cli(train_module.main, ["--platform", "gpu", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--platform gpu: JAX finds no gpu device" in err[0] and "--platform cpu" in err[0]
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
+@pytest.mark.slow  # trains 4 short epochs
+def test_adam_max_poems_and_the_last_three_checkpoints(tmp_path):
+    """README promises: --optimizer adam trains with Adam's state, --max-poems N reads the first N
+    poems only, and the rotation keeps the last 3 checkpoints."""
+    data = write_corpus(tmp_path / "poems.txt", count=60)
+    messages = []
+    config = small_config(data, epochs=4, optimizer="adam", max_poems=30, num_buckets=1)
+    train(config, SMALL_MODEL, tmp_path / "run", log=messages.append, show_progress=False)
+    assert any(m.startswith("poems: 30 of 60 usable") for m in messages), messages[:2]
+    steps = sorted(int(p.name) for p in (tmp_path / "run").iterdir() if p.name.isdigit())
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [r["step"] for r in records][-3:] and len(records) == 4
+    manager, step = checkpoint.require_checkpoint(tmp_path / "run")
+    model_config, train_config = checkpoint.restore_meta(manager, step)[:2]
+    state = checkpoint.restore_state(manager, step, init_state(model_config, train_config, seed=0))
+    names = {
+        type(part).__name__
+        for part in jax.tree_util.tree_leaves(state["opt_state"], is_leaf=lambda x: hasattr(x, "_fields"))
+    }
+    assert "ScaleByAdamState" in names, names

@@ -1,0 +1,135 @@
+"""The adaptive output layer (Grave et al. 2017, "Efficient softmax approximation for GPUs").
+
+The vocabulary is sorted by frequency, so its first ids are most of the text. The head
+cluster is a softmax over the commonest characters plus one entry per tail cluster; each
+tail cluster is a softmax over its own rarer characters, read through a narrower projection
+of the features. The probability of a tail character is p(its cluster) × p(it | cluster),
+so log p is exact, never approximated:
+
+    log p(w) = head_log_softmax[w]                                 w in the head
+    log p(w) = head_log_softmax[cluster] + tail_log_softmax[w]     w in a tail cluster
+
+The weights are one pytree (`AdaptiveWeights`), however the model makes them (untied, or
+tied to the embedding: model.adaptive_weights), so one loss and one log-probability serve
+both. With no tail bias and tails `width // div**(i+1)` wide it is PyTorch's
+`nn.AdaptiveLogSoftmaxWithLoss` (head bias on), which tests/test_torch_model.py checks.
+"""
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from tangshi_jax.loss import HEAD_STEPS, _batch_major, _product, _time_major
+
+
+class AdaptiveWeights(NamedTuple):
+    head_kernel: jax.Array  # (features, shortlist + tails): the head cluster's logits
+    head_bias: jax.Array  # (shortlist + tails,)
+    tail_projections: tuple  # per tail cluster, (features, its width)
+    tail_kernels: tuple  # per tail cluster, (its width, its characters)
+
+
+def cluster_bounds(vocab_size: int, cutoffs) -> tuple[int, ...]:
+    """Where each cluster starts, then the vocabulary's end: (0, c1, ..., vocab_size).
+    Cut-offs at or past the vocabulary's end make no cluster."""
+    inside = [cutoff for cutoff in cutoffs if 0 < cutoff < vocab_size]
+    return (0, *inside, vocab_size)
+
+
+def tail_widths(features: int, num_tails: int, div: float) -> tuple[int, ...]:
+    """PyTorch's sizing: tail i reads features // div**(i+1) (at least 1) of the features."""
+    return tuple(max(1, int(features // div ** (index + 1))) for index in range(num_tails))
+
+
+def _head_logits(h, weights):
+    return _product(h, weights.head_kernel) + weights.head_bias
+
+
+def _tail_logits(h, projection, kernel):
+    return _product(_product(h, projection).astype(h.dtype), kernel)
+
+
+def log_probs(h, weights: AdaptiveWeights):
+    """The normalised log-probability of every character, (..., vocab), from features (..., F)."""
+    head = jax.nn.log_softmax(_head_logits(h, weights), axis=-1)
+    shortlist = head.shape[-1] - len(weights.tail_kernels)
+    parts = [head[..., :shortlist]]
+    for index, (projection, kernel) in enumerate(zip(weights.tail_projections, weights.tail_kernels)):
+        tail = jax.nn.log_softmax(_tail_logits(h, projection, kernel), axis=-1)
+        parts.append(tail + head[..., shortlist + index, None])
+    return jnp.concatenate(parts, axis=-1)
+
+
+def _picked(logits, index):
+    """-log softmax(logits)[index] per row."""
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    return lse - jnp.take_along_axis(logits, index[..., None], axis=-1)[..., 0]
+
+
+def target_nll(h, weights: AdaptiveWeights, targets):
+    """-log p(target) per row of h (rows, F), targets (rows,): the head term, plus the tail
+    term of the target's cluster. Every tail's logits are made for every row (fixed shapes);
+    rows of other clusters take no value or gradient from them."""
+    shortlist = weights.head_kernel.shape[-1] - len(weights.tail_kernels)
+    start, head_index = shortlist, targets
+    nll_tail = jnp.zeros(targets.shape, jnp.float32)
+    for index, (projection, kernel) in enumerate(zip(weights.tail_projections, weights.tail_kernels)):
+        size = kernel.shape[-1]
+        inside = (targets >= start) & (targets < start + size)
+        head_index = jnp.where(inside, shortlist + index, head_index)
+        local = jnp.clip(targets - start, 0, size - 1)
+        nll_tail += jnp.where(inside, _picked(_tail_logits(h, projection, kernel), local), 0.0)
+        start += size
+    return _picked(_head_logits(h, weights), head_index) + nll_tail
+
+
+def nll_positions(features, weights: AdaptiveWeights, targets, steps=HEAD_STEPS):
+    """-log p(target) at every position (B, T), `steps` time steps at a time (no gradient)."""
+
+    def step(_, xs):
+        h, t, _ = xs
+        return None, target_nll(h, weights, t)
+
+    _, nll = jax.lax.scan(step, None, _time_major(features, targets, jnp.zeros(targets.shape), steps))
+    return _batch_major(nll, *targets.shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def fused_nll(features, weights: AdaptiveWeights, targets, mask, steps=HEAD_STEPS):
+    """Sum over real positions of -log p(target), `steps` time steps' logits at a time, as
+    loss.head_nll does for the full head: each loop trip's gradients are made in the forward
+    pass (autodiff of that trip alone), so no logits are kept for a backward pass."""
+
+    def step(total, xs):
+        h, t, m = xs
+        return total + jnp.sum(target_nll(h, weights, t) * m), None
+
+    total, _ = jax.lax.scan(step, jnp.zeros((), jnp.float32), _time_major(features, targets, mask, steps))
+    return total
+
+
+def _trip_nll(h, weights, t, m):
+    return jnp.sum(target_nll(h, weights, t) * m)
+
+
+def _fused_forward(features, weights, targets, mask, steps):
+    def step(carry, xs):
+        total, d_weights = carry
+        h, t, m = xs
+        nll, (d_h, d_trip) = jax.value_and_grad(_trip_nll, argnums=(0, 1))(h, weights, t, m)
+        return (total + nll, jax.tree_util.tree_map(jnp.add, d_weights, d_trip)), d_h
+
+    init = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(jnp.zeros_like, weights))
+    (total, d_weights), d_features = jax.lax.scan(step, init, _time_major(features, targets, mask, steps))
+    return total, (_batch_major(d_features, *targets.shape), d_weights)
+
+
+def _fused_backward(steps, residuals, cotangent):
+    d_features, d_weights = residuals
+    d_weights = jax.tree_util.tree_map(lambda d: cotangent * d, d_weights)
+    return (cotangent * d_features).astype(d_features.dtype), d_weights, None, None
+
+
+fused_nll.defvjp(_fused_forward, _fused_backward)
