@@ -105,3 +105,43 @@ def test_an_unexpected_skip_fails_the_run_where_ci_asks(tmp_path):
     assert strict.returncode == 1 and "test_skips.py::test_skips: chromium is not installed" in strict.stdout
     assert "test_mount" not in strict.stdout.split("unexpected skip")[1]  # an allowed reason
     assert run(TANGSHI_NO_SKIPS="1", TANGSHI_ALLOWED_SKIPS="test_skips.py::test_skips").returncode == 0
+
+
+def test_every_console_script_names_a_command_that_runs():
+    """The tangshi-* commands of pyproject.toml are installed and each reaches its module's main."""
+    import importlib.metadata
+    import subprocess
+    import sys
+
+    scripts = {
+        ep.name: ep for ep in importlib.metadata.entry_points(group="console_scripts") if ep.name.startswith("tangshi-")
+    }
+    stages = {"corpus", "train", "sample", "evaluate", "serve", "export", "bench"}
+    assert set(scripts) == {f"tangshi-{stage}" for stage in stages}
+    for name, entry in scripts.items():
+        assert callable(entry.load()), name
+    path = Path(sys.executable).parent / "tangshi-sample"  # installed beside this environment's python
+    assert path.is_file(), f"{path} is missing: install the project (pip install -e .)"
+    done = subprocess.run([str(path), "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "--begin" in done.stdout
+
+
+def test_the_suite_runs_on_the_backend_it_was_asked_for():
+    """.ci/accelerator-check sets TANGSHI_EXPECT_BACKEND=gpu: a suite that fell back to the CPU fails here."""
+    import os
+
+    import jax
+
+    assert jax.default_backend() == os.environ.get("TANGSHI_EXPECT_BACKEND", "cpu")
+
+
+def test_the_accelerator_check_fails_on_a_machine_without_a_gpu(tmp_path):
+    """The GPU check cannot pass by running on the CPU: it stops at its first step, with the reason."""
+    import os
+    import subprocess
+
+    script = Path(__file__).parents[1] / ".ci" / "accelerator-check"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    done = subprocess.run([str(script), str(tmp_path)], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode != 0 and "no GPU for JAX" in done.stderr
+    assert not (tmp_path / "pytest-gpu.txt").exists()
