@@ -2,6 +2,7 @@ import json
 import os
 import shutil
 import signal
+import time
 
 import jax
 import numpy as np
@@ -276,3 +277,19 @@ def test_adam_max_poems_and_the_last_three_checkpoints(tmp_path):
         for part in jax.tree_util.tree_leaves(state["opt_state"], is_leaf=lambda x: hasattr(x, "_fields"))
     }
     assert "ScaleByAdamState" in names, names
+
+
+def test_a_first_ctrl_c_asks_to_save_and_a_second_stops_at_once():
+    from tangshi_jax.guards import StopRequest
+
+    before = signal.getsignal(signal.SIGINT)
+    with StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's notice: save and stop
+        assert stop.requested and stop.agreed(step=1, batch=1)
+        stop.requested = False
+        os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C: save and stop after this step
+        assert stop.requested
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # the second: at once
+            time.sleep(1)  # Python runs the handler at once; the sleep is never finished
+    assert signal.getsignal(signal.SIGINT) is before  # the handlers are given back
