@@ -293,3 +293,26 @@ def test_a_first_ctrl_c_asks_to_save_and_a_second_stops_at_once():
             os.kill(os.getpid(), signal.SIGINT)  # the second: at once
             time.sleep(1)  # Python runs the handler at once; the sleep is never finished
     assert signal.getsignal(signal.SIGINT) is before  # the handlers are given back
+
+
+@pytest.mark.slow  # two training processes
+def test_a_second_run_takes_its_programs_from_the_disk_cache(tmp_path):
+    """README: compiled programs are kept in the cache directory, so a second run compiles
+    nothing: it adds no program to the cache, and each of its programs is a cache hit."""
+    import subprocess
+    import sys
+
+    data = write_corpus(tmp_path / "poems.txt", count=40)
+    env = dict(os.environ, TANGSHI_CACHE_DIR=str(tmp_path / "cache"), JAX_PLATFORMS="cpu")
+
+    def run(name):
+        command = [sys.executable, "-m", "tangshi_jax.train", "--preset", "original", "--data", str(data)]
+        command += ["--epochs", "1", "--hidden", "8", "--embed", "4", "--batch-size", "16", "--no-progress"]
+        command += ["--checkpoint-dir", str(tmp_path / name)]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return {path.name for path in (tmp_path / "cache" / "xla").iterdir() if not path.name.endswith("-atime")}
+
+    first = run("first")
+    assert len(first) >= 16  # 8 training and 8 evaluation programs at least
+    assert run("second") == first
