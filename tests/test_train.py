@@ -298,7 +298,7 @@ def test_a_first_ctrl_c_asks_to_save_and_a_second_stops_at_once():
 @pytest.mark.slow  # two training processes
 def test_a_second_run_takes_its_programs_from_the_disk_cache(tmp_path):
     """README: compiled programs are kept in the cache directory, so a second run compiles
-    nothing: it adds no program to the cache, and each of its programs is a cache hit."""
+    nothing: its programs are all in the cache already, so it adds none."""
     import subprocess
     import sys
 
