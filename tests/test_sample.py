@@ -202,6 +202,31 @@ def test_a_title_steers_the_poems_and_keeps_every_rule(titled):
         assert re.fullmatch("([^，。]{7}，[^，。]{7}。){2}", poem)
 
 
+def test_a_title_makes_the_poem_it_names_likelier(titled):
+    """The tests' corpus names each poem's first two characters in its title (题春花3 for a poem
+    beginning 春花). Read after its own title, the model gives those two characters a higher
+    log-probability than read after another poem's title: summed over all 120 poems."""
+    from tangshi_jax import data
+    from tangshi_jax.metrics import position_nll
+
+    _, model = titled
+    corpus = data.read_corpus(model.train_config.data)
+    wrong = corpus.titles[1:] + corpus.titles[:1]  # each poem under the next poem's title
+
+    def opening_nll(titles):
+        reads = [t[: model.max_title] + poem for t, poem in zip(titles, corpus.poems)]
+        length = max(map(len, reads))
+        ids = np.array([[model.vocab.index(c) for c in r] + [0] * (length - len(r)) for r in reads], np.int32)
+        nll = np.asarray(position_nll(model.model_config, model.params, ids[:, :-1], ids[:, 1:]))
+        # Targets 1 and 2 after G: the poem's first two characters.
+        starts = [len(t[: model.max_title]) for t in titles]
+        return sum(nll[row, start : start + 2].sum() for row, start in enumerate(starts))
+
+    own, other = opening_nll(corpus.titles), opening_nll(wrong)
+    print(f"opening NLL over {len(corpus.poems)} poems: own titles {own:.1f}, shifted titles {other:.1f}")
+    assert own < other - 0.1 * len(corpus.poems), (own, other)  # at least 0.1 nats a poem
+
+
 def test_title_errors_are_one_clear_line(trained_run, titled, capsys):
     plain_directory, _, _ = trained_run
     titled_directory, _ = titled
