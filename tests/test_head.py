@@ -114,3 +114,27 @@ def test_a_vocabulary_inside_the_shortlist_is_the_full_softmax():
     _, features = PoemModel(config).apply({"params": params}, tokens, initial_carry(config, 2), features_only=True)
     full = jax.nn.log_softmax(features @ params["head_kernel"] + params["head_bias"])
     np.testing.assert_allclose(log_p, full, atol=1e-6)
+
+
+@pytest.mark.parametrize("shares", [(0.5, 0.5), (0.05, 0.05), (1.0, 1.0)], ids=["gathered", "overflow", "every row"])
+def test_gathering_a_tails_rows_changes_nothing(shares):
+    """A tail's term made only for its own rows (up to a share of the rows), made for every row
+    when more rows fall in it, or always for every row: the same losses and gradients."""
+    config, params, _, features = model_and_features("tied")
+    weights = adaptive_weights(params, config)
+    h = features.reshape(-1, features.shape[-1])  # 24 rows
+    rng = np.random.default_rng(1)
+    # 6 rows in the first tail and 3 in the second: within half of the rows, beyond 5% of them.
+    targets = np.concatenate([rng.integers(0, 9, 15), rng.integers(9, 23, 6), rng.integers(23, VOCAB, 3)])
+    targets = jnp.asarray(rng.permutation(targets))
+
+    def loss(h, weights, shares):
+        return jnp.sum(head.target_nll(h, weights, targets, shares) * jnp.arange(1.0, 25.0))
+
+    want_value, want_grads = jax.value_and_grad(loss, argnums=(0, 1))(h, weights, (None, None))
+    value, grads = jax.value_and_grad(loss, argnums=(0, 1))(h, weights, shares)
+    assert float(value) == pytest.approx(float(want_value), rel=1e-6)
+    for got, want in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(want_grads)):
+        np.testing.assert_allclose(got, want, atol=1e-6)
+    expected = -np.log(numpy_probabilities(h, weights))[np.arange(24), np.asarray(targets)]
+    np.testing.assert_allclose(head.target_nll(h, weights, targets, shares), expected, rtol=1e-5)
