@@ -139,9 +139,11 @@ def test_the_accelerator_check_fails_on_a_machine_without_a_gpu(tmp_path):
     """The GPU check cannot pass by running on the CPU: it stops at its first step, with the reason."""
     import os
     import subprocess
+    import sys
 
     script = Path(__file__).parents[1] / ".ci" / "accelerator-check"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # its `python` is this one
     done = subprocess.run([str(script), str(tmp_path)], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode != 0 and "no GPU for JAX" in done.stderr
     assert not (tmp_path / "pytest-gpu.txt").exists()
