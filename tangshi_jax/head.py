@@ -21,7 +21,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from tangshi_jax.loss import HEAD_STEPS, _batch_major, _product, _time_major
+from tangshi_jax.loss import HEAD_STEPS, _batch_major, _product, _time_major, nll_of_logits
 
 
 class AdaptiveWeights(NamedTuple):
@@ -64,8 +64,7 @@ def log_probs(h, weights: AdaptiveWeights):
 
 def _picked(logits, index):
     """-log softmax(logits)[index] per row."""
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    return lse - jnp.take_along_axis(logits, index[..., None], axis=-1)[..., 0]
+    return nll_of_logits(logits, index)[0]
 
 
 # Rows of a trip whose tail term is made, as a share of the trip's rows, by tail: the tails
@@ -134,7 +133,7 @@ def fused_nll(features, weights: AdaptiveWeights, targets, mask, steps=HEAD_STEP
 
     def step(total, xs):
         h, t, m = xs
-        return total + jnp.sum(target_nll(h, weights, t) * m), None
+        return total + _trip_nll(h, weights, t, m), None
 
     total, _ = jax.lax.scan(step, jnp.zeros((), jnp.float32), _time_major(features, targets, mask, steps))
     return total
