@@ -27,7 +27,7 @@ from helpers import SMALL_MODEL, small_config  # noqa: E402
 
 from tangshi_jax import data  # noqa: E402
 from tangshi_jax import train as train_module  # noqa: E402
-from tangshi_jax.devices import Cluster, make_feed, make_mesh, place_state, split_rows, use_platform  # noqa: E402
+from tangshi_jax.devices import Cluster, describe_feed, make_feed, make_mesh, place_state, split_rows, use_platform  # noqa: E402
 
 # The run every test compares: 2 epochs of 8 steps, one bucket (two programs to compile). Two
 # processes on 2 cores take ~0.3 s a step (gloo over loopback), so steps are kept few.
@@ -78,6 +78,10 @@ def main():
         result["four_then_one"] = run(args.root / "four_then_one", one)
         run(args.root / "one_then_four", one, epochs=1)
         result["one_then_four"] = run(args.root / "one_then_four", four)
+        # 14 poems a batch do not split over 4 devices: each batch gets 2 masked rows.
+        result["uneven_one"] = run(args.root / "uneven_one", one, batch_size=14)
+        result["uneven_four"] = run(args.root / "uneven_four", four, batch_size=14)
+        result["uneven_described"] = describe_feed(make_feed(four, 14), 14)
     else:
         cluster = Cluster(args.coordinator, 2, args.process_id) if args.coordinator else Cluster()
         use_platform("cpu", cluster)

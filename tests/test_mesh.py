@@ -122,6 +122,16 @@ def test_the_step_receives_the_batch_split_across_the_devices(compared):
     assert batch["batch_devices"] == 4 and batch["shard_rows"] == [4]  # 16 rows, 4 on each device
 
 
+def test_masked_rows_that_pad_a_batch_change_no_loss(compared):
+    """A batch of 14 over 4 devices becomes 16 rows, 2 of them masked: the losses stay those of 1 device."""
+    assert "padded with 2 masked rows" in compared["uneven_described"]
+    steps = {name: [record["step"] for record in compared[name]] for name in ("uneven_one", "uneven_four")}
+    assert steps["uneven_four"] == steps["uneven_one"]
+    np.testing.assert_allclose(losses(compared["uneven_four"]), losses(compared["uneven_one"]), rtol=1e-5)
+    # and the batches really held 14 poems: not the losses of the 16-poem runs
+    assert losses(compared["uneven_one"]).tolist() != losses(compared["one"]).tolist()
+
+
 def test_checkpoints_resume_on_another_device_count(compared):
     for resumed in ("four_then_one", "one_then_four"):
         assert [record["epoch"] for record in compared[resumed]] == [1, 2]
