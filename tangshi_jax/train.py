@@ -73,29 +73,25 @@ def make_optimizer(train_config: TrainConfig, steps_per_epoch: int = 1) -> optax
     return optax.chain(optax.clip_by_global_norm(1.0), update)
 
 
-def make_steps(
+def make_batch_nll(
     model_config: ModelConfig,
     train_config: TrainConfig,
-    steps_per_epoch: int = 1,
     fused_head: bool = True,
     head_steps: int = HEAD_STEPS,
     transposed: bool = HEAD_TRANSPOSED,
     wavefront: bool = False,
     hand_gradients: bool = True,
 ):
-    """The pure train and eval steps of one model; jit them (or compile them per shape) once.
-
-    The other arguments make the variants that `bench --variants` measures side by side, all
-    with the same mathematics: fused_head=False builds all logits and a plain log-softmax;
-    head_steps and transposed set the fused head's loop (loss.py); wavefront runs the stacked
-    layers in one scan (model.py); hand_gradients=False differentiates the LSTM layers by
-    autodiff of their scan instead of lstm_sequence's own backward pass (model.py)."""
+    """batch_nll(params, batch, dropout_key=None): the sum of -log p(target) over a batch's
+    masked positions, and their count; with a dropout key, as in training. The other arguments
+    make the variants `bench --variants` measures side by side, all with the same mathematics:
+    fused_head=False builds all logits and a plain log-softmax; head_steps and transposed set
+    the fused head's loop (loss.py); wavefront runs the stacked layers in one scan (model.py);
+    hand_gradients=False differentiates the LSTM layers by autodiff of their scan (model.py)."""
     dtype = jnp.dtype(train_config.dtype)
     model = PoemModel(model_config, dtype, wavefront=wavefront, hand_gradients=hand_gradients)
-    optimizer = make_optimizer(train_config, steps_per_epoch)
 
     def batch_nll(params, batch, dropout_key=None):
-        """Sum of -log p(target) over the masked positions, and their count."""
         carry = initial_carry(model_config, batch["inputs"].shape[0])
         targets, mask = batch["targets"], batch["mask"]
         train = dropout_key is not None
@@ -109,6 +105,14 @@ def make_steps(
             _, logits = model.apply({"params": params}, batch["inputs"], carry, train=train, rngs=rngs)
             nll_sum = jnp.sum(nll_of_logits(logits, targets)[0] * mask)
         return nll_sum, jnp.sum(mask)
+
+    return batch_nll
+
+
+def make_steps(model_config: ModelConfig, train_config: TrainConfig, steps_per_epoch: int = 1, **variant):
+    """The pure train and eval steps of one model (`variant`: make_batch_nll's keywords)."""
+    batch_nll = make_batch_nll(model_config, train_config, **variant)
+    optimizer = make_optimizer(train_config, steps_per_epoch)
 
     def mean_batch_nll(params, batch, dropout_key):
         nll_sum, tokens = batch_nll(params, batch, dropout_key)

@@ -11,7 +11,9 @@ from helpers import SMALL_MODEL, small_config, write_corpus
 
 from tangshi_jax.train import train
 
-pytest_plugins = ["no_skips"]  # TANGSHI_NO_SKIPS=1 (CI) fails a run with a skip nobody expected
+# no_skips: TANGSHI_NO_SKIPS=1 (CI) fails a run with a skip nobody expected; backend_guard:
+# TANGSHI_EXPECT_BACKEND fails a test that moves JAX to another device (the accelerator check)
+pytest_plugins = ["no_skips", "backend_guard"]
 
 # CI draws the same examples every run (HYPOTHESIS_PROFILE=ci), so a red run can be repeated.
 hypothesis.settings.register_profile("ci", derandomize=True, database=None)

@@ -255,7 +255,7 @@ def test_train_builds_missing_corpus_parts_then_trains(tmp_path, monkeypatch, ca
     monkeypatch.setattr(corpus, "fetch_package", lambda cache_dir, **kwargs: tarball)
     monkeypatch.chdir(tmp_path)
     argv = ["--preset", "original", "--corpus", "tang,song", "--epochs", "1", "--layers", "1", "--hidden", "8"]
-    argv += ["--embed", "4", "--batch-size", "16", "--no-progress", "--platform", "cpu"]
+    argv += ["--embed", "4", "--batch-size", "16", "--no-progress"]
     assert run_cli(train.main, argv) == 0
     err = "".join(capsys.readouterr())  # the run's lines and the conversion's progress
     assert "poems.txt not found: building it" in err and "poems.song.txt not found: building it" in err

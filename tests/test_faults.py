@@ -210,7 +210,7 @@ def test_a_checkpoint_dir_under_a_file_is_one_clear_line(tmp_path, monkeypatch, 
     monkeypatch.chdir(tmp_path)
     write_corpus(tmp_path / "poems.txt", count=20)
     (tmp_path / "afile").write_text("x")
-    assert run_cli(train_module.main, ["--checkpoint-dir", "afile/ck", "--platform", "cpu", "--no-progress"]) == 2
+    assert run_cli(train_module.main, ["--checkpoint-dir", "afile/ck", "--no-progress"]) == 2
     err = stderr_lines(capsys)
     assert len(err) == 1 and err[0].startswith("error: ") and "afile is a file" in err[0], err
 

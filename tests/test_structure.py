@@ -4,6 +4,7 @@ import ast
 from pathlib import Path
 
 import pytest
+from helpers import write_corpus
 
 import tangshi_jax
 
@@ -147,3 +148,62 @@ def test_the_accelerator_check_fails_on_a_machine_without_a_gpu(tmp_path):
     done = subprocess.run([str(script), str(tmp_path)], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode != 0 and "no GPU for JAX" in done.stderr
     assert not (tmp_path / "pytest-gpu.txt").exists()
+
+
+PLANTED_CONFTEST = """
+import sys
+sys.path.insert(0, {tests!r})
+pytest_plugins = ["backend_guard"]
+"""
+PLANTED_TESTS = """
+import jax
+
+def test_stays():
+    assert jax.numpy.ones(2).sum() == 2
+
+def test_moves():
+    jax.config.update("jax_default_device", jax.devices("cpu")[0])  # what `--platform cpu` in-process does
+
+def test_after_the_move_runs_where_it_should():
+    assert jax.config.jax_default_device is None
+"""
+
+
+@pytest.mark.slow  # runs the check's stages on a small corpus: ~1 minute
+def test_the_accelerator_checks_stand_in_fails_a_test_that_moves_jax_and_passes_otherwise(tmp_path):
+    """.ci/accelerator-check --stand-in: the CPU plays the GPU, so its logic is tested on every run."""
+    import os
+    import subprocess
+    import sys
+
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    (planted / "conftest.py").write_text(PLANTED_CONFTEST.format(tests=str(Path(__file__).parent)))
+    (planted / "test_planted.py").write_text(PLANTED_TESTS)
+    data = write_corpus(tmp_path / "poems.txt", count=240)
+    script = Path(__file__).parents[1] / ".ci" / "accelerator-check"
+    begin = data.read_text(encoding="utf-8").split(":")[1][0]  # a character the small model knows
+    env = dict(os.environ, DATA=str(data), TESTS=str(planted), BEGIN=begin, TANGSHI_EXPECT_BACKEND="")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+
+    def check(out: str):
+        command = [str(script), "--stand-in", str(tmp_path / out)]
+        return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+
+    moved = check("moved")
+    assert moved.returncode != 0
+    assert "1 error" in moved.stdout and "moved JAX off the cpu backend" in moved.stdout, moved.stdout[-2000:]
+    # the moving test itself passed, then failed at teardown; the test after it ran on the right device
+    assert "jax_default_device None ->" in moved.stdout and "3 passed, 1 error" in moved.stdout
+    assert not (tmp_path / "moved" / "crosscheck-full.txt").exists()  # the check stopped at the suite
+
+    (planted / "test_planted.py").write_text(PLANTED_TESTS.replace("def test_moves", "def stays_too"))
+    passed = check("passed")
+    assert passed.returncode == 0, passed.stdout[-3000:] + passed.stderr[-2000:]
+    for head in ("full", "adaptive"):
+        crosscheck = (tmp_path / "passed" / f"crosscheck-{head}.txt").read_text()
+        assert "crosscheck passed" in crosscheck
+        gap = float(crosscheck.split("largest relative gap ")[1].split()[0])
+        assert 0 < gap < 1e-4  # two real orders of the same sums were compared, not one computation twice
+    assert "accelerator check passed (cpu, stand-in)" in passed.stdout
+    assert (tmp_path / "passed" / "sample-cpu.txt").read_text().count(begin) >= 4  # the 4 poems it wrote
