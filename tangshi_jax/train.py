@@ -241,17 +241,7 @@ def log_summary(log, corpus, dataset, model_config, train_config, steps_per_epoc
         + (f" (first at line {corpus.first_unparsable} of {train_config.data})" if corpus.first_unparsable else "")
     )
     if train_config.split == "grouped":
-        counts = dataset.counts
-        log(
-            f"split: {counts.near_poems:,} poems in {counts.near_groups:,} groups of near-repeats kept on one side; "
-            f"{counts.exact_repeats:,} exact repeats not trained again"
-            + (
-                f"; {counts.near_val:,} poems of {', '.join(train_config.corpus[1:])} "
-                "near-repeat a validation poem, not trained"
-                if len(train_config.corpus) > 1
-                else ""
-            )
-        )
+        log(data.describe_split(dataset.counts, train_config.corpus[1:]))
     log(
         f"vocabulary: {len(dataset.vocab):,} characters; model: {model_config.layers}×{model_config.hidden} "
         f"{model_config.cell}, embed {model_config.embed}{describe_head(model_config)}"

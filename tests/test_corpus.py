@@ -9,7 +9,7 @@ import tarfile
 
 import pytest
 
-from tangshi_jax import corpus
+from tangshi_jax import corpus, data
 from tangshi_jax.errors import TangshiError, run_cli
 
 # File number -> poems, in traditional characters as the package has them. The files are added
@@ -95,6 +95,49 @@ def test_song_part_reads_its_own_files_in_order_and_converts_them(tmp_path):
     assert corpus.write_corpus(tarball, tmp_path / "poems.txt") == len(EXPECTED)
     with pytest.raises(TangshiError, match="全宋诗"):
         corpus.write_corpus(make_tarball(tmp_path / "tang-only.tgz"), tmp_path / "x.txt", part="song")
+
+
+CI = {
+    0: [
+        {
+            "author": "晏殊",
+            "rhythmic": "浣溪沙",
+            "paragraphs": [
+                "一曲新词酒一杯，去年天气旧亭台。夕阳西下几时回。",
+                "无可奈何花落去，似曾相识燕归来。小园香径独徘徊。",
+            ],
+        },
+        {"author": "无名氏", "rhythmic": "失调名", "paragraphs": ["□□春风，吹落梅花。"]},
+    ],
+    1000: [{"author": "苏轼", "rhythmic": "木兰花・玉楼春", "paragraphs": ["霜馀已失长淮阔。空听潺潺清颍咽。"]}],
+}
+# 水调歌头 (95 characters and 18 marks): longer than the 80 the original allows a poem.
+SHUIDIAO = (
+    "明月几时有，把酒问青天。不知天上宫阙，今夕是何年。我欲乘风归去，又恐琼楼玉宇，高处不胜寒。起舞弄清影，何似在人间。"
+    "转朱阁，低绮户，照无眠。不应有恨，何事长向别时圆。人有悲欢离合，月有阴晴圆缺，此事古难全。但愿人长久，千里共婵娟。"
+)
+
+
+def test_ci_part_keeps_tunes_as_titles_long_ci_and_leaves_out_lost_characters(tmp_path):
+    members = {f"package/dist/songci/ci.song.{n}.json": json.dumps(p, ensure_ascii=False) for n, p in CI.items()}
+    members["package/dist/songci/ci.song.2019y.json"] = json.dumps([{"rhythmic": "清平乐", "baidu": 1}])
+    members["package/dist/songci/ci.song.2000.json"] = json.dumps(
+        [{"author": "苏轼", "rhythmic": "水调歌头", "paragraphs": [SHUIDIAO]}], ensure_ascii=False
+    )
+    tarball = make_tarball(tmp_path / "p.tgz", raw=members)
+    assert corpus.write_corpus(tarball, tmp_path / "poems.ci.txt", part="ci") == 4  # not the search counts
+    lines = (tmp_path / "poems.ci.txt").read_text(encoding="utf-8").splitlines()
+    assert [line.split(":")[0] for line in lines] == ["浣溪沙", "失调名", "木兰花・玉楼春", "水调歌头"]
+    assert lines[0].endswith("小园香径独徘徊。")  # already simplified: read as it is
+    corpus.write_corpus(tarball, tmp_path / "poems.txt")
+    both = data.load_corpus(tmp_path / "poems.txt", ("tang", "ci"), build=False)
+    ci = both.poems[both.part_sizes[0] :]
+    assert len(SHUIDIAO) > data.MAX_CHARS and "G" + SHUIDIAO + "E" in ci  # the 词's own limit admits it
+    tang_skipped = data.read_corpus(tmp_path / "poems.txt").skipped
+    assert not any("□" in poem for poem in ci) and both.skipped == tang_skipped + 1  # the 词 with lost characters
+    assert both.titles[both.part_sizes[0] :] == ["浣溪沙", "木兰花玉楼春", "水调歌头"]
+    # The Tang poems keep the original's rules: the same 水调歌头 as a poem is too long.
+    assert data.parse_line("水调歌头:" + SHUIDIAO) is None
 
 
 def test_poem_line_strips_separators():

@@ -268,3 +268,34 @@ def test_other_corpus_parts_only_train_and_keep_the_main_validation_split():
     assert both.used(2) == [0, 1, song_start, song_start + 1]
     limited_train, limited_val, _ = data.split_parts(both, limited)
     assert set(limited_train + limited_val) <= set(both.used(2)) and song_start in limited_train
+
+
+def test_a_part_that_validates_itself_holds_out_its_own_validation_poems():
+    """The 词 are split as the Tang poems are: their validation poems never train, and the
+    run's validation stays the Tang poems' alone."""
+    from tangshi_jax.config import TrainConfig
+
+    rng = random.Random(1)
+    pool = "春花秋月何时了往事知多少小楼昨夜又东风故国不堪回首明中山水日红白云天地人"
+
+    def poems(count):
+        return [
+            "G" + "，".join("".join(rng.choice(pool) for _ in range(6)) for _ in range(3)) + "。E" for _ in range(count)
+        ]
+
+    tang, ci = poems(40), poems(60)
+    config = TrainConfig(val_fraction=0.25, split="grouped")
+    main = data.Corpus(tang, ["题"] * 40, 0, 0, None)
+    part = data.Corpus(ci, ["浣溪沙"] * 60, 0, 0, None)
+    _, alone_val, _ = data.split_parts(main, config)
+    _, ci_val, _ = data.part_split(data.Corpus(ci, ["浣溪沙"] * 60, 0, 0, None), range(60), config)
+    assert 0 < len(ci_val) < 60
+    validated = data.join_parts([main, part], [True, True])
+    train, val, counts = data.split_parts(validated, config)
+    assert val == alone_val and counts.held_out == len(ci_val)
+    held = {40 + index for index in ci_val}
+    assert not held & set(train) and set(range(40, 100)) - held <= set(train)
+    # The same part without validation of its own trains every poem.
+    train_all, _, counts_all = data.split_parts(data.join_parts([main, part]), config)
+    assert set(range(40, 100)) <= set(train_all) and counts_all.held_out == 0
+    assert "held out to validate their own part" in data.describe_split(counts, ("ci",))

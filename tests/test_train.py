@@ -200,7 +200,7 @@ def test_a_finished_run_says_so(trained_run, tmp_path):
         (["--head-div", "0.5"], "--head-div must be 1 or more"),
         (["--head", "adaptive", "--relu-head"], "--relu-head works with the full head only"),
         (["--corpus", "song"], "tang first"),
-        (["--corpus", "tang,yuan"], "parts are tang, song"),
+        (["--corpus", "tang,yuan"], "parts are tang, song, ci"),
         (["--data", "mine.txt", "--corpus", "tang,song"], "mine.song.txt: no such file"),
     ],
 )
