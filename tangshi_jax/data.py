@@ -87,8 +87,9 @@ def clean_title(title: str) -> str:
     return "".join(char for char in title if is_hanzi(char))
 
 
-def read_corpus(path: str | Path, max_chars: int = MAX_CHARS, forbidden=FORBIDDEN) -> Corpus:
-    """Read poems.txt, tolerating a BOM and CRLF; undecodable bytes name their line."""
+def read_lines(path: str | Path):
+    """Yield (line number, line) of each non-blank line of a corpus file, tolerating a BOM and
+    CRLF; undecodable bytes name their line."""
     path = Path(path)
     if not path.is_file():
         raise TangshiError(f"{path}: no such file; build it with `python -m tangshi_jax.corpus --out {path}`")
@@ -96,7 +97,6 @@ def read_corpus(path: str | Path, max_chars: int = MAX_CHARS, forbidden=FORBIDDE
         raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
     except OSError as error:
         raise TangshiError(f"{path}: cannot be read ({error.strerror}); check its permissions") from None
-    poems, titles, skipped, unparsable, first_unparsable = [], [], 0, 0, None
     for number, raw_line in enumerate(raw.split(b"\n"), start=1):
         try:
             line = raw_line.decode("utf-8")
@@ -104,8 +104,14 @@ def read_corpus(path: str | Path, max_chars: int = MAX_CHARS, forbidden=FORBIDDE
             raise TangshiError(
                 f"{path}:{number}: not UTF-8 ({error.reason} at byte {error.start}); save the file as UTF-8"
             ) from None
-        if not line.strip():
-            continue
+        if line.strip():
+            yield number, line
+
+
+def read_corpus(path: str | Path, max_chars: int = MAX_CHARS, forbidden=FORBIDDEN) -> Corpus:
+    """Read poems.txt (read_lines) by the rules of parse_line."""
+    poems, titles, skipped, unparsable, first_unparsable = [], [], 0, 0, None
+    for number, line in read_lines(path):
         try:
             poem = parse_line(line, max_chars, forbidden)
         except ValueError:

@@ -5,6 +5,7 @@ Exit codes, stable (README, "When something goes wrong"): 0 success, 2 a user er
 (Ctrl-C or SIGTERM; a training run saves first).
 """
 
+import os
 import sys
 
 EXIT_USER_ERROR, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
@@ -72,4 +73,6 @@ def run_cli(main, argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader stopped reading (`| head`): what it took was written
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit flush is quiet
     return 0

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tangshi_jax import data, release, request, rules
+from tangshi_jax import cipai, data, release, request, rules
 from tangshi_jax.cache import default_cache_dir, write_atomically
 from tangshi_jax.config import ModelConfig
 from tangshi_jax.devices import PLATFORMS, use_platform
@@ -603,11 +603,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", default=None, help="a release folder (python -m tangshi_jax.export) instead of --checkpoint-dir"
     )
     parser.add_argument("--platform", choices=PLATFORMS, default=None)
+    parser.add_argument(
+        "--list-tunes", action="store_true", help="print the tunes (词牌) learned from the 词 beside --data, and stop"
+    )
+    parser.add_argument("--data", default="poems.txt", help="--list-tunes reads poems.ci.txt beside it")
     return parser
 
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
+    if args.list_tunes:
+        print("\n".join(cipai.tune_lines(args.data)))
+        return
     wanted = request.from_args(args)  # every flag checked before any work
     use_platform(args.platform)
     model = release.load_model(checkpoint_dir=args.checkpoint_dir, model_dir=args.model)
