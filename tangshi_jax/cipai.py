@@ -311,3 +311,74 @@ def tune_lines(data_path) -> list[str]:
         f"tones fixed where {TONE_AGREEMENT:.0%} of a tune's 词 agree (中: either), | between the halves"
     )
     return [header] + [f"{tune.name}\t{tune.count} 词, {tune.fit:.0%} fit\t{tune.pattern()}" for tune in tunes]
+
+
+# --- a tune's template as the sampler's arrays ---------------------------------------------
+
+MAX_RHYME_SETS = 8  # rhyme sets a template may have (the corpus's tunes have at most 4)
+CI_GROUPS = 2 * BU  # the sampler's rhyme groups for 词: (部, level) for 部 1-19, then (部, oblique)
+TONE_CODES = {"平": rules.LEVEL, "仄": rules.OBLIQUE, "中": rules.ANY}
+
+
+def ci_groups(vocab: tuple[str, ...]) -> np.ndarray:
+    """(V, CI_GROUPS) each character's 词林正韵 groups, level ones first."""
+    rhymes = build_ci_rhymes(vocab)
+    return np.concatenate([rhymes.level, rhymes.oblique], axis=1)
+
+
+def tune_length(tune: Tune) -> int:
+    """Characters and marks of a 词 of the tune."""
+    return sum(length + 1 for length, _ in tune.lines)
+
+
+def tune_template(tune: Tune, max_len: int, mark_ids: dict[str, int], end_id: int):
+    """Per-position arrays of a 词 of `tune` (positions 1..max_len after the start token):
+    kind and forced as rules.form_template gives them (marks forced, E after the last), the
+    tone wanted at each position, each line end's rhyme set (-1: none), and each set's
+    allowed groups to start from (its tone's 19 部)."""
+    kind = np.full(max_len + 1, rules.FORCED, np.int32)
+    forced = np.full(max_len + 1, end_id, np.int32)
+    tones = np.full(max_len + 1, rules.ANY, np.int32)
+    rhyme_set = np.full(max_len + 1, -1, np.int32)
+    set_groups = np.zeros((MAX_RHYME_SETS, CI_GROUPS), bool)
+    for index, tone in enumerate(tune.rhyme_tones):
+        set_groups[index, slice(0, BU) if tone == "平" else slice(BU, CI_GROUPS)] = True
+    position, char = 1, 0
+    for (length, mark), rhyme in zip(tune.lines, tune.rhymes):
+        kind[position : position + length] = rules.CHAR
+        tones[position : position + length] = [TONE_CODES[tone] for tone in tune.tones[char : char + length]]
+        rhyme_set[position + length - 1] = rhyme
+        forced[position + length] = mark_ids[mark]
+        position, char = position + length + 1, char + length
+    return kind, forced, tones, rhyme_set, set_groups
+
+
+@functools.lru_cache(maxsize=2)
+def _tunes_of(path: str, mtime_ns: int) -> dict[str, Tune]:
+    return {tune.name: tune for tune in learn_tunes(*read_ci(path))}
+
+
+def tunes_beside(data_path) -> dict[str, Tune]:
+    """The tunes learned from the 词 beside `data_path` (poems.ci.txt), by name; learned once
+    a process, again when the file changes."""
+    from tangshi_jax import corpus
+
+    path = corpus.part_path(data_path, "ci")
+    if not path.is_file():
+        raise TangshiError(
+            f"{path}: no such file; the tunes are learned from it: python -m tangshi_jax.corpus --part ci"
+        )
+    return _tunes_of(str(path.resolve()), path.stat().st_mtime_ns)
+
+
+def find_tune(name: str, tunes: dict[str, Tune]) -> Tune:
+    wanted = tune_of(name.strip())
+    if wanted in tunes:
+        return tunes[wanted]
+    raise TangshiError(
+        "{tune} {name!r} is not a tune learned from the corpus; the commonest are {known} "
+        "(all: python -m tangshi_jax.sample --list-tunes)",
+        field="tune",
+        name=name,
+        known="、".join(list(tunes)[:10]),
+    )

@@ -118,6 +118,12 @@ class PoemRequest:
     form: str | None = option(
         None, "string", "free, wujue, qijue, wulv or qilv (五绝, 七绝, 五律, 七律)", choices=FORM_CHOICES
     )
+    tune: str | None = option(
+        None,
+        "string",
+        "词牌: write a 词 to this tune, e.g. 浣溪沙 (the tunes: --list-tunes); rhymes always, tones with --tones",
+        api=None,
+    )
     acrostic: str | None = option(
         None, "string", "藏头诗: line i begins with the i-th character", api=Narrow(max_chars=8)
     )

@@ -103,10 +103,10 @@ def top_p_threshold(probs, top_p):
     return largest_passing(holds_mass, jnp.zeros_like(probs[:, :1]), jnp.max(probs, axis=-1, keepdims=True))
 
 
-def rules_mask(plan, prosody, t, alive, required, second_end, hanzi_only):
+def rules_mask(plan, prosody, t, alive, required, second_end, set_required, hanzi_only):
     """(num, V) characters the rules allow at step t, from the tonal schemes still alive and
-    the rhyme state. An empty set falls back to any Chinese character, so that a small
-    vocabulary never leaves a position with nothing to choose."""
+    the rhyme state (a 词's rhyme sets: set_required). An empty set falls back to any Chinese
+    character, so that a small vocabulary never leaves a position with nothing to choose."""
     position = t + 1
     want = plan["tones"][:, position]  # (schemes,)
 
@@ -133,10 +133,17 @@ def rules_mask(plan, prosody, t, alive, required, second_end, hanzi_only):
         )
 
     allowed = jax.lax.cond(role == rules.NO_RHYME, lambda _: allowed, lambda _: allowed & rhyme_ok(None), None)
+    rhyme_set = plan["rhyme_set"][position]
+
+    def set_rhyme_ok(_):  # a 词's line end: a character of a group its rhyme set may still take
+        groups = set_required[:, jnp.maximum(rhyme_set, 0)].astype(jnp.float32)  # (num, CI_GROUPS)
+        return (groups @ prosody["ci_rhymes"].T) > 0
+
+    allowed = jax.lax.cond(rhyme_set < 0, lambda _: allowed, lambda _: allowed & set_rhyme_ok(None), None)
     return jnp.where(jnp.any(allowed, axis=-1, keepdims=True), allowed, hanzi_only)
 
 
-def update_rules(plan, prosody, t, chosen, alive, required, second_end):
+def update_rules(plan, prosody, t, chosen, alive, required, second_end, set_required):
     """Narrow the tonal schemes and the rhyme groups by the character just written."""
     position = t + 1
     want = plan["tones"][:, position]
@@ -150,7 +157,11 @@ def update_rules(plan, prosody, t, chosen, alive, required, second_end):
     narrowed = required & groups
     required = jnp.where(pins & jnp.any(narrowed, axis=-1, keepdims=True), narrowed, required)
     second_end = jnp.where(position == plan["second_end"], groups, second_end)
-    return alive, required, second_end
+    # A 词's rhyme set takes the groups of its first rhyme, narrowed by each one after it.
+    in_set = (jnp.arange(set_required.shape[1]) == plan["rhyme_set"][position])[None, :, None]
+    narrowed = set_required & (prosody["ci_rhymes"][chosen] > 0)[:, None, :]
+    set_required = jnp.where(in_set & jnp.any(narrowed, axis=-1, keepdims=True), narrowed, set_required)
+    return alive, required, second_end, set_required
 
 
 class SamplerState(NamedTuple):
@@ -164,6 +175,7 @@ class SamplerState(NamedTuple):
     alive: jax.Array  # (num, schemes) the tonal schemes the poem still fits
     required: jax.Array  # (num, groups) the rhyme groups the rhyme may still take
     second_end: jax.Array  # (num, groups) the rhyme groups of the second line's last character
+    set_required: jax.Array  # (num, sets, CI_GROUPS) the 词林正韵 groups each rhyme set of a 词 may still take
     used: jax.Array  # (num, V) the Chinese characters the poem has used (the repetition penalty)
 
 
@@ -205,9 +217,12 @@ def generate(
     alive = jnp.ones((num, plan["tones"].shape[0]), bool)
     required = jnp.broadcast_to(plan["rhyme_groups"], (num, prosody["rhymes"].shape[1]))
     second_end = jnp.zeros_like(required)
+    set_required = jnp.broadcast_to(plan["set_groups"], (num, *plan["set_groups"].shape))
     used = jnp.zeros((num, vocab_size), bool)
     carry = initial_carry(model_config, num) if carry is None else carry
-    state = SamplerState(0, carry, tokens, log_probs, jnp.zeros(num, bool), alive, required, second_end, used)
+    state = SamplerState(
+        0, carry, tokens, log_probs, jnp.zeros(num, bool), alive, required, second_end, set_required, used
+    )
     bar_start = jnp.zeros(vocab_size).at[start_id].set(-jnp.inf)
     bar_end = bar_start.at[end_id].set(-jnp.inf)
     hanzi_only = prosody["hanzi"][None, :]
@@ -216,14 +231,14 @@ def generate(
         return (state.t < max_len) & ~jnp.all(state.done)
 
     def step(state: SamplerState) -> SamplerState:
-        t, carry, tokens, log_probs, done, alive, required, second_end, used = state
+        t, carry, tokens, log_probs, done, alive, required, second_end, set_required, used = state
         carry, logits = model.apply({"params": params}, tokens[:, t, None], carry)
         # G only ever begins a poem; E is barred until min_len characters stand.
         logits = logits[:, 0] + jnp.where(t < plan["min_len"], bar_end, bar_start)
         kind = plan["kind"][t + 1]
         allowed = jax.lax.cond(
             kind == rules.CHAR,
-            lambda _: rules_mask(plan, prosody, t, alive, required, second_end, hanzi_only),
+            lambda _: rules_mask(plan, prosody, t, alive, required, second_end, set_required, hanzi_only),
             lambda _: jnp.ones((num, vocab_size), bool),
             None,
         )
@@ -238,7 +253,9 @@ def generate(
         if with_log_probs:
             chosen_logits = jnp.take_along_axis(logits, chosen[:, None], -1)[:, 0]
             log_probs = log_probs.at[:, t].set(chosen_logits - jax.nn.logsumexp(logits, axis=-1))
-        alive, required, second_end = update_rules(plan, prosody, t, chosen, alive, required, second_end)
+        alive, required, second_end, set_required = update_rules(
+            plan, prosody, t, chosen, alive, required, second_end, set_required
+        )
         used = used.at[jnp.arange(num), chosen].max(prosody["hanzi"][chosen])  # punctuation is never penalised
         return SamplerState(
             t + 1,
@@ -249,6 +266,7 @@ def generate(
             alive,
             required,
             second_end,
+            set_required,
             used,
         )
 
@@ -361,6 +379,7 @@ def _device_prosody(vocab: tuple[str, ...]) -> dict:
         "level": prosody.level,
         "oblique": prosody.oblique,
         "rhymes": prosody.rhymes.astype(np.float32),
+        "ci_rhymes": cipai.ci_groups(vocab).astype(np.float32),
     }
 
 
@@ -375,15 +394,34 @@ def make_plan(
     tones: bool = False,
     loose_tones: bool = False,
     min_len: int = 0,
+    tune: cipai.Tune | None = None,
 ) -> dict:
-    """What may stand at each position of the poems of one request, as arrays for `generate`."""
+    """What may stand at each position of the poems of one request, as arrays for `generate`.
+    A 词 to a tune is as long as the tune needs, if that is more than max_len."""
     end_id = vocab.index(data.END)
     schemes = len(rules.SCHEMES[5])
+    max_len = max(max_len, cipai.tune_length(tune)) if tune else max_len
     kind = np.full(max_len + 1, rules.FREE, np.int32)
     forced = np.full(max_len + 1, end_id, np.int32)
     tone_plan = np.zeros((schemes, max_len + 1), np.int32)
     rhyme_plan = np.zeros(max_len + 1, np.int32)
+    rhyme_set = np.full(max_len + 1, -1, np.int32)
+    set_groups = np.zeros((cipai.MAX_RHYME_SETS, cipai.CI_GROUPS), bool)
     second_end = -1
+    if tune:
+        kind, forced, tune_tones, rhyme_set, set_groups = cipai.tune_template(
+            tune, max_len, tune_marks(vocab), end_id
+        )
+        tone_plan[:] = tune_tones  # one pattern: every scheme row the same
+        first_line = tune.lines[0][0]
+        if len(begin) > first_line:
+            raise TangshiError(
+                "{begin} has {length} characters, more than the first line of {tune_name} ({chars})",
+                field="begin",
+                length=len(begin),
+                tune_name=tune.name,
+                chars=first_line,
+            )
     if form:
         punctuation = tuple(vocab.index(mark) if mark in vocab else -1 for mark in (rules.COMMA, rules.PERIOD))
         if -1 in punctuation:
@@ -423,17 +461,36 @@ def make_plan(
         "rhyme": rhyme_plan,
         "second_end": np.int32(second_end),
         "rhyme_groups": groups,
-        "use_tones": np.bool_(tones and bool(form)),
+        "use_tones": np.bool_(tones and bool(form or tune)),
         "use_rhyme": np.bool_(rhyme and bool(form)),
         "min_len": np.int32(min_len),
+        "rhyme_set": rhyme_set,
+        "set_groups": set_groups,
     }
 
 
-def plan_request(vocab: list[str], wanted: PoemRequest, max_title: int = 0) -> dict:
+def tune_marks(vocab: list[str]) -> dict[str, int]:
+    """The ids of a 词's marks; a model that never saw 、 (the Tang poems have almost none)
+    pauses with ， instead."""
+    if rules.COMMA not in vocab or rules.PERIOD not in vocab:
+        raise TangshiError("this model's vocabulary lacks '，' or '。', so it cannot write to a tune")
+    marks = {"，": vocab.index(rules.COMMA), "。": vocab.index(rules.PERIOD)}
+    return {**marks, "、": vocab.index("、") if "、" in vocab else marks["，"]}
+
+
+def plan_request(vocab: list[str], wanted: PoemRequest, max_title: int = 0, tunes: dict | None = None) -> dict:
     """The plan (make_plan) of one request, after checking what only the model can check (its
     vocabulary, whether it reads titles); raises TangshiError on anything it cannot honour.
     Host-side only, so a server checks each request before batching it. max_title: the title
-    length the model was trained with (0: it reads no titles)."""
+    length the model was trained with (0: it reads no titles). tunes: the tunes a request may
+    name (cipai.tunes_beside)."""
+    tune = None
+    if wanted.tune is not None:
+        if wanted.form or wanted.acrostic or wanted.rhyme_group:
+            raise TangshiError(
+                "{tune} sets the lines and rhymes itself: leave out {form}, {acrostic} and {rhyme_group}", field="tune"
+            )
+        tune = cipai.find_tune(wanted.tune, tunes or {})
     if wanted.topic is not None:
         title_ids(wanted.topic, vocab, max_title, field="keywords" if wanted.keywords is not None else "title")
     ids = begin_ids(wanted.begin, vocab, wanted.max_len) if wanted.begin is not None else []
@@ -450,8 +507,8 @@ def plan_request(vocab: list[str], wanted: PoemRequest, max_title: int = 0) -> d
                 form_name=form,
                 lines=lines,
             )
-    if (wanted.rhyme or wanted.tones or wanted.rhyme_group) and not form:
-        raise TangshiError("{rhyme}, {rhyme_group} and {tones} need a {form} (or {acrostic})", field="form")
+    if (wanted.rhyme or wanted.tones or wanted.rhyme_group) and not (form or tune):
+        raise TangshiError("{rhyme}, {rhyme_group} and {tones} need a {form} (or {acrostic} or {tune})", field="form")
     if wanted.rhyme_group and len(wanted.rhyme_group.strip()) != 1:
         raise TangshiError(
             "{rhyme_group} takes one character, got {text!r}", field="rhyme_group", text=wanted.rhyme_group
@@ -467,6 +524,7 @@ def plan_request(vocab: list[str], wanted: PoemRequest, max_title: int = 0) -> d
         rhyme_group=group,
         tones=wanted.tones,
         loose_tones=wanted.loose_tones,
+        tune=tune,
     )
 
 
@@ -482,6 +540,7 @@ def write_poems(
     with_scores: bool = False,
     rows: int = 0,
     part: int = 0,
+    tunes: dict | None = None,
 ) -> list[str] | tuple[list[str], list[float]]:
     """Poems as strings (without G/E), as `wanted` asks (its script aside: poems come simplified).
 
@@ -492,8 +551,9 @@ def write_poems(
     with_scores: also the kept poems' scores. rows: run the sampler on at least this many rows,
     the rest padding, so that one compiled program serves every batch up to that size (a row's
     draws do not depend on the batch size). part: the index of this call in a request written
-    part by part (sample --num); each draws its own numbers. A request without a seed draws one."""
-    plan = plan_request(vocab, wanted, max_title)
+    part by part (sample --num); each draws its own numbers. A request without a seed draws one.
+    tunes: the tunes a request may name (cipai.tunes_beside)."""
+    plan = plan_request(vocab, wanted, max_title, tunes)
     start_id, end_id = vocab.index(data.START), vocab.index(data.END)
     num, candidates = wanted.num, wanted.drafts
     batch = max(rows, num * candidates)
@@ -518,7 +578,7 @@ def write_poems(
         carry,
         model_config=model_config,
         num=batch,
-        max_len=wanted.max_len,
+        max_len=len(plan["kind"]) - 1,  # a tune may need more than wanted.max_len
         top_k=jnp.int32(min(wanted.top_k, len(vocab))),
         greedy=jnp.bool_(wanted.greedy),
         start_id=start_id,
@@ -606,7 +666,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--list-tunes", action="store_true", help="print the tunes (词牌) learned from the 词 beside --data, and stop"
     )
-    parser.add_argument("--data", default="poems.txt", help="--list-tunes reads poems.ci.txt beside it")
+    parser.add_argument("--data", default="poems.txt", help="--list-tunes and --tune read poems.ci.txt beside it")
     return parser
 
 
@@ -618,6 +678,7 @@ def main(argv=None) -> None:
     wanted = request.from_args(args)  # every flag checked before any work
     use_platform(args.platform)
     model = release.load_model(checkpoint_dir=args.checkpoint_dir, model_dir=args.model)
+    tunes = cipai.tunes_beside(args.data) if wanted.tune is not None else None
     copied = corpus_lines(model.train_config.data) if wanted.drafts > 1 else None
     # A part at a time, printed as it is done: memory stays bounded whatever --num asks. The last
     # part is padded to the others' rows, so that one compiled program serves them all.
@@ -634,6 +695,7 @@ def main(argv=None) -> None:
             corpus_lines=copied,
             rows=rows,
             part=part,
+            tunes=tunes,
         )
         for index, poem in enumerate(in_script(poems, wanted.script), start=first):
             if args.json:

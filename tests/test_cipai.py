@@ -150,3 +150,84 @@ def test_list_tunes_prints_each_tune_and_a_missing_file_is_one_line(tmp_path, ca
         timeout=120,
     )
     assert head.stdout and "Traceback" not in head.stderr and "BrokenPipe" not in head.stderr
+
+
+# --- writing to a tune --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ci_model():
+    """An untrained model whose vocabulary holds the fixtures' characters: whatever holds on
+    its 词 holds by construction. The marks include 、 so that a pause can be written."""
+    import jax
+
+    from tangshi_jax.config import ModelConfig
+    from tangshi_jax.model import init_params
+
+    chars = sorted({char for text in HUANXISHA + PUSAMAN for char in text if char not in "，。、"})
+    vocab = ["G", "E", "，", "。", "、"] + chars
+    config = ModelConfig(vocab_size=len(vocab), hidden=16, embed=8)
+    tunes = {"浣溪沙": learned("浣溪沙", HUANXISHA), "菩萨蛮": learned("菩萨蛮", PUSAMAN)}
+    return config, init_params(config, jax.random.key(0)), vocab, tunes
+
+
+def write_ci(ci_model, **options):
+    from tangshi_jax.request import PoemRequest
+    from tangshi_jax.sample import write_poems
+
+    config, params, vocab, tunes = ci_model
+    return write_poems(params, config, vocab, PoemRequest(**{"candidates": 1, **options}), tunes=tunes)
+
+
+def check_ci(text: str, tune: cipai.Tune, tones: bool) -> None:
+    """The 词 has the tune's lines and marks, rhymes in one 词林正韵 group per rhyme set in the
+    set's tone, and (tones) a character of the wanted tone wherever the template fixes one."""
+    from tangshi_jax import rules
+
+    assert cipai.shape_of(text) == tune.lines, text
+    bare = "".join(cipai.LINE.sub(r"\1", text))
+    table = cipai.cilin_table()
+    ends, position = [], 0
+    for length, _ in tune.lines:
+        position += length
+        ends.append(position - 1)
+    for rhyme_set, tone in enumerate(tune.rhyme_tones):
+        members = [bare[ends[i]] for i, s in enumerate(tune.rhymes) if s == rhyme_set]
+        shared = set.intersection(*(table.get(rules.to_traditional(char), set()) for char in members))
+        assert any(t == tone for _, t in shared), (text, rhyme_set, members)
+    if tones:
+        readings = cipai.tones_of_chars(bare)
+        for char, wanted in zip(bare, tune.tones):
+            assert wanted == "中" or wanted in readings[char], (text, char, wanted)
+
+
+@pytest.mark.parametrize("tune_name, tones", [("浣溪沙", True), ("菩萨蛮", True), ("菩萨蛮", False)])
+def test_every_ci_fits_its_tune(ci_model, tune_name, tones):
+    tune = ci_model[3][tune_name]
+    texts = write_ci(ci_model, tune=tune_name, tones=tones, num=30, seed=3)
+    assert len(texts) == 30 and len(set(texts)) > 20
+    for text in texts:
+        check_ci(text, tune, tones)
+
+
+def test_a_tune_takes_the_length_it_needs_and_reads_a_begin_text(ci_model):
+    tune = ci_model[3]["浣溪沙"]
+    texts = write_ci(ci_model, tune="浣溪沙", begin="一曲", num=4, seed=5, max_len=10)  # 48 > 10: the tune wins
+    assert all(text.startswith("一曲") and len(text) == cipai.tune_length(tune) for text in texts)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"tune": "满江红"}, "--tune '满江红' is not a tune learned from the corpus; the commonest are 浣溪沙"),
+        ({"tune": "浣溪沙", "form": "qijue"}, "--tune sets the lines and rhymes itself"),
+        ({"tune": "浣溪沙", "acrostic": "春夏秋冬"}, "--tune sets the lines and rhymes itself"),
+        ({"tune": "浣溪沙", "begin": "一曲新词酒一杯多"}, "more than the first line of 浣溪沙 (7)"),
+    ],
+)
+def test_bad_tune_requests_are_one_clear_line(ci_model, options, message):
+    from tangshi_jax.errors import TangshiError
+
+    with pytest.raises(TangshiError) as raised:
+        write_ci(ci_model, **options)
+    assert message in raised.value.worded() and "\n" not in raised.value.worded()
