@@ -88,6 +88,7 @@ def model_card(loaded: release.Loaded, metrics: dict | None, report: dict | None
         + (", reads titles" if train_config.titles else "")
     )
     count = sum(int(array.size) for array in jax.tree_util.tree_leaves(loaded.params))
+    stored = "float16, read back as float32" if metrics and metrics.get("half") else "float32"
     lines = [
         "---",
         "language: zh",
@@ -104,7 +105,7 @@ def model_card(loaded: release.Loaded, metrics: dict | None, report: dict | None
         "",
         "| file | what |",
         "|---|---|",
-        f"| `{release.WEIGHTS}` | the parameters only (float32), named like `embed.embedding` |",
+        f"| `{release.WEIGHTS}` | the parameters only ({stored}), named like `embed.embedding` |",
         f"| `{release.CONFIG}` | the model config, the training settings, step and validation figures |",
         f"| `{release.VOCAB}` | character → id |",
         "",

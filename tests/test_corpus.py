@@ -266,6 +266,15 @@ def test_real_corpus(tmp_path):
         first == "帝京篇十首 一:秦川雄帝宅，函谷壮皇居。绮殿千寻起，离宫百雉余。"
         "连甍遥接汉，飞观迥凌虚。云日隐层阙，风烟出绮疎。"
     )
+    # The shipped model's card states the validation figures this file gives it.
+    from tangshi_jax import evaluate, release
+
+    loaded = release.load_model(model_dir="tang")
+    dataset = evaluate.load_dataset(out, loaded.train_config, loaded.vocab)
+    measured = evaluate.validation_nll(loaded.params, loaded.model_config, loaded.train_config, dataset.val)
+    card = json.loads((release.SHIPPED / "tang" / release.CONFIG).read_text(encoding="utf-8"))["metrics"]
+    assert abs(measured["nll"] - card["half"]["float16_nll"]) < 1e-5
+    assert abs(measured["char_nll"] - card["half"]["float16_char_nll"]) < 1e-5
 
 
 @pytest.mark.slow  # trains one small epoch

@@ -152,7 +152,8 @@ def test_half_precision_release_is_checked_then_reads_back_as_float32(exported, 
     assert config["format_version"] == 2 and config["weights_dtype"] == "float16"
     half = config["metrics"]["half"]
     assert abs(half["float16_nll"] - half["float32_nll"]) < export.HALF_TOLERANCE and half["float32_nll"] > 0
-    assert "Weights stored as float16" in (out / "README.md").read_text(encoding="utf-8")
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert "Weights stored as float16" in card and "the parameters only (float16, read back as float32)" in card
     loaded, original = release.load_model(model_dir=out), release.load_model(checkpoint_dir=directory)
     for got, want in zip(jax.tree_util.tree_leaves(loaded.params), jax.tree_util.tree_leaves(original.params)):
         assert got.dtype == np.float32
@@ -183,3 +184,29 @@ def test_a_shipped_model_is_found_by_name_and_an_unknown_name_is_one_line(export
     assert release.load_model(model_dir=out.name).vocab == release.load_model(model_dir=out).vocab
     with pytest.raises(TangshiError, match=f"no model of that name.*{out.name}"):
         release.find_release("no-such-model")
+
+
+SHIPPED_NAME = "tang"  # the model that comes with the package (README, "A ready model")
+
+
+def shipped_figures() -> dict:
+    return json.loads((release.SHIPPED / SHIPPED_NAME / release.CONFIG).read_text(encoding="utf-8"))["metrics"]
+
+
+@pytest.mark.slow  # compiles the sampler for the shipped model's 7,319 characters
+def test_the_shipped_model_is_found_by_name_and_writes_rule_keeping_poems():
+    import re
+
+    assert SHIPPED_NAME in release.shipped_models()
+    loaded = release.load_model(model_dir=SHIPPED_NAME)  # no such folder here: the package's, by name
+    figures = shipped_figures()
+    assert loaded.progress["step"] == figures["step"] and loaded.model_config.head == "adaptive"
+    card = (release.SHIPPED / SHIPPED_NAME / release.CARD).read_text(encoding="utf-8")
+    assert (
+        f"{figures['val_char_loss']:.3f} over Chinese characters only (perplexity {figures['val_char_ppl']:.1f})"
+        in card
+    )
+    assert abs(figures["half"]["float16_nll"] - figures["half"]["float32_nll"]) < export.HALF_TOLERANCE
+    wanted = PoemRequest(begin="日", form="qijue", rhyme=True, tones=True, num=3, seed=0, candidates=2)
+    poems = sample.write_poems(loaded.params, loaded.model_config, loaded.vocab, wanted, max_title=loaded.max_title)
+    assert all(re.fullmatch("日[^，。]{6}，[^，。]{7}。[^，。]{7}，[^，。]{7}。", poem) for poem in poems), poems
