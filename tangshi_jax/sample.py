@@ -179,6 +179,23 @@ class SamplerState(NamedTuple):
     used: jax.Array  # (num, V) the Chinese characters the poem has used (the repetition penalty)
 
 
+def initial_state(plan, prosody, carry, num, max_len, vocab_size, start_id, end_id) -> SamplerState:
+    """The loop state before the first character: every scheme and rhyme group still open."""
+    required = jnp.broadcast_to(plan["rhyme_groups"], (num, prosody["rhymes"].shape[1]))
+    return SamplerState(
+        t=0,
+        carry=carry,
+        tokens=jnp.full((num, max_len + 1), end_id, jnp.int32).at[:, 0].set(start_id),
+        log_probs=jnp.zeros((num, max_len), jnp.float32),
+        done=jnp.zeros(num, bool),
+        alive=jnp.ones((num, plan["tones"].shape[0]), bool),
+        required=required,
+        second_end=jnp.zeros_like(required),
+        set_required=jnp.broadcast_to(plan["set_groups"], (num, *plan["set_groups"].shape)),
+        used=jnp.zeros((num, vocab_size), bool),
+    )
+
+
 @functools.partial(jax.jit, static_argnames=("model_config", "num", "max_len", "start_id", "end_id", "with_log_probs"))
 def generate(
     params,
@@ -212,17 +229,8 @@ def generate(
     """
     model = PoemModel(model_config)
     vocab_size = model_config.vocab_size
-    tokens = jnp.full((num, max_len + 1), end_id, jnp.int32).at[:, 0].set(start_id)
-    log_probs = jnp.zeros((num, max_len), jnp.float32)
-    alive = jnp.ones((num, plan["tones"].shape[0]), bool)
-    required = jnp.broadcast_to(plan["rhyme_groups"], (num, prosody["rhymes"].shape[1]))
-    second_end = jnp.zeros_like(required)
-    set_required = jnp.broadcast_to(plan["set_groups"], (num, *plan["set_groups"].shape))
-    used = jnp.zeros((num, vocab_size), bool)
     carry = initial_carry(model_config, num) if carry is None else carry
-    state = SamplerState(
-        0, carry, tokens, log_probs, jnp.zeros(num, bool), alive, required, second_end, set_required, used
-    )
+    state = initial_state(plan, prosody, carry, num, max_len, vocab_size, start_id, end_id)
     bar_start = jnp.zeros(vocab_size).at[start_id].set(-jnp.inf)
     bar_end = bar_start.at[end_id].set(-jnp.inf)
     hanzi_only = prosody["hanzi"][None, :]
@@ -409,9 +417,7 @@ def make_plan(
     set_groups = np.zeros((cipai.MAX_RHYME_SETS, cipai.CI_GROUPS), bool)
     second_end = -1
     if tune:
-        kind, forced, tune_tones, rhyme_set, set_groups = cipai.tune_template(
-            tune, max_len, tune_marks(vocab), end_id
-        )
+        kind, forced, tune_tones, rhyme_set, set_groups = cipai.tune_template(tune, max_len, tune_marks(vocab), end_id)
         tone_plan[:] = tune_tones  # one pattern: every scheme row the same
         first_line = tune.lines[0][0]
         if len(begin) > first_line:
@@ -508,7 +514,7 @@ def plan_request(vocab: list[str], wanted: PoemRequest, max_title: int = 0, tune
                 lines=lines,
             )
     if (wanted.rhyme or wanted.tones or wanted.rhyme_group) and not (form or tune):
-        raise TangshiError("{rhyme}, {rhyme_group} and {tones} need a {form} (or {acrostic} or {tune})", field="form")
+        raise TangshiError("{rhyme}, {rhyme_group} and {tones} need a {form} (or {acrostic})", field="form")
     if wanted.rhyme_group and len(wanted.rhyme_group.strip()) != 1:
         raise TangshiError(
             "{rhyme_group} takes one character, got {text!r}", field="rhyme_group", text=wanted.rhyme_group
