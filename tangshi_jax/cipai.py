@@ -26,7 +26,6 @@ from tangshi_jax import rules
 from tangshi_jax.errors import TangshiError
 
 BU = 19
-ENTERING_BU = range(15, 20)  # 入声 部
 # 部 of each 平水韵 group, by the character that names the group (東 for 上平聲一東); a
 # tuple is a divided group: (部 for the finals listed, 部 otherwise, those finals).
 _AI = ("ai", "uai")
@@ -300,14 +299,10 @@ def tune_lines(data_path) -> list[str]:
     """What `sample --list-tunes` prints: each tune learned from the 词 beside `data_path`."""
     from tangshi_jax import corpus
 
-    path = corpus.part_path(data_path, "ci")
-    if not path.is_file():
-        raise TangshiError(
-            f"{path}: no such file; the tunes are learned from it: python -m tangshi_jax.corpus --part ci"
-        )
-    tunes = learn_tunes(*read_ci(path))
+    tunes = list(tunes_beside(data_path).values())  # the commonest first, as learn_tunes orders them
     header = (
-        f"{len(tunes)} tunes with {MIN_CI} or more 词 in {path} ({sum(tune.count for tune in tunes):,} 词); "
+        f"{len(tunes)} tunes with {MIN_CI} or more 词 in {corpus.part_path(data_path, 'ci')} "
+        f"({sum(tune.count for tune in tunes):,} 词); "
         f"tones fixed where {TONE_AGREEMENT:.0%} of a tune's 词 agree (中: either), | between the halves"
     )
     return [header] + [f"{tune.name}\t{tune.count} 词, {tune.fit:.0%} fit\t{tune.pattern()}" for tune in tunes]
