@@ -279,14 +279,13 @@ def learn_tunes(titles: list[str], contents: list[str]) -> list[Tune]:
 
 def read_ci(path) -> tuple[list[str], list[str]]:
     """(titles as written, contents) of the usable 词 of a poems.ci.txt (the corpus part's rules)."""
-    from tangshi_jax import corpus, data
+    from tangshi_jax import data
 
-    rules_of_ci = corpus.PARTS["ci"]
-    forbidden = data.FORBIDDEN | set(rules_of_ci.lost_marks)
+    max_chars, forbidden = data.part_rules("ci")
     titles, contents = [], []
     for _, line in data.read_lines(path):
         try:
-            poem = data.parse_line(line, rules_of_ci.max_chars, forbidden)
+            poem = data.parse_line(line, max_chars, forbidden)
         except ValueError:
             continue
         if poem:

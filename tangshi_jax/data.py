@@ -131,6 +131,14 @@ def read_corpus(path: str | Path, max_chars: int = MAX_CHARS, forbidden=FORBIDDE
     return Corpus(poems, titles, skipped, unparsable, first_unparsable)
 
 
+def part_rules(part: str) -> tuple[int, set[str]]:
+    """(max_chars, forbidden) of a corpus part: the original's, widened or narrowed by corpus.Part."""
+    from tangshi_jax import corpus
+
+    rules = corpus.PARTS[part]
+    return rules.max_chars, FORBIDDEN | set(rules.lost_marks)
+
+
 def load_corpus(data_path, parts=("tang",), *, build: bool, several_processes: bool = False, log=print) -> Corpus:
     """The poems of every corpus part a run reads: the poems file, and each other part beside it
     (corpus.part_path). Missing parts are built from the corpus package when build (the
@@ -148,8 +156,7 @@ def load_corpus(data_path, parts=("tang",), *, build: bool, several_processes: b
         if not path.exists():
             log(f"{path} not found: building it from the chinese-poetry package (downloaded once)")
             corpus.build_corpus(path, part=part)
-        rules = corpus.PARTS[part]
-        read.append(read_corpus(path, rules.max_chars, FORBIDDEN | set(rules.lost_marks)))
+        read.append(read_corpus(path, *part_rules(part)))
     return (
         read[0] if len(read) == 1 else join_parts(read, [True] + [corpus.PARTS[part].validated for part in parts[1:]])
     )
