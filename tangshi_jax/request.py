@@ -124,6 +124,13 @@ class PoemRequest:
         "词牌: write a 词 to this tune, e.g. 浣溪沙 (the tunes: --list-tunes); rhymes always, tones with --tones",
         api=None,
     )
+    couplet: str | None = option(
+        None,
+        "string",
+        "对联: write the 下联 to this 上联, e.g. 风声雨声读书声 (tones opposed at the 2nd, 4th, 6th and last "
+        "character of each clause; every certain one with --tones)",
+        api=Narrow(max_chars=32),
+    )
     acrostic: str | None = option(
         None, "string", "藏头诗: line i begins with the i-th character", api=Narrow(max_chars=8)
     )

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tangshi_jax import cipai, data, release, request, rules
+from tangshi_jax import cipai, couplet, data, release, request, rules
 from tangshi_jax.cache import default_cache_dir, write_atomically
 from tangshi_jax.config import ModelConfig
 from tangshi_jax.devices import PLATFORMS, use_platform
@@ -103,10 +103,11 @@ def top_p_threshold(probs, top_p):
     return largest_passing(holds_mass, jnp.zeros_like(probs[:, :1]), jnp.max(probs, axis=-1, keepdims=True))
 
 
-def rules_mask(plan, prosody, t, alive, required, second_end, set_required, hanzi_only):
-    """(num, V) characters the rules allow at step t, from the tonal schemes still alive and
-    the rhyme state (a 词's rhyme sets: set_required). An empty set falls back to any Chinese
-    character, so that a small vocabulary never leaves a position with nothing to choose."""
+def rules_mask(plan, prosody, t, alive, required, second_end, set_required, used, hanzi_only):
+    """(num, V) characters the rules allow at step t, from the tonal schemes still alive, the
+    rhyme state (a 词's rhyme sets: set_required) and, where the plan wants a fresh character
+    (a 下联), the characters used. An empty set falls back to any Chinese character, so that a
+    small vocabulary never leaves a position with nothing to choose."""
     position = t + 1
     want = plan["tones"][:, position]  # (schemes,)
 
@@ -118,7 +119,7 @@ def rules_mask(plan, prosody, t, alive, required, second_end, set_required, hanz
         | (any_alive(rules.LEVEL) & prosody["level"])
         | (any_alive(rules.OBLIQUE) & prosody["oblique"])
     )
-    allowed = hanzi_only & jnp.where(plan["use_tones"], tone_ok, True)
+    allowed = hanzi_only & jnp.where(plan["use_tones"], tone_ok, True) & ~(plan["fresh"][position] & used)
     role = jnp.where(plan["use_rhyme"], plan["rhyme"][position], rules.NO_RHYME)
 
     def rhyme_ok(_):
@@ -219,13 +220,13 @@ def generate(
     """Write `num` poems of at most `max_len` characters after the start token.
 
     plan (see make_plan): per position, what stands there: anything, a Chinese character
-    under the rules, or a forced token (the begin text, punctuation of a form, acrostic
-    heads, the end). All of it is data, so one compiled program serves every begin text,
-    form and rule; top_k and greedy are data too, so that a server compiles one program per
-    batch size. carry: the state after reading each poem's title (read_titles), or None
-    for a zero state. Returns tokens (num, max_len + 1) with E after each poem's end, and, with
-    with_log_probs, the model's own log-probability of every token (num, max_len; zeros
-    otherwise: it costs a pass over the vocabulary a step).
+    under the rules, a forced token (the begin text, punctuation of a form, acrostic heads,
+    the end) or a copy of an earlier one (a 下联's repeats). All of it is data, so one compiled
+    program serves every begin text, form and rule; top_k and greedy are data too, so that a
+    server compiles one program per batch size. carry: the state after reading each poem's
+    title (read_titles), or None for a zero state. Returns tokens (num, max_len + 1) with E
+    after each poem's end, and, with with_log_probs, the model's own log-probability of every
+    token (num, max_len; zeros otherwise: it costs a pass over the vocabulary a step).
     """
     model = PoemModel(model_config)
     vocab_size = model_config.vocab_size
@@ -246,7 +247,7 @@ def generate(
         kind = plan["kind"][t + 1]
         allowed = jax.lax.cond(
             kind == rules.CHAR,
-            lambda _: rules_mask(plan, prosody, t, alive, required, second_end, set_required, hanzi_only),
+            lambda _: rules_mask(plan, prosody, t, alive, required, second_end, set_required, used, hanzi_only),
             lambda _: jnp.ones((num, vocab_size), bool),
             None,
         )
@@ -257,6 +258,8 @@ def generate(
             lambda: sample_tokens(jax.random.fold_in(key, t), masked, temperature, top_k, top_p),
         )
         chosen = jnp.where(kind == rules.FORCED, plan["forced"][t + 1], chosen)
+        copied = plan["copy_from"][t + 1]  # a 下联 repeats its own character where its 上联 does
+        chosen = jnp.where(copied >= 0, tokens[:, jnp.maximum(copied, 0)], chosen)
         chosen = jnp.where(done, end_id, chosen)
         if with_log_probs:
             chosen_logits = jnp.take_along_axis(logits, chosen[:, None], -1)[:, 0]
@@ -370,6 +373,11 @@ def decode(tokens: np.ndarray, vocab: list[str], end_id: int) -> str:
     return "".join(chars)
 
 
+def poem_lines(poem: str, wanted: PoemRequest) -> list[str]:
+    """The lines a poem is shown in: a couplet's two, else one sentence a line."""
+    return list(couplet.split(poem, couplet.parse(wanted.couplet))) if wanted.couplet else split_lines(poem)
+
+
 def split_lines(poem: str) -> list[str]:
     """One sentence (up to 。！？) a line."""
     return [line for line in re.findall(rf"[^{SENTENCE_END}]*[{SENTENCE_END}]|[^{SENTENCE_END}]+$", poem) if line]
@@ -403,53 +411,34 @@ def make_plan(
     loose_tones: bool = False,
     min_len: int = 0,
     tune: cipai.Tune | None = None,
+    couplet_shape: couplet.Shape | None = None,
 ) -> dict:
     """What may stand at each position of the poems of one request, as arrays for `generate`.
-    A 词 to a tune is as long as the tune needs, if that is more than max_len."""
+    A 词 to a tune, or a couplet, is as long as it needs, if that is more than max_len."""
     end_id = vocab.index(data.END)
     schemes = len(rules.SCHEMES[5])
-    max_len = max(max_len, cipai.tune_length(tune)) if tune else max_len
+    max_len = max(max_len, cipai.tune_length(tune) if tune else couplet.length(couplet_shape) if couplet_shape else 0)
     kind = np.full(max_len + 1, rules.FREE, np.int32)
     forced = np.full(max_len + 1, end_id, np.int32)
     tone_plan = np.zeros((schemes, max_len + 1), np.int32)
     rhyme_plan = np.zeros(max_len + 1, np.int32)
     rhyme_set = np.full(max_len + 1, -1, np.int32)
     set_groups = np.zeros((cipai.MAX_RHYME_SETS, cipai.CI_GROUPS), bool)
+    copy_from, fresh = np.full(max_len + 1, -1, np.int32), np.zeros(max_len + 1, bool)
     second_end = -1
-    if tune:
-        kind, forced, tune_tones, rhyme_set, set_groups = cipai.tune_template(tune, max_len, tune_marks(vocab), end_id)
-        tone_plan[:] = tune_tones  # one pattern: every scheme row the same
-        first_line = tune.lines[0][0]
-        if len(begin) > first_line:
-            raise TangshiError(
-                "{begin} has {length} characters, more than the first line of {tune_name} ({chars})",
-                field="begin",
-                length=len(begin),
-                tune_name=tune.name,
-                chars=first_line,
-            )
-    if form:
-        punctuation = tuple(vocab.index(mark) if mark in vocab else -1 for mark in (rules.COMMA, rules.PERIOD))
-        if -1 in punctuation:
-            raise TangshiError("this model's vocabulary lacks '，' or '。', so it cannot write a form")
-        kind, forced, tone_plan, rhyme_plan = rules.form_template(
-            form, max_len, punctuation, end_id, heads, loose_tones or bool(heads)
+    prosody = rules.build_prosody(tuple(vocab))
+    if couplet_shape:
+        kind, forced, tone_plan[:], copy_from, fresh = couplet.couplet_template(
+            couplet_shape, vocab, prosody, max_len, end_id, every_position=tones
         )
-        chars = rules.FORMS[form][1]
-        second_end = 2 * (chars + 1) - 1
-        if len(begin) > chars:
-            raise TangshiError(
-                "{begin} has {length} characters, more than a line of {form_name} ({chars})",
-                field="begin",
-                length=len(begin),
-                form_name=form,
-                chars=chars,
-            )
-        if heads and begin and begin[0] != heads[0]:
-            raise TangshiError("{begin} must start with the first {acrostic} character (or be left out)", field="begin")
+        tones = True  # a couplet always opposes its tones; --tones opposes every certain one
+    if tune:
+        kind, forced, tone_plan[:], rhyme_set, set_groups = tune_plan(vocab, tune, max_len, begin, end_id)
+    if form:
+        kind, forced, tone_plan, rhyme_plan = form_plan(vocab, form, max_len, begin, end_id, heads, loose_tones)
+        second_end = 2 * (rules.FORMS[form][1] + 1) - 1
     kind[1 : len(begin) + 1] = rules.FORCED
     forced[1 : len(begin) + 1] = begin
-    prosody = rules.build_prosody(tuple(vocab))
     groups = np.ones(len(prosody.groups), bool)
     if rhyme_group is not None:
         groups = prosody.rhymes[rhyme_group] & prosody.level_groups
@@ -467,12 +456,47 @@ def make_plan(
         "rhyme": rhyme_plan,
         "second_end": np.int32(second_end),
         "rhyme_groups": groups,
-        "use_tones": np.bool_(tones and bool(form or tune)),
+        "use_tones": np.bool_(tones and bool(form or tune or couplet_shape)),
         "use_rhyme": np.bool_(rhyme and bool(form)),
         "min_len": np.int32(min_len),
         "rhyme_set": rhyme_set,
         "set_groups": set_groups,
+        "copy_from": copy_from,
+        "fresh": fresh,
     }
+
+
+def tune_plan(vocab: list[str], tune: cipai.Tune, max_len: int, begin: list[int], end_id: int):
+    """cipai.tune_template's arrays, after checking that the begin text fits the first line."""
+    first_line = tune.lines[0][0]
+    if len(begin) > first_line:
+        raise TangshiError(
+            "{begin} has {length} characters, more than the first line of {tune_name} ({chars})",
+            field="begin",
+            length=len(begin),
+            tune_name=tune.name,
+            chars=first_line,
+        )
+    return cipai.tune_template(tune, max_len, tune_marks(vocab), end_id)
+
+
+def form_plan(vocab: list[str], form: str, max_len: int, begin: list[int], end_id: int, heads, loose_tones: bool):
+    """rules.form_template's arrays, after checking the begin text against the form and heads."""
+    punctuation = tuple(vocab.index(mark) if mark in vocab else -1 for mark in (rules.COMMA, rules.PERIOD))
+    if -1 in punctuation:
+        raise TangshiError("this model's vocabulary lacks '，' or '。', so it cannot write a form")
+    chars = rules.FORMS[form][1]
+    if len(begin) > chars:
+        raise TangshiError(
+            "{begin} has {length} characters, more than a line of {form_name} ({chars})",
+            field="begin",
+            length=len(begin),
+            form_name=form,
+            chars=chars,
+        )
+    if heads and begin and begin[0] != heads[0]:
+        raise TangshiError("{begin} must start with the first {acrostic} character (or be left out)", field="begin")
+    return rules.form_template(form, max_len, punctuation, end_id, heads, loose_tones or bool(heads))
 
 
 def tune_marks(vocab: list[str]) -> dict[str, int]:
@@ -497,6 +521,15 @@ def plan_request(vocab: list[str], wanted: PoemRequest, max_title: int = 0, tune
                 "{tune} sets the lines and rhymes itself: leave out {form}, {acrostic} and {rhyme_group}", field="tune"
             )
         tune = cipai.find_tune(wanted.tune, tunes or {})
+    shape = None
+    if wanted.couplet is not None:
+        if wanted.form or wanted.tune or wanted.acrostic or wanted.begin or wanted.rhyme or wanted.rhyme_group:
+            raise TangshiError(
+                "{couplet} sets the 下联's shape itself: leave out {form}, {tune}, {acrostic}, {begin}, {rhyme} "
+                "and {rhyme_group}",
+                field="couplet",
+            )
+        shape = couplet.parse(wanted.couplet)
     if wanted.topic is not None:
         title_ids(wanted.topic, vocab, max_title, field="keywords" if wanted.keywords is not None else "title")
     ids = begin_ids(wanted.begin, vocab, wanted.max_len) if wanted.begin is not None else []
@@ -513,7 +546,7 @@ def plan_request(vocab: list[str], wanted: PoemRequest, max_title: int = 0, tune
                 form_name=form,
                 lines=lines,
             )
-    if (wanted.rhyme or wanted.tones or wanted.rhyme_group) and not (form or tune):
+    if (wanted.rhyme or wanted.rhyme_group) and not (form or tune) or wanted.tones and not (form or tune or shape):
         raise TangshiError("{rhyme}, {rhyme_group} and {tones} need a {form} (or {acrostic})", field="form")
     if wanted.rhyme_group and len(wanted.rhyme_group.strip()) != 1:
         raise TangshiError(
@@ -531,6 +564,7 @@ def plan_request(vocab: list[str], wanted: PoemRequest, max_title: int = 0, tune
         tones=wanted.tones,
         loose_tones=wanted.loose_tones,
         tune=tune,
+        couplet_shape=shape,
     )
 
 
@@ -711,13 +745,13 @@ def main(argv=None) -> None:
                             "begin": wanted.begin or "",
                             "title": wanted.topic or "",
                             "poem": poem,
-                            "lines": split_lines(poem),
+                            "lines": poem_lines(poem, wanted),
                         },
                         ensure_ascii=False,
                     )
                 )
             else:
-                print(("\n" if index else "") + "\n".join(split_lines(poem)))
+                print(("\n" if index else "") + "\n".join(poem_lines(poem, wanted)))
         sys.stdout.flush()
 
 

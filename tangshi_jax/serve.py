@@ -247,7 +247,7 @@ def answer(wanted: PoemRequest, written, seconds: float) -> dict:
                 "begin": wanted.begin or "",
                 "title": wanted.topic or "",
                 "poem": poem,
-                "lines": sample.split_lines(poem),
+                "lines": sample.poem_lines(poem, wanted),
                 "score": round(score, 4) if math.isfinite(score) else None,
             }
             for poem, score in zip(written.poems, written.scores)
