@@ -107,6 +107,11 @@ def build_ci_rhymes(vocab: tuple[str, ...]) -> CiRhymes:
 # --- tune templates -------------------------------------------------------------------------
 
 NO_TUNE = "失调名"  # "tune lost": no tune
+# The 20 commonest named tunes of the 全宋词, the commonest first: evaluate's 词 rows.
+COMMON_TUNES = (
+    "浣溪沙 水调歌头 鹧鸪天 菩萨蛮 满江红 西江月 临江仙 念奴娇 减字木兰花 沁园春 "
+    "蝶恋花 点绛唇 贺新郎 清平乐 满庭芳 虞美人 好事近 水龙吟 朝中措 渔家傲"
+).split()
 STOPS, BREAKS = "。？！", "，；：、"  # marks that end a rhymed line, and the others
 MARK_OF = {**dict.fromkeys(STOPS, "。"), **dict.fromkeys("，；：", "，"), "、": "、"}
 LINE = re.compile(f"([^{STOPS}{BREAKS}]+)([{STOPS}{BREAKS}])")
@@ -292,6 +297,29 @@ def read_ci(path) -> tuple[list[str], list[str]]:
             titles.append(line.split(":")[0].strip())
             contents.append(poem[1:-1])
     return titles, contents
+
+
+def check(text: str, tune: Tune) -> dict[str, bool]:
+    """Whether a 词 keeps its tune: `lines`, the template's line lengths and marks (、 written
+    as ， by a model that lacks it); `rhyme`, each rhyme set's line ends in one 词林正韵 部 of
+    the set's tone; `tones`, a character of the wanted tone wherever the template fixes one."""
+    shape = shape_of(text)
+    lines = shape is not None and [length for length, _ in shape] == [length for length, _ in tune.lines]
+    lines = lines and all(
+        mark == want or (mark, want) == ("，", "、") for (_, mark), (_, want) in zip(shape, tune.lines)
+    )
+    if not lines:
+        return {"lines": False, "rhyme": False, "tones": False}
+    bare = "".join(LINE.sub(r"\1", text))
+    ends = np.cumsum([length for length, _ in tune.lines]) - 1
+    table, rhyme = cilin_table(), True
+    for rhyme_set, tone in enumerate(tune.rhyme_tones):
+        members = [bare[end] for end, s in zip(ends, tune.rhymes) if s == rhyme_set]
+        shared = set.intersection(*(table.get(rules.to_traditional(char), set()) for char in members))
+        rhyme &= any(bu_tone == tone for _, bu_tone in shared)
+    readings = tones_of_chars(bare)
+    tones = all(want == "中" or want in readings[char] for char, want in zip(bare, tune.tones))
+    return {"lines": True, "rhyme": rhyme, "tones": tones}
 
 
 def tune_lines(data_path) -> list[str]:

@@ -45,7 +45,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from tangshi_jax import checkpoint, data, metrics, pingshui, release, request, sample
+from tangshi_jax import checkpoint, cipai, data, metrics, pingshui, release, request, sample
 from tangshi_jax.data import lines_of
 from tangshi_jax.devices import PLATFORMS, use_platform
 from tangshi_jax.errors import TangshiError, run_cli
@@ -309,11 +309,17 @@ def evaluate_checkpoint(
     log=print,
     model_dir=None,
     sampling: PoemRequest = PoemRequest(),
+    tunes: int = 0,
+    couplets: bool = False,
 ) -> dict:
     """Every figure of the report: validation NLL (all targets, characters only, quatrain lines
     2-4, and without titles for a model that reads them), one row per setting, one per corpus form.
     model_dir: a release folder to evaluate instead of the checkpoint. sampling: the request
-    whose SAMPLING options every row uses."""
+    whose SAMPLING options every row uses. tunes: rows of 词 to that many of the commonest
+    tunes; couplets: a row of couplets (evaluate_forms); the held-out 词's NLL comes whenever
+    poems.ci.txt is beside the data."""
+    from tangshi_jax import evaluate_forms  # it reads this module's measures
+
     model = release.load_model(checkpoint_dir=checkpoint_dir, model_dir=model_dir)
     model_config, train_config, vocab, params = model.model_config, model.train_config, model.vocab, model.params
     progress = model.progress
@@ -361,6 +367,14 @@ def evaluate_checkpoint(
                 "examples": poems[:3],
             }
         )
+    form_rows = []
+    if tunes:
+        log(f"sampling {num} 词 to each of {tunes} tunes")
+        learned = cipai.tunes_beside(data_path)
+        form_rows += evaluate_forms.tune_rows(model, learned, tunes, num, seed, training_lines, sampling)
+    if couplets:
+        log("sampling couplets")
+        form_rows.append(evaluate_forms.couplet_row(model, num, seed, training_lines, sampling))
     figures = lambda result, key: (result and result[key], metrics.perplexity(result[key]) if result else None)
     (nll, ppl), (char_nll, char_ppl) = figures(val, "nll"), figures(val, "char_nll")
     return {
@@ -378,6 +392,8 @@ def evaluate_checkpoint(
         "quatrains": quatrains,
         "untitled_char_nll": untitled and untitled["char_nll"],
         "rows": rows,
+        "ci_validation": evaluate_forms.ci_validation(model, data_path),
+        "form_rows": form_rows,
     }
 
 
@@ -430,7 +446,9 @@ def format_report(report: dict) -> str:
     for row in report["rows"]:
         cells = ["–" if row[key] is None else spec.format(row[key]) for _, key, spec in COLUMNS]
         lines.append(f"| {row['setting']} | {row['poems']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    from tangshi_jax.evaluate_forms import format_rows
+
+    return "\n".join(lines + format_rows(report.get("ci_validation"), report.get("form_rows", [])))
 
 
 def plot_losses(metrics_path, out_path) -> None:
@@ -476,6 +494,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=",".join(setting.name for setting in SETTINGS),
         help="comma-separated sampling settings to run (default: all)",
     )
+    parser.add_argument(
+        "--tunes",
+        type=int,
+        default=0,
+        help=f"also rows of --num 词 to each of this many of the commonest tunes (up to {len(cipai.COMMON_TUNES)}; "
+        "reads poems.ci.txt beside --data)",
+    )
+    parser.add_argument(
+        "--couplets", action="store_true", help="also a row of couplets, --num // 10 to each of 10 上联"
+    )
     request.add_flags(parser, SAMPLING)
     parser.add_argument("--platform", choices=PLATFORMS, default=None)
     return parser
@@ -485,6 +513,8 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     if args.num < 1:
         raise TangshiError(f"--num must be at least 1, got {args.num}")
+    if not 0 <= args.tunes <= len(cipai.COMMON_TUNES):
+        raise TangshiError(f"--tunes must be 0 to {len(cipai.COMMON_TUNES)}, got {args.tunes}")
     by_name = {setting.name: setting for setting in SETTINGS}
     unknown = [name for name in args.settings.split(",") if name not in by_name]
     if unknown:
@@ -511,6 +541,8 @@ def main(argv=None) -> None:
         log=lambda message: print(message, file=sys.stderr),
         model_dir=args.model,
         sampling=sampling,
+        tunes=args.tunes,
+        couplets=args.couplets,
     )
     print(format_report(report))
     if plot_path:

@@ -231,3 +231,36 @@ def test_bad_tune_requests_are_one_clear_line(ci_model, options, message):
     with pytest.raises(TangshiError) as raised:
         write_ci(ci_model, **options)
     assert message in raised.value.worded() and "\n" not in raised.value.worded()
+
+
+def test_the_product_check_names_each_broken_rule(ci_model):
+    tune = ci_model[3]["浣溪沙"]
+    good = HUANXISHA[3]  # 林 金 阴 心 深: 部 13 throughout
+    assert cipai.check(good, tune) == {"lines": True, "rhyme": True, "tones": True}
+    assert not cipai.check(good.replace("恼人天气又春阴", "恼人天气又春"), tune)["lines"]  # a character short
+    assert not cipai.check(good.replace("。", "，", 1), tune)["lines"]  # a rhyme's mark lost
+    assert cipai.check(good.replace("直千金", "直千年"), tune)["rhyme"] is False  # 年 is 部 7
+    assert cipai.check(good.replace("三月和风", "三月和日"), tune)["tones"] is False  # 日 is oblique at a fixed 平
+
+
+def test_evaluates_tune_rows_fit_and_the_held_out_ci_are_measured(ci_model, tmp_path):
+    from tangshi_jax import evaluate_forms, release
+    from tangshi_jax.config import TrainConfig
+    from tangshi_jax.request import PoemRequest
+
+    config, params, vocab, tunes = ci_model
+    model = release.Loaded(config, TrainConfig(val_fraction=0.4), vocab, params, {"step": 0, "epoch": 0, "batch": 0})
+    rows = evaluate_forms.tune_rows(model, tunes, 20, 12, 0, set(), PoemRequest())
+    assert [row["setting"] for row in rows] == ["词 浣溪沙", "词 菩萨蛮"]  # the common tunes this corpus taught
+    assert all(row["poems"] == 12 and row["lines_ok"] == row["rhyme_ok"] == row["tones_ok"] == 1.0 for row in rows)
+    data_path = tmp_path / "poems.txt"
+    (tmp_path / "poems.ci.txt").write_text(
+        "".join(f"浣溪沙:{text}\n" for text in HUANXISHA)
+        + "".join(f"菩萨蛮:{text}\n" for text in PUSAMAN)
+        + "菩萨蛮:你好。\n",
+        encoding="utf-8",
+    )
+    measured = evaluate_forms.ci_validation(model, data_path)
+    assert 0 < measured["ci"] < 12 and measured["readable"] == measured["ci"]  # the split's 词, all readable
+    assert 4 < measured["char_nll"] < 8  # an untrained model: about log(V) = log(120) = 4.8
+    assert evaluate_forms.ci_validation(model, tmp_path / "elsewhere" / "poems.txt") is None

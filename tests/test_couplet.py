@@ -8,25 +8,13 @@ import jax
 import numpy as np
 import pytest
 
-from tangshi_jax import couplet, pingshui, rules, sample
-from tangshi_jax.config import ModelConfig
+from tangshi_jax import couplet, evaluate_forms, pingshui, release, rules, sample
+from tangshi_jax.config import ModelConfig, TrainConfig
 from tangshi_jax.errors import TangshiError
 from tangshi_jax.model import init_params
 from tangshi_jax.request import PoemRequest
 
-# Ten 上联, each ending oblique: plain lines, two clauses, repeats within a clause (叠字) and across.
-FIRSTS = [
-    "海内存知己",
-    "春风得意马蹄疾",
-    "风声雨声读书声，声声入耳",
-    "明月松间照",
-    "两个黄鹂鸣翠柳",
-    "白日依山尽",
-    "国破山河在",
-    "一年好景君须记",
-    "山重水复疑无路",
-    "花花草草，年年岁岁",
-]
+FIRSTS = evaluate_forms.COUPLET_FIRSTS  # ten 上联 ending oblique: plain, two clauses, repeats
 OTHERS = "春花秋月何时了往事知多少小楼昨夜又东风故国不堪回首中水红云天地人看江南北长相思归来去" + (
     "清泉石上流家事天下关心比邻客舍青柳色新万里悲常作百年多病独登台千山鸟飞绝径踪灭孤舟蓑笠翁寒雪"
 )
@@ -152,3 +140,12 @@ def test_the_product_check_catches_each_broken_rule():
     assert not couplet.check("海内存知己，", "天涯存比邻。")["repeats"]  # 存 of the 上联
     assert not couplet.check("花花草草，", "年岁岁年。")["repeats"]  # repeats where the 上联 does not
     assert couplet.check("花花草草，", "年年岁岁。")["repeats"]
+
+
+def test_evaluates_couplet_row_checks_every_couplet_and_measures_the_answers_only(untrained):
+    config, params = untrained
+    model = release.Loaded(config, TrainConfig(), VOCAB, params, {"step": 0, "epoch": 0, "batch": 0})
+    row = evaluate_forms.couplet_row(model, 30, 0, {"清泉石上流"}, PoemRequest())
+    assert row["poems"] == 30 and row["lines_ok"] == row["tones_ok"] == row["repeats_ok"] == 1.0
+    assert row["rhyme_ok"] is None
+    assert all(not example.startswith(FIRSTS[0]) for example in row["examples"])  # the 下联 alone

@@ -182,10 +182,14 @@ def test_form_settings_write_their_form(trained_run):
         assert row["form_valid"] == 1.0
 
 
-def test_bad_sampling_flags_are_refused_before_any_work(tmp_path, capsys):
-    argv = ["--checkpoint-dir", str(tmp_path / "none"), "--temperature", "0"]
+@pytest.mark.parametrize(
+    "flags, message",
+    [(["--temperature", "0"], "--temperature must be above 0"), (["--tunes", "21"], "--tunes must be 0 to 20")],
+)
+def test_bad_flags_are_refused_before_any_work(tmp_path, capsys, flags, message):
+    argv = ["--checkpoint-dir", str(tmp_path / "none"), *flags]
     assert run_cli(evaluate.main, argv) == 2
-    assert "--temperature must be above 0" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
 def test_heads_ok_counts_acrostic_heads():
