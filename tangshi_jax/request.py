@@ -129,7 +129,7 @@ class PoemRequest:
         "string",
         "对联: write the 下联 to this 上联, e.g. 风声雨声读书声 (tones opposed at the 2nd, 4th, 6th and last "
         "character of each clause; every certain one with --tones)",
-        api=Narrow(max_chars=32),
+        api=Narrow(max_chars=31),  # 上联，下联。 then fits the 64 positions a server compiles for
     )
     acrostic: str | None = option(
         None, "string", "藏头诗: line i begins with the i-th character", api=Narrow(max_chars=8)

@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 
-from tangshi_jax import release, sample, serve
+from tangshi_jax import release, rules, sample, serve
 from tangshi_jax.batcher import Engine
 
 CHROMIUM, DRIVER = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
@@ -99,11 +99,11 @@ def test_a_rhymed_tonal_qijue_acrostic_in_the_browser(browser, page_url, tmp_pat
         shutil.copy(shot, os.environ["TANGSHI_BROWSER_SCREENSHOT"])
 
 
-def test_the_browser_shows_a_refusal_inline(browser, page_url):
+def test_the_browser_shows_a_refusal_inline_then_answers_a_couplet(browser, page_url):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    url, _ = page_url
+    url, vocab = page_url
     browser.get(url + "/")
     browser.find_element(By.ID, "rhyme").click()  # rhyme without a form
     browser.find_element(By.ID, "write").click()
@@ -111,3 +111,16 @@ def test_the_browser_shows_a_refusal_inline(browser, page_url):
     WebDriverWait(browser, 30).until(lambda driver: error.get_attribute("hidden") is None)
     assert "need a form" in error.text and "\n" not in error.text
     assert browser.find_elements(By.CSS_SELECTOR, "#poems .poem") == []
+    browser.find_element(By.ID, "rhyme").click()
+    prosody = rules.build_prosody(tuple(vocab))
+    hanzi = [char for index, char in enumerate(vocab) if prosody.hanzi[index]]
+    oblique = next(char for index, char in enumerate(vocab) if prosody.oblique[index] and not prosody.level[index])
+    first = "".join([char for char in hanzi if char != oblique][:3]) + oblique  # a 上联 ends oblique
+    browser.find_element(By.ID, "couplet").send_keys(first)
+    browser.find_element(By.ID, "write").click()
+    WebDriverWait(browser, 30).until(lambda driver: driver.find_elements(By.CSS_SELECTOR, "#poems .poem") or error.text)
+    assert error.get_attribute("hidden") is not None, error.text
+    assert error.get_attribute("hidden") is not None
+    for poem in browser.find_elements(By.CSS_SELECTOR, "#poems .poem"):
+        lines = [line.text for line in poem.find_elements(By.TAG_NAME, "p")]
+        assert lines == [first + "，", lines[1]] and len(lines[1]) == 5 and lines[1].endswith("。")

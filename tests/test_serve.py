@@ -106,6 +106,13 @@ def test_each_field_does_what_sample_does(client, engine):
     traditional = ask(client, seed=4, num=2, form="qijue", script="traditional")["poems"]
     assert [rules.opencc_converter("s2t").convert(p["poem"]) for p in simplified] == [p["poem"] for p in traditional]
     assert ask(client, seed=None, form="free", begin="", acrostic=None)["poems"]  # null and "" leave a field out
+    prosody = rules.build_prosody(tuple(engine.model.vocab))
+    oblique = next(c for i, c in enumerate(engine.model.vocab) if prosody.oblique[i] and not prosody.level[i])
+    first = hanzi(engine, 4).replace(oblique, "") + oblique
+    for poem in ask(client, couplet=first, num=2)["poems"]:
+        assert (
+            poem["lines"] == [first + "，", poem["poem"][len(first) + 1 :]] and len(poem["poem"]) == 2 * len(first) + 2
+        )
 
 
 BAD = [
@@ -134,6 +141,8 @@ BAD = [
     ('{"rhyme": true}', 422, "rhyme, rhyme_group and tones need a form (or acrostic)"),
     ('{"acrostic": "ACROSTIC"}', 422, "acrostic character 'A'"),
     ('{"form": "qijue", "begin": "春春春春春春春春"}', 422, "begin has 8 characters, more than a line of qijue"),
+    ('{"couplet": "' + "春" * 32 + '"}', 400, "couplet has 32 characters, more than 31"),
+    ('{"couplet": "明月，春风"}', 422, "couplet ends on '风', a level (平) tone"),
     ('{"num": 3', 400, "the body is not JSON"),
     ("[1, 2]", 400, "the body must be a JSON object"),
     ("", 400, "the body is not JSON"),
@@ -235,7 +244,12 @@ def test_no_request_compiles_after_warm_up(client, engine):
         assert any("backend_compile" in event for event in compiles), compiles
         compiles.clear()
         heads = hanzi(engine, 4)
+        prosody = rules.build_prosody(tuple(engine.model.vocab))
+        oblique = next(c for i, c in enumerate(engine.model.vocab) if prosody.oblique[i] and not prosody.level[i])
+        chars = (hanzi(engine, 27) * 2)[:27] + oblique
+        longest = "，".join(chars[i : i + 7] for i in range(0, 28, 7))  # the API's 31 characters
         for fields in (
+            {"couplet": longest, "candidates": 2},
             {},
             {"num": 2},
             {"greedy": True},

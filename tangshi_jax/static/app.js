@@ -11,7 +11,7 @@ function showError(message) {
 
 function request() {
   const body = {};
-  for (const name of ["begin", "acrostic"]) {
+  for (const name of ["begin", "acrostic", "couplet"]) {
     const value = $(name).value.trim();
     if (value) body[name] = value;
   }
