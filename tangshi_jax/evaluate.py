@@ -45,10 +45,11 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from tangshi_jax import checkpoint, cipai, data, metrics, pingshui, release, request, sample
+from tangshi_jax import checkpoint, cipai, data, evaluate_forms, metrics, pingshui, release, request, sample
 from tangshi_jax.data import lines_of
 from tangshi_jax.devices import PLATFORMS, use_platform
 from tangshi_jax.errors import TangshiError, run_cli
+from tangshi_jax.metrics import validation_nll
 from tangshi_jax.request import PoemRequest
 from tangshi_jax.rules import FORMS, is_hanzi, to_traditional
 
@@ -192,14 +193,6 @@ def load_dataset(data_path, train_config, vocab) -> data.Dataset:
     return data.make_dataset(data.read_corpus(data_path), train_config, vocab)
 
 
-def validation_nll(params, model_config, train_config, val_data) -> dict | None:
-    """Mean NLL per target and per Chinese character of the validation split (None when empty)."""
-    eval_jit = jax.jit(functools.partial(metrics.eval_sums, model_config))
-    return metrics.mean_nll(
-        {length: eval_jit for length in val_data.buckets}, params, val_data, train_config.batch_size
-    )
-
-
 def setting_topics(setting: Setting, num: int, val_titles: list[str], vocab: list[str]) -> list[str] | None:
     """The title or keywords of each poem of a row (None for rows without a topic); keywords
     outside the vocabulary are left out."""
@@ -318,7 +311,6 @@ def evaluate_checkpoint(
     whose SAMPLING options every row uses. tunes: rows of 词 to that many of the commonest
     tunes; couplets: a row of couplets (evaluate_forms); the held-out 词's NLL comes whenever
     poems.ci.txt is beside the data."""
-    from tangshi_jax import evaluate_forms  # it reads this module's measures
 
     model = release.load_model(checkpoint_dir=checkpoint_dir, model_dir=model_dir)
     model_config, train_config, vocab, params = model.model_config, model.train_config, model.vocab, model.params
@@ -367,14 +359,7 @@ def evaluate_checkpoint(
                 "examples": poems[:3],
             }
         )
-    form_rows = []
-    if tunes:
-        log(f"sampling {num} 词 to each of {tunes} tunes")
-        learned = cipai.tunes_beside(data_path)
-        form_rows += evaluate_forms.tune_rows(model, learned, tunes, num, seed, training_lines, sampling)
-    if couplets:
-        log("sampling couplets")
-        form_rows.append(evaluate_forms.couplet_row(model, num, seed, training_lines, sampling))
+    form_rows = verse_form_rows(model, data_path, tunes, couplets, num, seed, training_lines, sampling, log)
     figures = lambda result, key: (result and result[key], metrics.perplexity(result[key]) if result else None)
     (nll, ppl), (char_nll, char_ppl) = figures(val, "nll"), figures(val, "char_nll")
     return {
@@ -395,6 +380,24 @@ def evaluate_checkpoint(
         "ci_validation": evaluate_forms.ci_validation(model, data_path),
         "form_rows": form_rows,
     }
+
+
+def verse_form_rows(model, data_path, tunes: int, couplets: bool, num, seed, training_lines, sampling, log) -> list:
+    """evaluate_forms' rows of 词 and couplets, with the text figures every row has."""
+    rows = []
+    if tunes:
+        log(f"sampling {num} 词 to each of {tunes} tunes")
+        rows += evaluate_forms.tune_rows(model, cipai.tunes_beside(data_path), tunes, num, seed, sampling)
+    if couplets:
+        log("sampling couplets")
+        rows.append(evaluate_forms.couplet_row(model, num, seed, sampling))
+    for row in rows:
+        texts = row.pop("texts")
+        lines = [line for text in texts for line in lines_of(text)]
+        row["distinct_2"] = distinct(texts, 2)
+        row["repeated_4grams"] = mean(repeated_share(text) for text in texts)
+        row["copied_lines"] = float(np.mean([line in training_lines for line in lines])) if lines else None
+    return rows
 
 
 COLUMNS = [
@@ -446,9 +449,7 @@ def format_report(report: dict) -> str:
     for row in report["rows"]:
         cells = ["–" if row[key] is None else spec.format(row[key]) for _, key, spec in COLUMNS]
         lines.append(f"| {row['setting']} | {row['poems']} | " + " | ".join(cells) + " |")
-    from tangshi_jax.evaluate_forms import format_rows
-
-    return "\n".join(lines + format_rows(report.get("ci_validation"), report.get("form_rows", [])))
+    return "\n".join(lines + evaluate_forms.format_rows(report.get("ci_validation"), report.get("form_rows", [])))
 
 
 def plot_losses(metrics_path, out_path) -> None:

@@ -6,8 +6,8 @@ A 词 row samples --num 词 of one tune with its tones asked for and checks each
 cipai.check (lines and marks, rhymes in one 词林正韵 部 per rhyme set, the fixed tones); the
 couplet row answers each of COUPLET_FIRSTS --num // 10 times (at least once) and checks each
 by couplet.check (clauses and marks, opposed tones, no 上联 character, mirrored repeats); its
-diversity and copied lines are the 下联's. Each row's first request is written once before the
-timing, to compile its program.
+diversity and copied lines (evaluate.verse_form_rows) are the 下联's. Each row's first
+request is written once before the timing, to compile its program.
 The 词 validation figure is the NLL per Chinese character of the 词 the corpus step holds
 out (data.split_parts), each read after its tune as training reads it, over those whose
 characters the model knows (a model of the Tang poems alone lacks some).
@@ -19,7 +19,6 @@ import time
 import numpy as np
 
 from tangshi_jax import cipai, corpus, couplet, data, metrics, release, sample
-from tangshi_jax.evaluate import distinct, mean, repeated_share, validation_nll
 from tangshi_jax.request import PoemRequest
 
 # Ten 上联, each ending oblique: five and seven characters, two clauses, and repeats (声, 花花草草).
@@ -52,16 +51,14 @@ def ci_validation(model: release.Loaded, data_path) -> dict | None:
     result = {"ci": len(sequences), "readable": len(readable), "char_nll": None, "char_ppl": None}
     if readable:
         _, val_data = data.bucket_split(readable[:1], readable, vocab, 4)
-        nll = validation_nll(model.params, model.model_config, train_config, val_data)
+        nll = metrics.validation_nll(model.params, model.model_config, train_config, val_data)
         result.update(char_nll=nll["char_nll"], char_ppl=metrics.perplexity(nll["char_nll"]))
     return result
 
 
-def form_row(
-    model: release.Loaded, name: str, requests: list[PoemRequest], check, training_lines, tunes=None, part=None
-):
-    """One row: every request written (after a warm-up call of the first), each poem checked.
-    part: the part of a poem the row's diversity and copying are measured on (all of it)."""
+def form_row(model: release.Loaded, name: str, requests: list[PoemRequest], check, tunes=None, part=None):
+    """One row: every request written (after a warm-up call of the first), each poem checked;
+    `texts`: what evaluate measures for diversity and copying, each poem or its `part`."""
     write = lambda wanted: sample.write_poems(
         model.params, model.model_config, model.vocab, wanted, max_title=model.max_title, tunes=tunes
     )
@@ -70,32 +67,28 @@ def form_row(
     written = [(wanted, poem) for wanted in requests for poem in write(wanted)]
     seconds = time.perf_counter() - started
     checks = [check(wanted, poem) for wanted, poem in written]
-    poems = [part(wanted, poem) if part else poem for wanted, poem in written]
-    lines = [line for poem in poems for line in data.lines_of(poem)]
     share = lambda key: float(np.mean([c[key] for c in checks])) if key in checks[0] else None
     return {
         "setting": name,
-        "poems": len(poems),
+        "poems": len(written),
         **{f"{key}_ok": share(key) for key in CHECKS},
-        "distinct_2": distinct(poems, 2),
-        "repeated_4grams": mean(repeated_share(poem) for poem in poems),
-        "copied_lines": float(np.mean([line in training_lines for line in lines])) if lines else None,
-        "poems_per_s": len(poems) / seconds,
-        "examples": poems[:3],
+        "poems_per_s": len(written) / seconds,
+        "examples": [poem for _, poem in written[:3]],
+        "texts": [part(wanted, poem) if part else poem for wanted, poem in written],
     }
 
 
-def tune_rows(model, tunes: dict, count: int, num: int, seed: int, training_lines, sampling: PoemRequest):
+def tune_rows(model, tunes: dict, count: int, num: int, seed: int, sampling: PoemRequest):
     """A row for each of the `count` commonest named tunes that the corpus's 词 taught."""
     rows = []
     check = lambda wanted, text: cipai.check(text, tunes[wanted.tune])
     for name in [name for name in cipai.COMMON_TUNES if name in tunes][:count]:
         wanted = dataclasses.replace(sampling, tune=name, tones=True, num=num, seed=seed, candidates=1)
-        rows.append(form_row(model, f"词 {name}", [wanted], check, training_lines, tunes))
+        rows.append(form_row(model, f"词 {name}", [wanted], check, tunes))
     return rows
 
 
-def couplet_row(model, num: int, seed: int, training_lines, sampling: PoemRequest) -> dict:
+def couplet_row(model, num: int, seed: int, sampling: PoemRequest) -> dict:
     """One row of couplets: each 上联 of COUPLET_FIRSTS the model can read, num // 10 times."""
     known = set(model.vocab)
     firsts = [first for first in COUPLET_FIRSTS if set(first) - set(couplet.CLAUSE_MARKS) <= known]
@@ -110,7 +103,7 @@ def couplet_row(model, num: int, seed: int, training_lines, sampling: PoemReques
         return {"lines": figures["shape"], "tones": figures["tones"], "repeats": figures["repeats"]}
 
     answer = lambda wanted, poem: sample.poem_lines(poem, wanted)[1]  # the 上联 is given, not written
-    return form_row(model, "couplets", requests, check, training_lines, part=answer)
+    return form_row(model, "couplets", requests, check, part=answer)
 
 
 COLUMNS = [

@@ -3,10 +3,12 @@ of every target, the eval step's sums and their mean over a bucketed set, perple
 lines of a run's metrics.jsonl. Training, evaluation and export share these; none of them
 needs the optimizer, so evaluation never imports the trainer."""
 
+import functools
 import json
 import math
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 
 from tangshi_jax import data, head
@@ -66,6 +68,12 @@ def mean_nll(eval_programs, params, bucketed: data.BucketedData, batch_size: int
         return None
     total = {key: sum(float(part[key]) for part in totals) for key in totals[0]}
     return {"nll": total["nll_sum"] / total["tokens"], "char_nll": total["char_nll_sum"] / max(total["chars"], 1.0)}
+
+
+def validation_nll(params, model_config: ModelConfig, train_config, val_data: data.BucketedData) -> dict | None:
+    """Mean NLL per target and per Chinese character of a bucketed validation set (None when empty)."""
+    eval_jit = jax.jit(functools.partial(eval_sums, model_config))
+    return mean_nll({length: eval_jit for length in val_data.buckets}, params, val_data, train_config.batch_size)
 
 
 def perplexity(nll: float) -> float:

@@ -250,7 +250,7 @@ def test_evaluates_tune_rows_fit_and_the_held_out_ci_are_measured(ci_model, tmp_
 
     config, params, vocab, tunes = ci_model
     model = release.Loaded(config, TrainConfig(val_fraction=0.4), vocab, params, {"step": 0, "epoch": 0, "batch": 0})
-    rows = evaluate_forms.tune_rows(model, tunes, 20, 12, 0, set(), PoemRequest())
+    rows = evaluate_forms.tune_rows(model, tunes, 20, 12, 0, PoemRequest())
     assert [row["setting"] for row in rows] == ["词 浣溪沙", "词 菩萨蛮"]  # the common tunes this corpus taught
     assert all(row["poems"] == 12 and row["lines_ok"] == row["rhyme_ok"] == row["tones_ok"] == 1.0 for row in rows)
     data_path = tmp_path / "poems.txt"

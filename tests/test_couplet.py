@@ -145,7 +145,7 @@ def test_the_product_check_catches_each_broken_rule():
 def test_evaluates_couplet_row_checks_every_couplet_and_measures_the_answers_only(untrained):
     config, params = untrained
     model = release.Loaded(config, TrainConfig(), VOCAB, params, {"step": 0, "epoch": 0, "batch": 0})
-    row = evaluate_forms.couplet_row(model, 30, 0, {"清泉石上流"}, PoemRequest())
+    row = evaluate_forms.couplet_row(model, 30, 0, PoemRequest())
     assert row["poems"] == 30 and row["lines_ok"] == row["tones_ok"] == row["repeats_ok"] == 1.0
-    assert row["rhyme_ok"] is None
-    assert all(not example.startswith(FIRSTS[0]) for example in row["examples"])  # the 下联 alone
+    assert row["rhyme_ok"] is None and row["examples"][0].startswith(FIRSTS[0])
+    assert len(row["texts"]) == 30 and not any(text.startswith(FIRSTS[0]) for text in row["texts"])  # the 下联
