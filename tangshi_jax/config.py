@@ -39,7 +39,7 @@ class ModelConfig:
 class TrainConfig:
     data: str = "poems.txt"  # title:content lines, as the original read them
     corpus: tuple[str, ...] = ("tang",)  # parts read: tang is `data`; another part P is read beside it
-    # (poems.P.txt, corpus.part_path) and only trains; validation stays on the Tang poems
+    # (poems.P.txt, corpus.part_path); the first part validates the run (tang, or ci for 词 alone)
     epochs: int = 30  # total epochs; a resumed run continues up to this
     batch_size: int = 100  # poems per step, as the original
     lr: float = 0.01  # peak learning rate (RMSprop at 0.01, as the original)

@@ -190,7 +190,7 @@ def reference_poems(poems: list[str], form: str, num: int, seed: int) -> list[st
 
 def load_dataset(data_path, train_config, vocab) -> data.Dataset:
     """The split and validation batches exactly as training made them."""
-    return data.make_dataset(data.read_corpus(data_path), train_config, vocab)
+    return data.make_dataset(data.load_corpus(data_path, train_config.corpus, build=False), train_config, vocab)
 
 
 def setting_topics(setting: Setting, num: int, val_titles: list[str], vocab: list[str]) -> list[str] | None:
@@ -317,7 +317,7 @@ def evaluate_checkpoint(
     progress = model.progress
     step = progress["step"]
     data_path = data_path or train_config.data
-    corpus = data.read_corpus(data_path)
+    corpus = data.load_corpus(data_path, train_config.corpus, build=False)  # every part the model read
     dataset = data.make_dataset(corpus, train_config, vocab)
     unwrap = lambda wrapped: [poem[1:-1] for poem in wrapped]
     train_poems, val_poems = unwrap(dataset.train_poems), unwrap(dataset.val_poems)

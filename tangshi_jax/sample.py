@@ -14,7 +14,6 @@ import json
 import re
 import secrets
 import sys
-from pathlib import Path
 from typing import NamedTuple
 
 import jax
@@ -668,21 +667,26 @@ def score_poem(poem: str, log_probs: np.ndarray, written: np.ndarray, corpus_lin
     return mean_log_prob - COPY_WEIGHT * copied - REPEAT_WEIGHT * repeated - unfinished
 
 
-def corpus_lines(path) -> set[str] | None:
-    """Every line of the poems file a model was trained on, for the score's copy penalty; None
-    (no penalty, and a note) when that file is not at hand: sampling never needs it otherwise.
+def corpus_lines(path, parts=("tang",)) -> set[str] | None:
+    """Every line of the corpus parts a model was trained on (the poems file `path` and the
+    parts beside it), for the score's copy penalty; None (no penalty, and a note) when a file is
+    not at hand: sampling never needs them otherwise.
 
     Parsing the corpus takes a second or two, so the lines are kept in the cache directory,
-    under a name made from the file's path, size and modification time."""
+    under a name made from the files' paths, sizes and modification times."""
+    from tangshi_jax.corpus import part_path  # the corpus step's module loads only here
+
     try:
-        stat = Path(path).stat()
+        files = [part_path(path, part) for part in parts]
+        stats = [(file.resolve(), file.stat()) for file in files]
         key = hashlib.blake2b(
-            f"{Path(path).resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode(), digest_size=8
+            "|".join(f"{file}:{stat.st_size}:{stat.st_mtime_ns}" for file, stat in stats).encode(), digest_size=8
         ).hexdigest()
         cached = default_cache_dir() / f"lines-{key}.txt"
         if cached.is_file():
             return set(cached.read_text(encoding="utf-8").split("\n"))
-        lines = {line for poem in data.read_corpus(path).poems for line in data.lines_of(poem)}
+        corpus = data.load_corpus(path, tuple(parts), build=False)
+        lines = {line for poem in corpus.poems for line in data.lines_of(poem)}
     except (OSError, TangshiError):
         print(f"note: {path} is not at hand, so the drafts' score cannot penalise copied lines", file=sys.stderr)
         return None
@@ -719,7 +723,7 @@ def main(argv=None) -> None:
     use_platform(args.platform)
     model = release.load_model(checkpoint_dir=args.checkpoint_dir, model_dir=args.model)
     tunes = cipai.tunes_beside(args.data) if wanted.tune is not None else None
-    copied = corpus_lines(model.train_config.data) if wanted.drafts > 1 else None
+    copied = corpus_lines(model.train_config.data, model.train_config.corpus) if wanted.drafts > 1 else None
     # A part at a time, printed as it is done: memory stays bounded whatever --num asks. The last
     # part is padded to the others' rows, so that one compiled program serves them all.
     per_part = max(1, request.MAX_ROWS // wanted.drafts)

@@ -407,7 +407,7 @@ def load_test(engine, metrics, requests: int, clients: int, max_poems: int, draf
 def load_engine(checkpoint_dir, model_dir, max_batch: int, log) -> tuple[Engine, dict | None]:
     loaded = release.load_model(checkpoint_dir=checkpoint_dir, model_dir=model_dir)
     metrics = release.last_metrics(checkpoint_dir, model_dir, loaded.progress.get("epoch"))
-    lines = sample.corpus_lines(loaded.train_config.data)
+    lines = sample.corpus_lines(loaded.train_config.data, loaded.train_config.corpus)
     engine = Engine(loaded, max_rows=max_batch, corpus_lines=lines)
     programs, seconds = engine.warm_up()
     rows = ", ".join(map(str, engine.buckets))

@@ -45,13 +45,16 @@ def cutoff_list(text: str | tuple | None) -> tuple[int, ...] | None:
 
 
 def part_list(text: str | None) -> tuple[str, ...] | None:
-    """'--corpus tang,song' -> ('tang', 'song'): known parts, the Tang poems first, each once."""
+    """'--corpus tang,song' -> ('tang', 'song'): known parts, each once, the first one a part
+    that validates a run (the Tang poems, or the 词 for a model of the 词 alone)."""
     if text is None:
         return None
     parts = tuple(text.split(","))
-    if any(part not in PARTS for part in parts) or len(set(parts)) != len(parts) or parts[0] != MAIN_PART:
+    first_ok = parts[0] == MAIN_PART or (parts[0] in PARTS and PARTS[parts[0]].validated)
+    if any(part not in PARTS for part in parts) or len(set(parts)) != len(parts) or not first_ok:
+        firsts = " or ".join(name for name, part in PARTS.items() if name == MAIN_PART or part.validated)
         raise TangshiError(
-            f"--corpus parts are {', '.join(PARTS)}, each once, {MAIN_PART} first (e.g. tang,song); got {text!r}"
+            f"--corpus parts are {', '.join(PARTS)}, each once, {firsts} first (e.g. tang,song or ci); got {text!r}"
         )
     return parts
 
@@ -71,9 +74,10 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--corpus",
-        metavar="tang[,song]",
+        metavar="tang[,song,ci]",
         help="corpus parts to train on (default tang): song adds the 全宋诗 from poems.song.txt beside --data, "
-        "built when missing; validation stays on the Tang poems",
+        "ci the 全宋词 from poems.ci.txt, each built when missing; the first part validates the run "
+        "(ci alone: a model of the 词)",
     )
     parser.add_argument("--checkpoint-dir", default="checkpoints", help="where checkpoints and metrics.jsonl go")
     parser.add_argument("--epochs", type=int)

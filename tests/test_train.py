@@ -1,5 +1,6 @@
 import json
 import os
+import random
 import shutil
 import signal
 import time
@@ -199,7 +200,7 @@ def test_a_finished_run_says_so(trained_run, tmp_path):
         (["--cutoffs", "10,x"], "whole numbers joined by commas"),
         (["--head-div", "0.5"], "--head-div must be 1 or more"),
         (["--head", "adaptive", "--relu-head"], "--relu-head works with the full head only"),
-        (["--corpus", "song"], "tang first"),
+        (["--corpus", "song"], "tang or ci first"),
         (["--corpus", "tang,yuan"], "parts are tang, song, ci"),
         (["--data", "mine.txt", "--corpus", "tang,song"], "mine.song.txt: no such file"),
     ],
@@ -318,3 +319,22 @@ def test_a_second_run_takes_its_programs_from_the_disk_cache(tmp_path):
     first = run("first")
     assert len(first) >= 16  # 8 training and 8 evaluation programs at least
     assert run("second") == first
+
+
+def test_a_model_of_the_ci_alone_validates_on_the_held_out_ci(tmp_path):
+    """`--corpus ci`: poems.ci.txt beside --data (no poems.txt needed) read by the 词's own rules,
+    validated on the 词 the joint runs hold out, which evaluate's 词 figure measures alike."""
+    from tangshi_jax import evaluate_forms, release
+
+    rng = random.Random(2)
+    chars = "春花秋月何时了往事知多少小楼昨夜又东风故国不堪回首明中山水日红白云天地人"
+    clause = lambda: "".join(rng.choice(chars) for _ in range(7))
+    lines = ["浣溪沙:" + "".join("，".join(clause() for _ in range(3)) + "。" for _ in range(4)) for _ in range(50)]
+    (tmp_path / "poems.ci.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    data_path = tmp_path / "poems.txt"  # never written: the 词 alone are read
+    config = small_config(data_path, corpus=("ci",), epochs=1, val_fraction=0.2, titles=True)
+    record = train(config, SMALL_MODEL, tmp_path / "run", log=lambda message: None, show_progress=False)
+    loaded = release.load_model(checkpoint_dir=tmp_path / "run")
+    held_out = evaluate_forms.ci_validation(loaded, data_path)
+    assert 0 < held_out["ci"] == held_out["readable"] < 50
+    assert held_out["char_nll"] == pytest.approx(record["val_char_loss"], rel=1e-5)
