@@ -12,13 +12,16 @@ pays for a compile. A request with its own seed runs alone, so that it gets the 
 import asyncio
 import concurrent.futures
 import dataclasses
+import math
 import secrets
 import time
 from dataclasses import dataclass
 
-from tangshi_jax import data, release, rules, sample
 from tangshi_jax.errors import TangshiError
 from tangshi_jax.request import PoemRequest
+
+# The Engine's modules (sample, and with it JAX) load when it first needs them, so that `serve`
+# opens its port within a second of launch and says "starting" while it compiles.
 
 # On 2 CPU cores a row costs ~2.7 ms from 8 rows up (a 七绝 of the original's model; 1 row alone
 # ~7.7 ms), and more above ~256 rows, whose arrays outgrow the caches: merging pays most for small requests.
@@ -50,7 +53,7 @@ class Engine:
 
     def __init__(
         self,
-        model: release.Loaded,
+        model: "release.Loaded",  # noqa: F821 -- tangshi_jax.release, loaded by the caller
         max_rows: int = 128,
         corpus_lines: set[str] | None = None,
         min_rows: int = SMALLEST_BUCKET,
@@ -59,6 +62,7 @@ class Engine:
         self.max_rows = max_rows
         self.buckets = row_buckets(max_rows, min_rows)  # tests compile fewer with a larger min_rows
         self.corpus_lines = corpus_lines
+        self.rows_per_s = 100.0  # sampler rows a second; warm_up measures it
 
     def check(self, request: PoemRequest) -> None:
         """Raise TangshiError if the model cannot write what the request asks (host-side, cheap)."""
@@ -67,6 +71,8 @@ class Engine:
                 f"num × candidates is {request.rows}, more than this server's batch of "
                 f"{self.max_rows}; ask for fewer poems or drafts"
             )
+        from tangshi_jax import sample
+
         sample.plan_request(self.model.vocab, request, self.model.max_title)
 
     def write(self, requests: list[PoemRequest], seed: int) -> list[Written]:
@@ -76,6 +82,8 @@ class Engine:
         bucket = next(bucket for bucket in self.buckets if bucket >= rows)
         merged = dataclasses.replace(requests[0], title=None, keywords=None, num=len(titles), seed=seed)
         poems, scores = self.call_sampler(merged, titles=titles, rows=bucket)
+        from tangshi_jax import sample
+
         answers, start = [], 0
         for request in requests:
             kept = sample.in_script(poems[start : start + request.num], request.script)
@@ -84,6 +92,8 @@ class Engine:
         return answers
 
     def call_sampler(self, wanted: PoemRequest, titles: list[str | None], rows: int) -> tuple[list[str], list[float]]:
+        from tangshi_jax import sample
+
         return sample.write_poems(
             self.model.params,
             self.model.model_config,
@@ -98,7 +108,10 @@ class Engine:
 
     def warm_up(self) -> tuple[int, float]:
         """Compile every program a request can run: the sampler at each row count, with and
-        without titles for a model that reads them. Returns (programs, seconds)."""
+        without titles for a model that reads them; then time a full call of free poems, the
+        rate the server's bound on waiting starts from. Returns (programs, seconds)."""
+        from tangshi_jax import data, rules
+
         started = time.perf_counter()
         hanzi = next(char for char in self.model.vocab if data.is_hanzi(char))
         titles = [None, hanzi] if self.model.max_title else [None]
@@ -106,30 +119,104 @@ class Engine:
             for title in titles:
                 self.call_sampler(PoemRequest(candidates=1, seed=0), titles=[title], rows=bucket)
         rules.opencc_converter("s2t").convert(hanzi)
-        return len(self.buckets) * len(titles), time.perf_counter() - started
+        compiled = time.perf_counter() - started
+        timed = time.perf_counter()
+        self.call_sampler(PoemRequest(candidates=1, seed=1), titles=[None], rows=self.max_rows)
+        self.rows_per_s = self.max_rows / (time.perf_counter() - timed)
+        return len(self.buckets) * len(titles), compiled
 
 
-@dataclass
+class Overloaded(Exception):
+    """A request the server will not schedule: too many wait, or it waited past the deadline.
+    retry_after: seconds after which the queue should have room (the Retry-After header)."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ClientGone(Exception):
+    """The client closed its connection before its request took a sampler row."""
+
+
+@dataclass(eq=False)
 class Pending:
     request: PoemRequest
     future: asyncio.Future
     arrived: float
+    started: bool = False  # taken into a sampler call: it finishes, whatever the deadline
+
+
+@dataclass(frozen=True)
+class Admission:
+    """How much waiting a server admits: requests waiting at most, and seconds a request may
+    wait before its sampler call starts (a call, once started, finishes)."""
+
+    max_waiting: int = 64
+    timeout: float = 10.0
+
+
+POLL_S = 0.25  # how often a waiting request looks whether its client is still there
 
 
 class Batcher:
     """One worker that takes every request waiting, merges those that share a plan, and runs
-    the calls one after another in a thread, so that the event loop keeps taking requests."""
+    the calls one after another in a thread, so that the event loop keeps taking requests.
+    Waiting is bounded (Admission): past max_waiting, or past the deadline, a request is refused
+    with Overloaded; one whose client has gone is dropped before it takes a sampler row."""
 
-    def __init__(self, engine: Engine, merge: bool = True):
-        self.engine, self.merge = engine, merge
+    def __init__(self, engine: Engine, merge: bool = True, admission: Admission | None = None, signals=None):
+        self.engine, self.merge, self.admission = engine, merge, admission or Admission()
         self.queue: asyncio.Queue[Pending] = asyncio.Queue()
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sampler")
         self.calls = 0
+        self.unstarted: set[Pending] = set()  # admitted, not yet in a sampler call, not given up
+        self.rows_per_s = engine.rows_per_s  # measured at warm-up, then by every call
+        self.signals = signals  # observe.Signals, or None
 
-    async def submit(self, request: PoemRequest) -> Written:
-        future = asyncio.get_running_loop().create_future()
-        await self.queue.put(Pending(request, future, time.perf_counter()))
-        return await future
+    @property
+    def waiting(self) -> int:
+        return len(self.unstarted)
+
+    def retry_after(self) -> int:
+        """Seconds until the rows waiting now should have been written, at the measured rate."""
+        rows = sum(item.request.rows for item in self.unstarted)
+        return max(1, math.ceil(rows / max(self.rows_per_s, 1e-9)))
+
+    def give_up(self, item: Pending, reason: str) -> None:
+        self.unstarted.discard(item)
+        item.future.cancel()
+        if self.signals:
+            self.signals.dropped.labels(reason).inc()
+
+    async def submit(self, request: PoemRequest, gone=None) -> Written:
+        """The request's poems, once a sampler call has written them. Raises Overloaded when
+        max_waiting requests already wait or when it waits past the deadline unstarted, and
+        ClientGone when `gone()` (a coroutine function) says the client left first."""
+        if self.waiting >= self.admission.max_waiting:
+            if self.signals:
+                self.signals.dropped.labels("full").inc()
+            raise Overloaded(
+                f"{self.waiting} requests are waiting, the most this server queues; try again shortly",
+                self.retry_after(),
+            )
+        item = Pending(request, asyncio.get_running_loop().create_future(), time.perf_counter())
+        self.unstarted.add(item)
+        self.queue.put_nowait(item)
+        deadline = item.arrived + self.admission.timeout
+        while not item.future.done():
+            left = deadline - time.perf_counter()
+            if left <= 0 and not item.started:
+                self.give_up(item, "deadline")
+                raise Overloaded(
+                    f"waited {self.admission.timeout:g} s without a sampler call; the server is busy, try again",
+                    self.retry_after(),
+                )
+            await asyncio.wait({item.future}, timeout=min(POLL_S, left) if left > 0 else POLL_S)
+            if not item.future.done() and not item.started and gone is not None and await gone():
+                self.give_up(item, "client_gone")
+                raise ClientGone
+        return item.future.result()
 
     def take_waiting(self) -> list[Pending]:
         waiting = []
@@ -158,9 +245,16 @@ class Batcher:
             if not pending:
                 pending.append(await self.queue.get())
             pending += self.take_waiting()
+            pending = [item for item in pending if not item.future.done()]  # given up: no row for them
+            if not pending:
+                continue
             batch, pending = self.next_batch(pending)
+            for item in batch:
+                item.started = True
+                self.unstarted.discard(item)
             requests = [item.request for item in batch]
             seed = requests[0].seed if requests[0].seed is not None else secrets.randbelow(2**31)
+            started = time.perf_counter()
             try:
                 answers = await loop.run_in_executor(self.executor, self.engine.write, requests, seed)
             except Exception as error:  # noqa: BLE001 -- handed to the waiting requests
@@ -168,10 +262,21 @@ class Batcher:
                     if not item.future.done():
                         item.future.set_exception(error)
                 continue
-            self.calls += 1
+            self.record_call(batch, answers, started)
             for item, answer in zip(batch, answers):
-                if not item.future.done():  # a client that went away leaves a cancelled future
+                if not item.future.done():
                     item.future.set_result(answer)
+
+    def record_call(self, batch: list[Pending], answers: list[Written], started: float) -> None:
+        """The call's figures: the rate that sizes Retry-After, and the operator's signals."""
+        seconds = time.perf_counter() - started
+        self.calls += 1
+        rows = answers[0].batch_rows
+        self.rows_per_s = 0.8 * self.rows_per_s + 0.2 * rows / max(seconds, 1e-9)
+        if self.signals:
+            self.signals.sampler_call(rows, sum(item.request.rows for item in batch), seconds)
+            for item in batch:
+                self.signals.queue_wait.observe(started - item.arrived)
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)

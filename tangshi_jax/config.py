@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 
 CELLS = ("lstm", "gru", "rnn")
+PLATFORMS = ("cpu", "gpu", "tpu")  # --platform: JAX's backends (devices.use_platform)
 OPTIMIZERS = ("rmsprop", "adam")
 SCHEDULES = ("constant", "cosine")
 DTYPES = ("float32", "bfloat16")

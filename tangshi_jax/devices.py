@@ -14,9 +14,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tangshi_jax import data
 from tangshi_jax.cache import default_cache_dir
+from tangshi_jax.config import PLATFORMS  # noqa: F401 -- the commands take it from here
 from tangshi_jax.errors import TangshiError
 
-PLATFORMS = ("cpu", "gpu", "tpu")
 DATA_AXIS = "data"  # the mesh axis that batches are split along
 JOIN_TIMEOUT_S = 300  # how long a process waits for the others to join the run
 HEARTBEAT_TIMEOUT_S = 60  # a process silent this long is taken as dead, and the others stop

@@ -23,16 +23,22 @@ import time
 import traceback
 from pathlib import Path
 
-from tangshi_jax import __version__, loadtest, release, sample
-from tangshi_jax.batcher import Batcher, Engine
-from tangshi_jax.config import to_dict
-from tangshi_jax.devices import PLATFORMS, use_platform
+# Only what the HTTP layer needs loads here: the model, the sampler and JAX load after the port
+# is open (load_engine), so that /api/health answers "starting" while they compile.
+from starlette.responses import FileResponse, JSONResponse, Response
+
+from tangshi_jax import __version__, loadtest, observe
+from tangshi_jax.batcher import Admission, Batcher, ClientGone, Engine, Overloaded
+from tangshi_jax.config import PLATFORMS, to_dict
 from tangshi_jax.errors import TangshiError, as_field, run_cli
 from tangshi_jax.request import DEFAULT_CANDIDATES, MAX_CANDIDATES, MAX_POEMS, Field, PoemRequest, field_table
 
 STATIC = Path(__file__).parent / "static"
 MAX_BODY = 4096  # bytes of a request; a poem request is under 400
 DEFAULT_MAX_BATCH = 128  # rows (poems × drafts) of one sampler call: a full request
+TARGET_WAIT_S = 10.0  # the default --timeout, and the wait the default --max-waiting is sized for
+MIN_WAITING = 8  # the default --max-waiting never falls below this
+STARTING_RETRY_S = 5  # Retry-After while the programs compile
 
 
 class BadRequest(Exception):
@@ -241,13 +247,15 @@ async def read_body(http_request) -> bytes:
 
 def answer(wanted: PoemRequest, written, seconds: float) -> dict:
     """The JSON answer to a request: its poems, the time taken and the batch it shared."""
+    from tangshi_jax.sample import poem_lines  # loaded with the engine
+
     return {
         "poems": [
             {
                 "begin": wanted.begin or "",
                 "title": wanted.topic or "",
                 "poem": poem,
-                "lines": sample.poem_lines(poem, wanted),
+                "lines": poem_lines(poem, wanted),
                 "score": round(score, 4) if math.isfinite(score) else None,
             }
             for poem, score in zip(written.poems, written.scores)
@@ -257,41 +265,102 @@ def answer(wanted: PoemRequest, written, seconds: float) -> dict:
     }
 
 
-def create_app(
-    engine: Engine,
-    metrics: dict | None = None,
-    merge: bool = True,
-    max_poems: int = MAX_POEMS,
-    log=lambda message: print(message, file=sys.stderr),
-):
-    """The Starlette application over a warmed-up engine; merge=False answers each request
-    with its own sampler call (the load test's baseline)."""
-    from starlette.applications import Starlette
-    from starlette.exceptions import HTTPException
-    from starlette.requests import Request
-    from starlette.responses import FileResponse, JSONResponse
-    from starlette.routing import Mount, Route
-    from starlette.staticfiles import StaticFiles
+def default_admission(engine: Engine, timeout: float = TARGET_WAIT_S) -> Admission:
+    """The bounds a server starts with: as many requests of the default size as it writes in
+    `timeout` seconds at the rate its warm-up measured, and that wait as the deadline."""
+    per_second = engine.rows_per_s / DEFAULT_CANDIDATES
+    return Admission(max(MIN_WAITING, round(per_second * timeout)), timeout)
 
-    fields = poem_fields(max_poems)
-    batcher = Batcher(engine, merge=merge)
 
-    def refuse(message: str, status: int) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status)
+def refuse(message: str, status: int, retry_after: int | None = None) -> JSONResponse:
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
-    async def poems(http_request: Request) -> JSONResponse:
-        arrived = time.perf_counter()
+
+class Service:
+    """What the API routes serve: the engine once it is warm, the batcher with its bounds on
+    waiting, and the operator's signals. Until `become_ready`, the routes answer 503."""
+
+    def __init__(self, fields, merge: bool, admission: Admission | None, timeout: float, log):
+        self.fields, self.merge, self.admission, self.timeout, self.log = fields, merge, admission, timeout, log
+        self.signals = observe.Signals()
+        self.engine, self.metrics, self.batcher, self.worker = None, None, None, None
+        self.since, self.failed = time.perf_counter(), False
+
+    def become_ready(self, engine: Engine, metrics: dict | None) -> None:
+        bounds = self.admission or default_admission(engine, self.timeout)
+        self.batcher = Batcher(engine, merge=self.merge, admission=bounds, signals=self.signals)
+        self.engine, self.metrics = engine, metrics
+        self.signals.ready.set(1)
+        self.signals.compile_seconds.set(getattr(engine, "compile_seconds", 0.0))
+        self.signals.model_step.set(engine.model.progress.get("step") or 0)
+
+    async def start(self, starting, on_failure) -> None:
+        """Load and warm up in a thread (the event loop keeps answering), then take requests."""
         try:
-            wanted = parse_request(await read_body(http_request), fields)
-            engine.check(wanted)
-            written = await batcher.submit(wanted)  # checked, so a TangshiError here is not expected
+            self.become_ready(*await asyncio.to_thread(starting))
+        except BaseException as error:  # noqa: BLE001 -- handed to whoever runs the server
+            self.failed = True
+            if on_failure is None:
+                raise
+            on_failure(error)
+            return
+        self.worker = asyncio.create_task(self.batcher.run())
+
+    def not_ready(self) -> JSONResponse:
+        if self.failed:
+            return refuse("the server failed to load its model; its log says why", 503)
+        return refuse("the server is starting: it compiles its programs; try again shortly", 503, STARTING_RETRY_S)
+
+    async def poems(self, http_request) -> Response:
+        arrived = time.perf_counter()
+        if self.batcher is None:
+            return self.not_ready()
+        try:
+            wanted = parse_request(await read_body(http_request), self.fields)
+            self.engine.check(wanted)
+            written = await self.batcher.submit(wanted, gone=http_request.is_disconnected)
         except BadRequest as error:
             return refuse(str(error), error.status)
         except TangshiError as error:  # what only the model can check: its vocabulary, titles
             return refuse(error.worded(as_field), 422)
+        except Overloaded as error:
+            return refuse(str(error), 503, error.retry_after)
+        except ClientGone:
+            return Response(status_code=499)  # nobody reads it; the access log shows the drop
+        http_request.scope["poems"] = len(written.poems)  # for the access log
         return JSONResponse(answer(wanted, written, time.perf_counter() - arrived))
 
-    async def page(request: Request) -> FileResponse:
+    async def model(self, http_request) -> JSONResponse:
+        if self.batcher is None:
+            return self.not_ready()
+        return JSONResponse(model_info(self.engine, self.metrics, self.fields))
+
+    async def health(self, http_request) -> JSONResponse:
+        if self.batcher is None:
+            waited = round(time.perf_counter() - self.since, 1)
+            return JSONResponse({"status": "failed" if self.failed else "starting", "seconds": waited}, 503)
+        bounds = self.batcher.admission
+        return JSONResponse(
+            {
+                "status": "ok",
+                "sampler_calls": self.batcher.calls,
+                "waiting": self.batcher.waiting,
+                "max_waiting": bounds.max_waiting,
+                "timeout_s": bounds.timeout,
+            }
+        )
+
+    async def exposition(self, http_request) -> Response:
+        if self.batcher is not None:
+            self.signals.waiting.set(self.batcher.waiting)
+        body, content_type = self.signals.exposition()
+        return Response(body, media_type=content_type)
+
+    async def describe(self, http_request) -> JSONResponse:
+        return JSONResponse(openapi(self.fields))
+
+    async def page(self, http_request) -> FileResponse:
         return FileResponse(
             STATIC / "index.html",
             headers={
@@ -300,19 +369,10 @@ def create_app(
             },
         )
 
-    async def model(request: Request) -> JSONResponse:
-        return JSONResponse(model_info(engine, metrics, fields))
-
-    async def health(request: Request) -> JSONResponse:
-        return JSONResponse({"status": "ok", "sampler_calls": batcher.calls, "waiting": batcher.queue.qsize()})
-
-    async def describe(request: Request) -> JSONResponse:
-        return JSONResponse(openapi(fields))
-
-    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+    async def http_error(self, http_request, error) -> JSONResponse:
         reasons = {
-            404: "no such page; the API is POST /api/poems, GET /api/model, GET /api/health",
-            405: f"{request.method} is not allowed here",
+            404: "no such page; the API is POST /api/poems, GET /api/model, GET /api/health, GET /metrics",
+            405: f"{http_request.method} is not allowed here",
         }
         return JSONResponse(
             {"error": reasons.get(error.status_code, str(error.detail))},
@@ -320,31 +380,70 @@ def create_app(
             headers=getattr(error, "headers", None),
         )
 
-    async def server_error(request: Request, error: Exception) -> JSONResponse:
-        log("".join(traceback.format_exception(error)).rstrip())  # for the operator, never the client
+    async def server_error(self, http_request, error: Exception) -> JSONResponse:
+        self.log("".join(traceback.format_exception(error)).rstrip())  # for the operator, never the client
         return refuse("the server failed to write these poems; its log says why", 500)
+
+
+def create_app(
+    engine: Engine | None,
+    metrics: dict | None = None,
+    merge: bool = True,
+    max_poems: int = MAX_POEMS,
+    log=lambda message: print(message, file=sys.stderr),
+    *,
+    starting=None,
+    on_failure=None,
+    admission: Admission | None = None,
+    timeout: float = TARGET_WAIT_S,
+    log_format: str = "text",
+    access_log: bool = True,
+):
+    """The Starlette application. engine: a warmed-up Engine, or None with `starting`, a
+    function that loads and warms one up (returning it and the model's metrics), run in a
+    thread once the server runs: until it returns, /api/health answers "starting" (503) and
+    the other API routes 503 with Retry-After; if it raises, on_failure(error) is called.
+    merge=False answers each request with its own sampler call (the load test's baseline).
+    admission: the bounds on waiting (when None, default_admission of the engine and timeout).
+    The app is wrapped in observe.AccessLog: a log line per request (access_log) and the metrics."""
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.routing import Mount, Route
+    from starlette.staticfiles import StaticFiles
+
+    service = Service(poem_fields(max_poems), merge, admission, timeout, log)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        worker = asyncio.create_task(batcher.run())
+        loading = None
+        if service.batcher is None:
+            loading = asyncio.create_task(service.start(starting, on_failure))
+        else:
+            service.worker = asyncio.create_task(service.batcher.run())
         yield
-        worker.cancel()
-        batcher.close()
+        for task in (loading, service.worker):
+            if task is not None:
+                task.cancel()
+        if service.batcher is not None:
+            service.batcher.close()
 
+    if engine is not None:
+        service.become_ready(engine, metrics)
     app = Starlette(
         routes=[
-            Route("/", page),
-            Route("/api/poems", poems, methods=["POST"]),
-            Route("/api/model", model),
-            Route("/api/health", health),
-            Route("/api/openapi.json", describe),
+            Route("/", service.page),
+            Route("/api/poems", service.poems, methods=["POST"]),
+            Route("/api/model", service.model),
+            Route("/api/health", service.health),
+            Route("/api/openapi.json", service.describe),
+            Route("/metrics", service.exposition),
             Mount("/static", StaticFiles(directory=STATIC), name="static"),
         ],
-        exception_handlers={HTTPException: http_error, Exception: server_error},
+        exception_handlers={HTTPException: service.http_error, Exception: service.server_error},
         lifespan=lifespan,
     )
-    app.state.batcher = batcher
-    return app
+    app.state.service = service
+    return observe.AccessLog(app, service.signals, log_format, write=log if access_log else lambda line: None)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -396,24 +495,33 @@ def load_test(engine, metrics, requests: int, clients: int, max_poems: int, draf
     sampler call a request."""
     results = []
     for name, merge in (("batched", True), ("one call a request", False)):
-        app = create_app(engine, metrics, merge=merge, max_poems=max_poems, log=log)
+        app = create_app(engine, metrics, merge=merge, max_poems=max_poems, log=log, access_log=False)
         with serving(app) as url:
             log(f"load test, {name}: {requests} requests from {clients} clients to {url}")
             records, seconds = loadtest.fire(url, requests, clients, loadtest.bodies_with(drafts))
-            results.append({**loadtest.summarise(name, records, seconds, app.state.batcher.calls), "drafts": drafts})
+            results.append(
+                {**loadtest.summarise(name, records, seconds, app.state.service.batcher.calls), "drafts": drafts}
+            )
     return results
 
 
-def load_engine(checkpoint_dir, model_dir, max_batch: int, log) -> tuple[Engine, dict | None]:
+def load_engine(checkpoint_dir, model_dir, max_batch: int, platform, log) -> tuple[Engine, dict | None]:
+    """The model loaded and every sampler program compiled (the slow part of start-up)."""
+    from tangshi_jax import release, sample
+    from tangshi_jax.devices import use_platform
+
+    use_platform(platform)
     loaded = release.load_model(checkpoint_dir=checkpoint_dir, model_dir=model_dir)
     metrics = release.last_metrics(checkpoint_dir, model_dir, loaded.progress.get("epoch"))
     lines = sample.corpus_lines(loaded.train_config.data, loaded.train_config.corpus)
     engine = Engine(loaded, max_rows=max_batch, corpus_lines=lines)
     programs, seconds = engine.warm_up()
+    engine.compile_seconds = seconds
     rows = ", ".join(map(str, engine.buckets))
     log(
         f"compiled {programs} sampler programs (batches of {rows} rows"
-        f"{', with and without titles' if loaded.max_title else ''}) in {seconds:.1f} s"
+        f"{', with and without titles' if loaded.max_title else ''}) in {seconds:.1f} s; "
+        f"{engine.rows_per_s:,.0f} rows/s"
     )
     return engine, metrics
 
@@ -433,6 +541,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--max-poems", type=int, default=MAX_POEMS, help="poems a request may ask for")
     parser.add_argument("--platform", choices=PLATFORMS, default=None)
+    parser.add_argument(
+        "--max-waiting",
+        type=int,
+        default=None,
+        help="poem requests that may wait for a sampler call; past it a request gets 503 with Retry-After "
+        f"(default: what the measured rate writes in {TARGET_WAIT_S:g} s, at least {MIN_WAITING})",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=TARGET_WAIT_S,
+        help="seconds a request may wait before its sampler call starts; then 503 with Retry-After",
+    )
+    parser.add_argument(
+        "--log-format", choices=observe.LOG_FORMATS, default="text", help="the access log's lines: text or json"
+    )
     parser.add_argument(
         "--load-test",
         action="store_true",
@@ -460,25 +584,51 @@ def main(argv=None) -> None:
             f"--max-batch must hold a full request: at least --max-poems × "
             f"{DEFAULT_CANDIDATES} drafts = {args.max_poems * DEFAULT_CANDIDATES}"
         )
+    if (args.max_waiting is not None and args.max_waiting < 1) or not args.timeout > 0:
+        raise TangshiError("--max-waiting must be at least 1 and --timeout above 0 seconds")
     log = lambda message: print(message, file=sys.stderr, flush=True)
-    use_platform(args.platform)
     started = time.perf_counter()
-    engine, metrics = load_engine(args.checkpoint_dir, args.model, args.max_batch, log)
     if args.load_test:
+        engine, metrics = load_engine(args.checkpoint_dir, args.model, args.max_batch, args.platform, log)
         results = load_test(engine, metrics, args.requests, args.clients, args.max_poems, args.drafts, log=log)
         print(loadtest.format_results(results))
         return
     import uvicorn
 
     sock = bind(args.host, args.port)
+    url = f"http://{args.host}:{sock.getsockname()[1]}/"
     if not ipaddress.ip_address(sock.getsockname()[0]).is_loopback:
         log(f"note: listening on {args.host}, so other machines can reach this server")
-    app = create_app(engine, metrics, max_poems=args.max_poems, log=log)
-    log(f"ready in {time.perf_counter() - started:.1f} s: http://{args.host}:{sock.getsockname()[1]}/  (Ctrl-C stops)")
+    server, failure = None, []
+
+    def starting():
+        loaded = load_engine(args.checkpoint_dir, args.model, args.max_batch, args.platform, log)
+        log(f"ready in {time.perf_counter() - started:.1f} s: {url}  (Ctrl-C stops)")
+        return loaded
+
+    def failed(error: BaseException) -> None:
+        failure.append(error)
+        server.should_exit = True
+
+    admission = Admission(args.max_waiting, args.timeout) if args.max_waiting else None
+    app = create_app(
+        None,
+        max_poems=args.max_poems,
+        log=log,
+        starting=starting,
+        on_failure=failed,
+        admission=admission,
+        timeout=args.timeout,
+        log_format=args.log_format,
+    )
     # uvicorn finishes the requests in flight on SIGTERM, then raises the signal again under the
     # handler it found: make that an interruption, so the exit code is 130 as for Ctrl-C.
     signal.signal(signal.SIGTERM, interrupted)
-    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    log(f"listening on {url} in {time.perf_counter() - started:.1f} s; loading and compiling the model")
+    server.run(sockets=[sock])
+    if failure:
+        raise failure[0]
 
 
 def interrupted(signum, frame):

@@ -1,6 +1,7 @@
 """The API in-process (Starlette's test client), the batcher, and a tiny load test on 127.0.0.1."""
 
 import asyncio
+import dataclasses
 import re
 
 import jax
@@ -8,7 +9,7 @@ import pytest
 from starlette.testclient import TestClient  # needs httpx2, in the test extra
 
 from tangshi_jax import loadtest, release, rules, sample, serve
-from tangshi_jax.batcher import Batcher, Engine, row_buckets
+from tangshi_jax.batcher import Batcher, Engine, Written, row_buckets
 from tangshi_jax.errors import TangshiError, as_field
 from tangshi_jax.request import PoemRequest
 
@@ -302,8 +303,9 @@ def test_a_model_without_titles_refuses_them_in_each_edges_words(trained_run):
 
 @pytest.mark.slow  # a server process, warmed up
 def test_the_serve_command_serves_then_stops_on_sigterm(trained_run):
-    """README: `python -m tangshi_jax.serve` prints where it listens once warm, answers the page's
-    API, and a SIGTERM lets it finish and exit as interrupted (130, as Ctrl-C)."""
+    """README: `python -m tangshi_jax.serve` opens its port first and says "starting" (503) while
+    it loads and compiles, prints where it listens once warm, answers the page's API with an
+    access-log line per request, and a SIGTERM lets it finish and exit as interrupted (130)."""
     import json as json_module
     import queue
     import re
@@ -312,29 +314,175 @@ def test_the_serve_command_serves_then_stops_on_sigterm(trained_run):
     import sys
     import threading
     import time
+    import urllib.error
     import urllib.request
 
     command = [sys.executable, "-m", "tangshi_jax.serve", "--checkpoint-dir", str(trained_run[0]), "--port", "0"]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     lines = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in process.stderr], daemon=True).start()
-    try:
-        deadline, address, said = time.monotonic() + 300, None, []
-        while address is None:
+
+    def said_until(pattern):
+        deadline = time.monotonic() + 300
+        while True:
             line = lines.get(timeout=max(1, deadline - time.monotonic()))
             said.append(line)
-            if match := re.search(r"ready in [\d.]+ s: (http://127\.0\.0\.1:\d+/)", line):
-                address = match.group(1)
+            if match := re.search(pattern, line):
+                return match
+
+    try:
+        said = []
+        listening = said_until(r"listening on (http://127\.0\.0\.1:\d+/)").group(1)
+        with pytest.raises(urllib.error.HTTPError) as starting:  # JAX has not even loaded yet
+            urllib.request.urlopen(listening + "api/health", timeout=30)
+        assert starting.value.code == 503 and json_module.loads(starting.value.read())["status"] == "starting"
+        address = said_until(r"ready in [\d.]+ s: (http://127\.0\.0\.1:\d+/)").group(1)
+        assert address == listening and any("compiled" in line for line in said)
         with urllib.request.urlopen(address + "api/health", timeout=30) as response:
-            assert response.status == 200
+            assert response.status == 200 and json_module.loads(response.read())["status"] == "ok"
         body = json_module.dumps({"num": 1, "seed": 1, "candidates": 1}).encode()
         ask = urllib.request.Request(address + "api/poems", body, {"Content-Type": "application/json"})
         with urllib.request.urlopen(ask, timeout=60) as response:
             assert len(json_module.loads(response.read())["poems"]) == 1
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 130, "".join(said)
-        assert "interrupted" in lines.get(timeout=10)
+        said_until("interrupted")
+        access = [line for line in said if re.match(r"(GET|POST) /", line)]
+        assert re.fullmatch(r"GET /api/health 503 [\d.]+ ms\n", access[0]), access
+        assert re.fullmatch(r"POST /api/poems 200 [\d.]+ ms poems=1\n", access[-1]), access
+        assert len(access) == 3  # one line a request
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+# --- bounded waiting, readiness and the operator's signals -----------------------------------
+
+
+class SlowEngine:
+    """The Batcher's side of an Engine, writing nothing but taking `delay` seconds a call: what
+    the queue does while the sampler is busy, without compiling a sampler."""
+
+    def __init__(self, delay: float, max_rows: int = 8):
+        self.delay, self.max_rows, self.rows_per_s, self.calls = delay, max_rows, 8.0, []
+
+    def write(self, requests, seed):
+        import time
+
+        self.calls.append(list(requests))
+        time.sleep(self.delay)
+        rows = sum(request.rows for request in requests)
+        return [Written(["诗"] * request.num, [0.0] * request.num, len(requests), rows) for request in requests]
+
+
+def test_waiting_is_bounded_by_count_and_by_deadline_and_a_started_call_finishes():
+    from tangshi_jax.batcher import Admission, ClientGone, Overloaded
+    from tangshi_jax.observe import Signals
+
+    async def scenario():
+        engine, signals = SlowEngine(delay=0.6), Signals()
+        batcher = Batcher(engine, admission=Admission(max_waiting=2, timeout=0.3), signals=signals)
+        worker = asyncio.create_task(batcher.run())
+        one = PoemRequest(num=1, candidates=1, form="qijue")  # plans differ: each its own call
+        first = asyncio.create_task(batcher.submit(dataclasses.replace(one, form="wujue")))
+        await asyncio.sleep(0.05)  # the first call has started and holds the sampler 0.6 s
+        second = asyncio.create_task(batcher.submit(one))
+        third = asyncio.create_task(batcher.submit(dataclasses.replace(one, form="wulv")))
+        await asyncio.sleep(0.05)
+        with pytest.raises(Overloaded) as full:  # two wait already
+            await batcher.submit(one)
+        assert "2 requests are waiting" in str(full.value) and full.value.retry_after >= 1
+        assert (await first).poems == ["诗"]  # past the deadline, but started: it finishes
+        for late in (second, third):
+            with pytest.raises(Overloaded, match="waited 0.3 s without a sampler call"):
+                await late
+        assert batcher.waiting == 0 and [len(call) for call in engine.calls] == [1]  # no row for them
+        gone = asyncio.create_task(batcher.submit(one))
+        await asyncio.sleep(0.05)
+        left = asyncio.create_task(
+            batcher.submit(dataclasses.replace(one, form="wulv"), gone=lambda: asyncio.sleep(0, True))
+        )
+        with pytest.raises(ClientGone):
+            await left
+        await gone
+        worker.cancel()
+        batcher.close()
+        assert [call[0].form for call in engine.calls] == ["wujue", "qijue"]  # the one whose client left: no call
+        dropped = {
+            sample.labels["reason"]: sample.value
+            for sample in signals.dropped.collect()[0].samples
+            if sample.name.endswith("_total")
+        }
+        assert dropped == {"full": 1.0, "deadline": 2.0, "client_gone": 1.0}
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.slow  # warms up an engine: compiles six sampler programs
+def test_starting_until_warm_then_metrics_that_parse_and_a_json_access_log(engine):
+    import json as json_module
+    import threading
+    import time
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    loaded, lines = threading.Event(), []
+    app = serve.create_app(
+        None, starting=lambda: (loaded.wait(60), (engine, None))[1], log=lines.append, log_format="json"
+    )
+    with TestClient(app) as client:
+        health = client.get("/api/health")
+        assert health.status_code == 503 and health.json()["status"] == "starting"
+        refused = client.post("/api/poems", json={"num": 1})
+        assert (
+            refused.status_code == 503
+            and refused.headers["Retry-After"] == "5"
+            and "starting" in refused.json()["error"]
+        )
+        assert client.get("/api/model").status_code == 503
+        loaded.set()
+        deadline = time.monotonic() + 60
+        while client.get("/api/health").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        health = client.get("/api/health").json()
+        assert health["status"] == "ok" and health["max_waiting"] >= serve.MIN_WAITING and health["timeout_s"] == 10
+        for form in ("wujue", "qijue"):
+            assert len(ask(client, num=2, candidates=2, form=form)["poems"]) == 2
+        exposition = client.get("/metrics")
+    families = {family.name: family for family in text_string_to_metric_families(exposition.text)}
+    value = lambda name, **labels: next(
+        s.value
+        for s in families[name].samples
+        if s.name == name + "_total" * (families[name].type == "counter") and s.labels == labels
+    )
+    assert value("tangshi_requests", route="/api/poems", status="200") == 2
+    assert value("tangshi_requests", route="/api/poems", status="503") == 1
+    assert value("tangshi_sampler_calls") == 2 and value("tangshi_batch_rows", kind="used") == 8
+    assert value("tangshi_batch_rows", kind="padded") == 0  # 4 rows: a compiled size
+    assert value("tangshi_ready") == 1 and value("tangshi_model_step") == engine.model.progress["step"]
+    assert families["tangshi_queue_wait_seconds"].type == "histogram"
+    records = [json_module.loads(line) for line in lines]
+    posts = [record for record in records if record["method"] == "POST"]
+    assert [record["status"] for record in posts] == [503, 200, 200] and posts[-1]["poems"] == 2
+    assert len(records) == sum(1 for record in records if record["path"]) and all(
+        record["ms"] >= 0 for record in records
+    )
+
+
+def test_a_model_that_fails_to_load_is_reported_and_health_says_failed():
+    failures = []
+
+    def starting():
+        raise TangshiError("no checkpoint in nowhere; train first")
+
+    app = serve.create_app(None, starting=starting, on_failure=failures.append, log=lambda line: None)
+    with TestClient(app) as client:
+        import time
+
+        deadline = time.monotonic() + 30
+        while not failures and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert client.get("/api/health").json()["status"] == "failed"
+        assert "failed to load" in client.post("/api/poems", json={}).json()["error"]
+    assert str(failures[0]) == "no checkpoint in nowhere; train first"

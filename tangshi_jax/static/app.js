@@ -73,7 +73,15 @@ async function write(event) {
 
 async function describeModel() {
   try {
-    const model = await (await fetch("/api/model")).json();
+    const response = await fetch("/api/model");
+    if (response.status === 503) {  // starting: the server compiles its programs first
+      $("model").textContent = "warming up: the server is compiling its programs…";
+      $("write").disabled = true;
+      setTimeout(describeModel, 2000);
+      return;
+    }
+    const model = await response.json();
+    $("write").disabled = false;
     readsTitles = model.reads_titles;
     $("title-row").hidden = !readsTitles;
     $("num").max = model.limits.num;
