@@ -4,12 +4,15 @@
 
 Each client is a thread with one kept-alive connection that sends requests one after
 another until `requests` have been sent in all; the requests alternate between the kinds
-in BODIES. Reports failures, p50 and p99 latency, poems/s and the sampler calls made.
+in BODIES. Reports the requests refused by the server's bounds (503 with Retry-After; a
+refused client does not retry), any other failure, p50, p99 and the longest latency of the
+requests answered, poems/s, the sampler calls made and the server's memory after the run.
 """
 
 import http.client
 import itertools
 import json
+import os
 import statistics
 import threading
 import time
@@ -51,6 +54,7 @@ def fire(url: str, requests: int, clients: int, bodies=BODIES) -> tuple[list[dic
                         "seconds": time.perf_counter() - started,
                         "poems": len(answer.get("poems", [])),
                         "batch": answer.get("batch", {}),
+                        "retry_after": response.getheader("Retry-After"),
                     }
                 )
             except (OSError, http.client.HTTPException, ValueError) as error:
@@ -78,36 +82,53 @@ def percentile(values: list[float], share: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(share * len(ordered)) - 1))]
 
 
+def rss_mb() -> float | None:
+    """This process's resident memory now (Linux), in MB; None elsewhere."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def summarise(name: str, records: list[dict], seconds: float, calls: int) -> dict:
     ok = [record for record in records if record["status"] == 200]
+    refused = [record for record in records if record["status"] == 503 and record.get("retry_after")]
     latencies = [record["seconds"] for record in ok]
     poems = sum(record["poems"] for record in ok)
     return {
         "mode": name,
         "requests": len(records),
-        "failed": len(records) - len(ok),
+        "refused": len(refused),
+        "failed": len(records) - len(ok) - len(refused),
         "p50_s": statistics.median(latencies) if latencies else None,
         "p99_s": percentile(latencies, 0.99) if latencies else None,
+        "max_s": max(latencies) if latencies else None,
         "poems_per_s": poems / seconds,
         "wall_s": seconds,
         "sampler_calls": calls,
         "requests_per_call": len(ok) / calls if calls else None,
+        "rss_mb": rss_mb(),
     }
 
 
 def format_results(results: list[dict]) -> str:
     kinds = " and ".join(json.dumps(body, ensure_ascii=False) for body in bodies_with(results[0]["drafts"]))
+    bounds = results[0].get("bounds", "")
     lines = [
-        f"requests alternate {kinds}",
+        f"requests alternate {kinds}" + (f"; {bounds}" if bounds else ""),
         "",
-        "| mode | requests | failed | p50 | p99 | poems/s | sampler calls | requests a call |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| mode | requests | refused (503) | failed | p50 | p99 | longest | poems/s | sampler calls | "
+        "requests a call | memory after |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in results:
         seconds = lambda value: "–" if value is None else f"{value * 1000:,.0f} ms"
         per_call = "–" if row["requests_per_call"] is None else f"{row['requests_per_call']:.1f}"
+        memory = "–" if row["rss_mb"] is None else f"{row['rss_mb']:,.0f} MB"
         lines.append(
-            f"| {row['mode']} | {row['requests']} | {row['failed']} | {seconds(row['p50_s'])} | "
-            f"{seconds(row['p99_s'])} | {row['poems_per_s']:.1f} | {row['sampler_calls']} | {per_call} |"
+            f"| {row['mode']} | {row['requests']} | {row['refused']} | {row['failed']} | {seconds(row['p50_s'])} | "
+            f"{seconds(row['p99_s'])} | {seconds(row['max_s'])} | {row['poems_per_s']:.1f} | "
+            f"{row['sampler_calls']} | {per_call} | {memory} |"
         )
     return "\n".join(lines)

@@ -490,18 +490,21 @@ def serving(app, host: str = "127.0.0.1", port: int = 0):
         sock.close()
 
 
-def load_test(engine, metrics, requests: int, clients: int, max_poems: int, drafts: int = 8, log=print) -> list[dict]:
-    """The same load (loadtest.fire) against the same warmed-up engine, with batching, then one
-    sampler call a request."""
+def load_test(
+    engine, metrics, requests: int, clients: int, max_poems: int, drafts: int = 8, log=print, admission=None
+) -> list[dict]:
+    """The same load (loadtest.fire) against the same warmed-up engine and bounds on waiting
+    (admission, or the defaults), with batching, then one sampler call a request."""
     results = []
+    bounds = admission or default_admission(engine)
     for name, merge in (("batched", True), ("one call a request", False)):
-        app = create_app(engine, metrics, merge=merge, max_poems=max_poems, log=log, access_log=False)
+        app = create_app(engine, metrics, merge=merge, max_poems=max_poems, log=log, admission=bounds, access_log=False)
         with serving(app) as url:
             log(f"load test, {name}: {requests} requests from {clients} clients to {url}")
             records, seconds = loadtest.fire(url, requests, clients, loadtest.bodies_with(drafts))
-            results.append(
-                {**loadtest.summarise(name, records, seconds, app.state.service.batcher.calls), "drafts": drafts}
-            )
+            calls = app.state.service.batcher.calls
+            results.append({**loadtest.summarise(name, records, seconds, calls), "drafts": drafts})
+    results[0]["bounds"] = f"--max-waiting {bounds.max_waiting}, --timeout {bounds.timeout:g} s"
     return results
 
 
@@ -590,7 +593,12 @@ def main(argv=None) -> None:
     started = time.perf_counter()
     if args.load_test:
         engine, metrics = load_engine(args.checkpoint_dir, args.model, args.max_batch, args.platform, log)
-        results = load_test(engine, metrics, args.requests, args.clients, args.max_poems, args.drafts, log=log)
+        admission = Admission(args.max_waiting, args.timeout) if args.max_waiting else None
+        if admission is None and args.timeout != TARGET_WAIT_S:
+            admission = default_admission(engine, args.timeout)
+        results = load_test(
+            engine, metrics, args.requests, args.clients, args.max_poems, args.drafts, log=log, admission=admission
+        )
         print(loadtest.format_results(results))
         return
     import uvicorn

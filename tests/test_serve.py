@@ -274,9 +274,21 @@ def test_a_tiny_load_test_has_no_failures(engine, capsys):
     assert [row["mode"] for row in results] == ["batched", "one call a request"]
     assert all(row["failed"] == 0 and row["requests"] == 12 for row in results)
     assert results[1]["sampler_calls"] == 12 and results[0]["sampler_calls"] <= 12
+    assert all(row["refused"] == 0 for row in results)  # the default bounds admit 4 clients
     table = loadtest.format_results(results)
     print(table)
-    assert "| batched | 12 | 0 |" in table
+    assert "| batched | 12 | 0 | 0 |" in table and "--max-waiting" in table
+
+
+@pytest.mark.slow  # servers (uvicorn)
+def test_past_the_bound_the_load_test_counts_refusals_not_failures(engine):
+    from tangshi_jax.batcher import Admission
+
+    bounds = Admission(max_waiting=1, timeout=5)
+    results = serve.load_test(engine, None, 16, 8, MAX_POEMS, drafts=1, log=lambda message: None, admission=bounds)
+    for row in results:
+        assert row["refused"] > 0 and row["failed"] == 0, row  # each 503 carried a Retry-After
+        assert row["refused"] + row["sampler_calls"] * (row["requests_per_call"] or 0) == pytest.approx(16)
 
 
 def test_serve_refuses_a_taken_port_in_one_line(capsys):
