@@ -147,13 +147,24 @@ def openapi(fields: dict[str, Field]) -> dict:
             "/api/model": {
                 "get": {
                     "summary": "The model: config, vocabulary size, step, validation loss, limits",
-                    "responses": {"200": {"description": "a JSON object"}},
+                    "responses": {"200": {"description": "a JSON object"}, "503": {"description": "starting"}},
                 }
             },
             "/api/health": {
                 "get": {
-                    "summary": "Whether the server is up",
-                    "responses": {"200": {"description": '{"status": "ok"}'}},
+                    "summary": "Whether the server is ready: ok once every program is compiled",
+                    "responses": {
+                        "200": {
+                            "description": '{"status": "ok", "sampler_calls", "waiting", "max_waiting", "timeout_s"}'
+                        },
+                        "503": {"description": '{"status": "starting" or "failed", "seconds"}'},
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics in the text format",
+                    "responses": {"200": {"description": "text/plain; version=1.0.0"}},
                 }
             },
         },
@@ -200,6 +211,7 @@ def poems_operation(properties: dict) -> dict:
             "400": error,
             "413": error,
             "422": error,
+            "503": {**error, "description": "starting, too many waiting, or waited past the deadline; see Retry-After"},
         },
     }
 

@@ -176,7 +176,7 @@ def test_the_other_routes(client, engine):
     assert model["limits"]["num"] == MAX_POEMS and "data" not in model["training"]  # no file paths
     assert client.get("/api/health").json()["status"] == "ok"
     spec = client.get("/api/openapi.json").json()
-    assert set(spec["paths"]) == {"/api/poems", "/api/model", "/api/health"}
+    assert set(spec["paths"]) == {"/api/poems", "/api/model", "/api/health", "/metrics"}
     properties = spec["paths"]["/api/poems"]["post"]["requestBody"]["content"]["application/json"]["schema"][
         "properties"
     ]
