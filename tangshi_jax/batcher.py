@@ -183,15 +183,31 @@ class Batcher:
         rows = sum(item.request.rows for item in self.unstarted)
         return max(1, math.ceil(rows / max(self.rows_per_s, 1e-9)))
 
-    def give_up(self, item: Pending, reason: str) -> None:
+    def give_up(self, item: Pending, reason: str, error: Exception) -> None:
+        """No sampler row for this request: it is answered with `error`."""
         self.unstarted.discard(item)
-        item.future.cancel()
+        if not item.future.done():
+            item.future.set_exception(error)
         if self.signals:
             self.signals.dropped.labels(reason).inc()
 
+    def start_deadline(self, item: Pending) -> float:
+        """When a request must have started to be answered within the timeout: the timeout less
+        a full sampler call at the measured rate (less half the timeout at most)."""
+        call_s = self.engine.max_rows / max(self.rows_per_s, 1e-9)
+        timeout = self.admission.timeout
+        return item.arrived + timeout - min(call_s, timeout / 2)
+
+    def late(self, item: Pending) -> Overloaded:
+        return Overloaded(
+            f"no sampler call could start in time to answer within {self.admission.timeout:g} s; "
+            "the server is busy, try again",
+            self.retry_after(),
+        )
+
     async def submit(self, request: PoemRequest, gone=None) -> Written:
         """The request's poems, once a sampler call has written them. Raises Overloaded when
-        max_waiting requests already wait or when it waits past the deadline unstarted, and
+        max_waiting requests already wait or when it would wait past the deadline, and
         ClientGone when `gone()` (a coroutine function) says the client left first."""
         if self.waiting >= self.admission.max_waiting:
             if self.signals:
@@ -203,19 +219,14 @@ class Batcher:
         item = Pending(request, asyncio.get_running_loop().create_future(), time.perf_counter())
         self.unstarted.add(item)
         self.queue.put_nowait(item)
-        deadline = item.arrived + self.admission.timeout
         while not item.future.done():
-            left = deadline - time.perf_counter()
+            left = self.start_deadline(item) - time.perf_counter()
             if left <= 0 and not item.started:
-                self.give_up(item, "deadline")
-                raise Overloaded(
-                    f"waited {self.admission.timeout:g} s without a sampler call; the server is busy, try again",
-                    self.retry_after(),
-                )
+                self.give_up(item, "deadline", self.late(item))
+                break
             await asyncio.wait({item.future}, timeout=min(POLL_S, left) if left > 0 else POLL_S)
             if not item.future.done() and not item.started and gone is not None and await gone():
-                self.give_up(item, "client_gone")
-                raise ClientGone
+                self.give_up(item, "client_gone", ClientGone())
         return item.future.result()
 
     def take_waiting(self) -> list[Pending]:
@@ -245,6 +256,10 @@ class Batcher:
             if not pending:
                 pending.append(await self.queue.get())
             pending += self.take_waiting()
+            now = time.perf_counter()
+            for item in pending:  # the loop may come back late: the deadline holds here too
+                if not item.future.done() and now > self.start_deadline(item):
+                    self.give_up(item, "deadline", self.late(item))
             pending = [item for item in pending if not item.future.done()]  # given up: no row for them
             if not pending:
                 continue

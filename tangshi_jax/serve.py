@@ -513,7 +513,7 @@ def load_test(
         app = create_app(engine, metrics, merge=merge, max_poems=max_poems, log=log, admission=bounds, access_log=False)
         with serving(app) as url:
             log(f"load test, {name}: {requests} requests from {clients} clients to {url}")
-            records, seconds = loadtest.fire(url, requests, clients, loadtest.bodies_with(drafts))
+            records, seconds = loadtest.fire_apart(url, requests, clients, loadtest.bodies_with(drafts))
             calls = app.state.service.batcher.calls
             results.append({**loadtest.summarise(name, records, seconds, calls), "drafts": drafts})
     results[0]["bounds"] = f"--max-waiting {bounds.max_waiting}, --timeout {bounds.timeout:g} s"
