@@ -10,6 +10,7 @@ pays for a compile. A request with its own seed runs alone, so that it gets the 
 """
 
 import asyncio
+import collections
 import concurrent.futures
 import dataclasses
 import math
@@ -157,6 +158,7 @@ class Admission:
 
 
 POLL_S = 0.25  # how often a waiting request looks whether its client is still there
+RECENT_CALLS = 8  # sampler calls whose longest sets how early a request must start
 
 
 class Batcher:
@@ -172,6 +174,7 @@ class Batcher:
         self.calls = 0
         self.unstarted: set[Pending] = set()  # admitted, not yet in a sampler call, not given up
         self.rows_per_s = engine.rows_per_s  # measured at warm-up, then by every call
+        self.recent_calls = collections.deque([engine.max_rows / engine.rows_per_s], maxlen=RECENT_CALLS)
         self.signals = signals  # observe.Signals, or None
 
     @property
@@ -193,10 +196,9 @@ class Batcher:
 
     def start_deadline(self, item: Pending) -> float:
         """When a request must have started to be answered within the timeout: the timeout less
-        a full sampler call at the measured rate (less half the timeout at most)."""
-        call_s = self.engine.max_rows / max(self.rows_per_s, 1e-9)
+        the longest of the recent sampler calls and a poll's lateness (half the timeout at most)."""
         timeout = self.admission.timeout
-        return item.arrived + timeout - min(call_s, timeout / 2)
+        return item.arrived + timeout - min(max(self.recent_calls) + POLL_S, timeout / 2)
 
     def late(self, item: Pending) -> Overloaded:
         return Overloaded(
@@ -205,10 +207,11 @@ class Batcher:
             self.retry_after(),
         )
 
-    async def submit(self, request: PoemRequest, gone=None) -> Written:
+    async def submit(self, request: PoemRequest, gone=None, arrived: float | None = None) -> Written:
         """The request's poems, once a sampler call has written them. Raises Overloaded when
         max_waiting requests already wait or when it would wait past the deadline, and
-        ClientGone when `gone()` (a coroutine function) says the client left first."""
+        ClientGone when `gone()` (a coroutine function) says the client left first. arrived:
+        when the request reached the server (time.perf_counter; default now)."""
         if self.waiting >= self.admission.max_waiting:
             if self.signals:
                 self.signals.dropped.labels("full").inc()
@@ -216,7 +219,8 @@ class Batcher:
                 f"{self.waiting} requests are waiting, the most this server queues; try again shortly",
                 self.retry_after(),
             )
-        item = Pending(request, asyncio.get_running_loop().create_future(), time.perf_counter())
+        arrived = time.perf_counter() if arrived is None else arrived
+        item = Pending(request, asyncio.get_running_loop().create_future(), arrived)
         self.unstarted.add(item)
         self.queue.put_nowait(item)
         while not item.future.done():
@@ -288,6 +292,7 @@ class Batcher:
         self.calls += 1
         rows = answers[0].batch_rows
         self.rows_per_s = 0.8 * self.rows_per_s + 0.2 * rows / max(seconds, 1e-9)
+        self.recent_calls.append(seconds)
         if self.signals:
             self.signals.sampler_call(rows, sum(item.request.rows for item in batch), seconds)
             for item in batch:

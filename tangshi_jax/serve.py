@@ -39,6 +39,7 @@ DEFAULT_MAX_BATCH = 128  # rows (poems × drafts) of one sampler call: a full re
 TARGET_WAIT_S = 10.0  # the default --timeout, and the wait the default --max-waiting is sized for
 MIN_WAITING = 8  # the default --max-waiting never falls below this
 STARTING_RETRY_S = 5  # Retry-After while the programs compile
+LISTEN_BACKLOG = 2048  # connections the kernel holds before uvicorn accepts them (uvicorn's own default)
 
 
 class BadRequest(Exception):
@@ -325,13 +326,13 @@ class Service:
         return refuse("the server is starting: it compiles its programs; try again shortly", 503, STARTING_RETRY_S)
 
     async def poems(self, http_request) -> Response:
-        arrived = time.perf_counter()
+        arrived = http_request.scope.get("arrived", time.perf_counter())  # set by observe.AccessLog
         if self.batcher is None:
             return self.not_ready()
         try:
             wanted = parse_request(await read_body(http_request), self.fields)
             self.engine.check(wanted)
-            written = await self.batcher.submit(wanted, gone=http_request.is_disconnected)
+            written = await self.batcher.submit(wanted, gone=http_request.is_disconnected, arrived=arrived)
         except BadRequest as error:
             return refuse(str(error), error.status)
         except TangshiError as error:  # what only the model can check: its vocabulary, titles
@@ -473,7 +474,7 @@ def bind(host: str, port: int) -> socket.socket:
         raise TangshiError(
             f"cannot listen on {host}:{port} ({error.strerror}); give another --port or --host"
         ) from None
-    sock.listen(128)
+    sock.listen(LISTEN_BACKLOG)
     sock.set_inheritable(True)
     return sock
 
