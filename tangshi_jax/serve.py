@@ -508,7 +508,7 @@ def load_test(
 ) -> list[dict]:
     """The same load (loadtest.fire) against the same warmed-up engine and bounds on waiting
     (admission, or the defaults), with batching, then one sampler call a request."""
-    results = []
+    results, before = [], loadtest.rss_mb()
     bounds = admission or default_admission(engine)
     for name, merge in (("batched", True), ("one call a request", False)):
         app = create_app(engine, metrics, merge=merge, max_poems=max_poems, log=log, admission=bounds, access_log=False)
@@ -517,7 +517,9 @@ def load_test(
             records, seconds = loadtest.fire_apart(url, requests, clients, loadtest.bodies_with(drafts))
             calls = app.state.service.batcher.calls
             results.append({**loadtest.summarise(name, records, seconds, calls), "drafts": drafts})
-    results[0]["bounds"] = f"--max-waiting {bounds.max_waiting}, --timeout {bounds.timeout:g} s"
+    results[0]["bounds"] = f"--max-waiting {bounds.max_waiting}, --timeout {bounds.timeout:g} s" + (
+        f"; memory before the first mode {before:,.0f} MB" if before is not None else ""
+    )
     return results
 
 
