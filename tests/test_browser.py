@@ -57,7 +57,7 @@ def page_url(titles_run):
         log=lambda message: None,
     )
     with serve.serving(app) as url:
-        yield url, loaded.vocab
+        yield url, loaded.vocab, engine
 
 
 def test_a_rhymed_tonal_qijue_acrostic_in_the_browser(browser, page_url, tmp_path):
@@ -66,7 +66,7 @@ def test_a_rhymed_tonal_qijue_acrostic_in_the_browser(browser, page_url, tmp_pat
     from selenium.webdriver.support.select import Select
     from selenium.webdriver.support.ui import WebDriverWait
 
-    url, vocab = page_url
+    url, vocab, _ = page_url
     heads = (
         "春花秋月"
         if set("春花秋月") <= set(vocab)
@@ -103,7 +103,7 @@ def test_the_browser_shows_a_refusal_inline_then_answers_a_couplet(browser, page
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    url, vocab = page_url
+    url, vocab, _ = page_url
     browser.get(url + "/")
     browser.find_element(By.ID, "rhyme").click()  # rhyme without a form
     browser.find_element(By.ID, "write").click()
@@ -124,3 +124,24 @@ def test_the_browser_shows_a_refusal_inline_then_answers_a_couplet(browser, page
     for poem in browser.find_elements(By.CSS_SELECTOR, "#poems .poem"):
         lines = [line.text for line in poem.find_elements(By.TAG_NAME, "p")]
         assert lines == [first + "，", lines[1]] and len(lines[1]) == 5 and lines[1].endswith("。")
+
+
+def test_the_page_says_it_is_warming_up_until_the_server_is_ready(browser, page_url):
+    """A server whose model is still loading: the page says so and keeps its button off, then,
+    once the model is ready, describes it and lets the reader write."""
+    import threading
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    engine = page_url[2]  # the warm engine of the other tests, served by a second app
+    loaded = threading.Event()
+    app = serve.create_app(None, starting=lambda: (loaded.wait(60), (engine, None))[1], log=lambda line: None)
+    with serve.serving(app) as url:
+        browser.get(url + "/")
+        model = browser.find_element(By.ID, "model")
+        WebDriverWait(browser, 30).until(lambda driver: "warming up" in model.text)
+        assert not browser.find_element(By.ID, "write").is_enabled()
+        loaded.set()
+        WebDriverWait(browser, 30).until(lambda driver: "characters, step" in model.text)
+        assert browser.find_element(By.ID, "write").is_enabled()
