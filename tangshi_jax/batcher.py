@@ -18,6 +18,7 @@ import secrets
 import time
 from dataclasses import dataclass
 
+from tangshi_jax import cipai
 from tangshi_jax.errors import TangshiError
 from tangshi_jax.request import PoemRequest
 
@@ -58,23 +59,36 @@ class Engine:
         max_rows: int = 128,
         corpus_lines: set[str] | None = None,
         min_rows: int = SMALLEST_BUCKET,
+        tunes: dict | None = None,
     ):
         self.model = model
+        self.tunes = tunes  # the tunes a request may name (cipai.tunes_beside), or None: no 词
+        # Every 词 is written in one length of program: the longest tune's, so that no request compiles.
+        self.tune_positions = max((cipai.tune_length(tune) for tune in (tunes or {}).values()), default=0)
         self.max_rows = max_rows
         self.buckets = row_buckets(max_rows, min_rows)  # tests compile fewer with a larger min_rows
         self.corpus_lines = corpus_lines
         self.rows_per_s = 100.0  # sampler rows a second; warm_up measures it
 
-    def check(self, request: PoemRequest) -> None:
-        """Raise TangshiError if the model cannot write what the request asks (host-side, cheap)."""
+    def check(self, request: PoemRequest) -> PoemRequest:
+        """The request as the engine writes it (a 词 at the tunes' length), or TangshiError if
+        the model cannot write what it asks (host-side, cheap)."""
         if request.rows > self.max_rows:
             raise TangshiError(
                 f"num × candidates is {request.rows}, more than this server's batch of "
                 f"{self.max_rows}; ask for fewer poems or drafts"
             )
+        if request.tune is not None and not self.tunes:
+            raise TangshiError(
+                "{tune}: this server writes no 词; its operator can start it with serve's tunes option",
+                field="tune",
+            )
+        if request.tune is not None:
+            request = dataclasses.replace(request, max_len=self.tune_positions)
         from tangshi_jax import sample
 
-        sample.plan_request(self.model.vocab, request, self.model.max_title)
+        sample.plan_request(self.model.vocab, request, self.model.max_title, self.tunes)
+        return request
 
     def write(self, requests: list[PoemRequest], seed: int) -> list[Written]:
         """One sampler call for requests that share a plan_key, padded to a compiled row count."""
@@ -105,6 +119,7 @@ class Engine:
             corpus_lines=self.corpus_lines,
             with_scores=True,
             rows=rows,
+            tunes=self.tunes,
         )
 
     def warm_up(self) -> tuple[int, float]:
@@ -116,15 +131,19 @@ class Engine:
         started = time.perf_counter()
         hanzi = next(char for char in self.model.vocab if data.is_hanzi(char))
         titles = [None, hanzi] if self.model.max_title else [None]
+        kinds = [PoemRequest(candidates=1, seed=0)]
+        if self.tunes:  # the 词's program: the longest tune's length
+            kinds.append(PoemRequest(candidates=1, seed=0, tune=next(iter(self.tunes)), max_len=self.tune_positions))
         for bucket in self.buckets:
             for title in titles:
-                self.call_sampler(PoemRequest(candidates=1, seed=0), titles=[title], rows=bucket)
+                for kind in kinds:
+                    self.call_sampler(kind, titles=[title], rows=bucket)
         rules.opencc_converter("s2t").convert(hanzi)
         compiled = time.perf_counter() - started
         timed = time.perf_counter()
         self.call_sampler(PoemRequest(candidates=1, seed=1), titles=[None], rows=self.max_rows)
         self.rows_per_s = self.max_rows / (time.perf_counter() - timed)
-        return len(self.buckets) * len(titles), compiled
+        return len(self.buckets) * len(titles) * len(kinds), compiled
 
 
 class Overloaded(Exception):

@@ -122,7 +122,7 @@ class PoemRequest:
         None,
         "string",
         "词牌: write a 词 to this tune, e.g. 浣溪沙 (the tunes: --list-tunes); rhymes always, tones with --tones",
-        api=None,
+        api=Narrow(max_chars=16),  # a server started with --tunes writes them
     )
     couplet: str | None = option(
         None,

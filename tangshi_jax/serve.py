@@ -226,6 +226,7 @@ def model_info(engine: Engine, metrics: dict | None, fields: dict[str, Field]) -
         "training": training,
         "vocab_size": len(model.vocab),
         "reads_titles": bool(model.max_title),
+        "tunes": list(engine.tunes or {}),  # the tune field's names, the commonest first (serve --tunes)
         "step": model.progress.get("step"),
         "epoch": model.progress.get("epoch"),
         "val_loss": pick("val_loss"),
@@ -331,7 +332,7 @@ class Service:
             return self.not_ready()
         try:
             wanted = parse_request(await read_body(http_request), self.fields)
-            self.engine.check(wanted)
+            wanted = self.engine.check(wanted)
             written = await self.batcher.submit(wanted, gone=http_request.is_disconnected, arrived=arrived)
         except BadRequest as error:
             return refuse(str(error), error.status)
@@ -523,22 +524,27 @@ def load_test(
     return results
 
 
-def load_engine(checkpoint_dir, model_dir, max_batch: int, platform, log) -> tuple[Engine, dict | None]:
-    """The model loaded and every sampler program compiled (the slow part of start-up)."""
-    from tangshi_jax import release, sample
+def load_engine(
+    checkpoint_dir, model_dir, max_batch: int, platform, log, tunes_data=None
+) -> tuple[Engine, dict | None]:
+    """The model loaded and every sampler program compiled (the slow part of start-up).
+    tunes_data: the poems file beside which poems.ci.txt teaches the tunes (None: no 词)."""
+    from tangshi_jax import cipai, release, sample
     from tangshi_jax.devices import use_platform
 
     use_platform(platform)
     loaded = release.load_model(checkpoint_dir=checkpoint_dir, model_dir=model_dir)
     metrics = release.last_metrics(checkpoint_dir, model_dir, loaded.progress.get("epoch"))
     lines = sample.corpus_lines(loaded.train_config.data, loaded.train_config.corpus)
-    engine = Engine(loaded, max_rows=max_batch, corpus_lines=lines)
+    tunes = cipai.tunes_beside(tunes_data) if tunes_data else None
+    engine = Engine(loaded, max_rows=max_batch, corpus_lines=lines, tunes=tunes)
     programs, seconds = engine.warm_up()
     engine.compile_seconds = seconds
     rows = ", ".join(map(str, engine.buckets))
     log(
         f"compiled {programs} sampler programs (batches of {rows} rows"
-        f"{', with and without titles' if loaded.max_title else ''}) in {seconds:.1f} s; "
+        f"{', with and without titles' if loaded.max_title else ''}"
+        f"{f', and for 词 of up to {engine.tune_positions} positions' if tunes else ''}) in {seconds:.1f} s; "
         f"{engine.rows_per_s:,.0f} rows/s"
     )
     return engine, metrics
@@ -572,6 +578,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=TARGET_WAIT_S,
         help="seconds a request may wait before its sampler call starts; then 503 with Retry-After",
     )
+    parser.add_argument(
+        "--tunes",
+        action="store_true",
+        help="also write 词 to a tune (the tune field): learns the tunes from poems.ci.txt beside --data and "
+        "compiles the 词's programs too",
+    )
+    parser.add_argument("--data", default="poems.txt", help="with --tunes, the poems file poems.ci.txt is beside")
     parser.add_argument(
         "--log-format", choices=observe.LOG_FORMATS, default="text", help="the access log's lines: text or json"
     )
@@ -607,7 +620,9 @@ def main(argv=None) -> None:
     log = lambda message: print(message, file=sys.stderr, flush=True)
     started = time.perf_counter()
     if args.load_test:
-        engine, metrics = load_engine(args.checkpoint_dir, args.model, args.max_batch, args.platform, log)
+        engine, metrics = load_engine(
+            args.checkpoint_dir, args.model, args.max_batch, args.platform, log, args.data if args.tunes else None
+        )
         admission = Admission(args.max_waiting, args.timeout) if args.max_waiting else None
         if admission is None and args.timeout != TARGET_WAIT_S:
             admission = default_admission(engine, args.timeout)
@@ -625,7 +640,9 @@ def main(argv=None) -> None:
     server, failure = None, []
 
     def starting():
-        loaded = load_engine(args.checkpoint_dir, args.model, args.max_batch, args.platform, log)
+        loaded = load_engine(
+            args.checkpoint_dir, args.model, args.max_batch, args.platform, log, args.data if args.tunes else None
+        )
         log(f"ready in {time.perf_counter() - started:.1f} s: {url}  (Ctrl-C stops)")
         return loaded
 

@@ -144,6 +144,7 @@ BAD = [
     ('{"form": "qijue", "begin": "春春春春春春春春"}', 422, "begin has 8 characters, more than a line of qijue"),
     ('{"couplet": "' + "春" * 32 + '"}', 400, "couplet has 32 characters, more than 31"),
     ('{"couplet": "明月，春风"}', 422, "couplet ends on '风', a level (平) tone"),
+    ('{"tune": "浣溪沙"}', 422, "tune: this server writes no 词; its operator can start it with serve's tunes option"),
     ('{"num": 3', 400, "the body is not JSON"),
     ("[1, 2]", 400, "the body must be a JSON object"),
     ("", 400, "the body is not JSON"),
@@ -498,3 +499,36 @@ def test_a_model_that_fails_to_load_is_reported_and_health_says_failed():
         assert client.get("/api/health").json()["status"] == "failed"
         assert "failed to load" in client.post("/api/poems", json={}).json()["error"]
     assert str(failures[0]) == "no checkpoint in nowhere; train first"
+
+
+@pytest.mark.slow  # warms up an engine with 词: compiles six sampler programs
+def test_a_server_with_tunes_writes_ci_that_fit_and_compiles_nothing_more():
+    from test_cipai import HUANXISHA, PUSAMAN, learned
+
+    from tangshi_jax import cipai
+    from tangshi_jax.config import ModelConfig, TrainConfig
+    from tangshi_jax.model import init_params
+
+    chars = sorted({char for text in HUANXISHA + PUSAMAN for char in text if char not in "，。、"})
+    vocab = ["G", "E", "，", "。", "、"] + chars
+    config = ModelConfig(vocab_size=len(vocab), hidden=16, embed=8)
+    model = release.Loaded(config, TrainConfig(), vocab, init_params(config, jax.random.key(0)), {"step": 0})
+    tunes = {"浣溪沙": learned("浣溪沙", HUANXISHA), "菩萨蛮": learned("菩萨蛮", PUSAMAN)}
+    engine = Engine(model, max_rows=8, min_rows=4, tunes=tunes)
+    programs, _ = engine.warm_up()
+    assert programs == 4 and engine.tune_positions == max(cipai.tune_length(tune) for tune in tunes.values())
+    compiles = []
+    on_duration = lambda event, seconds, **kwargs: compiles.append(event) if "backend_compile" in event else None
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
+    try:
+        with TestClient(serve.create_app(engine, log=lambda line: None)) as client:
+            assert client.get("/api/model").json()["tunes"] == ["浣溪沙", "菩萨蛮"]
+            for name in tunes:
+                for poem in ask(client, tune=name, tones=True, num=2, candidates=2)["poems"]:
+                    assert cipai.check(poem["poem"], tunes[name]) == {"lines": True, "rhyme": True, "tones": True}
+            assert (
+                len(ask(client, num=2, candidates=1, form="wujue", rhyme=True)["poems"]) == 2
+            )  # poems still, beside the 词
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_duration)
+    assert compiles == [], compiles
