@@ -313,6 +313,8 @@ class Service:
         """Load and warm up in a thread (the event loop keeps answering), then take requests."""
         try:
             self.become_ready(*await asyncio.to_thread(starting))
+        except asyncio.CancelledError:  # the server stopped while loading: nothing failed
+            raise
         except BaseException as error:  # noqa: BLE001 -- handed to whoever runs the server
             self.failed = True
             if on_failure is None:

@@ -532,3 +532,13 @@ def test_a_server_with_tunes_writes_ci_that_fit_and_compiles_nothing_more():
     finally:
         jax.monitoring.unregister_event_duration_listener(on_duration)
     assert compiles == [], compiles
+
+
+def test_a_server_stopped_while_loading_reports_no_failure():
+    import time
+
+    failures = []
+    app = serve.create_app(None, starting=lambda: time.sleep(3), on_failure=failures.append, log=lambda line: None)
+    with TestClient(app) as client:  # leaves while the loader still sleeps: the stop cancels it
+        assert client.get("/api/health").json()["status"] == "starting"
+    assert failures == [] and not app.state.service.failed
