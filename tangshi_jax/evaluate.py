@@ -441,15 +441,28 @@ def format_report(report: dict) -> str:
             f"{form} of the validation split ({figures['poems']}), lines 2-4, characters only: "
             f"NLL {figures['nll']:.3f}, perplexity {figures['ppl']:.1f}"
         )
-    lines += [
-        "",
-        "| setting | poems | " + " | ".join(title for title, _, _ in COLUMNS) + " |",
-        "|---|---:|" + "---:|" * len(COLUMNS),
+    lines += ["", *markdown_table("setting", report["rows"], COLUMNS)]
+    held_out = report.get("ci_validation")
+    if held_out and held_out["char_nll"] is not None:
+        lines.append(
+            f"held-out 词 ({held_out['readable']} of {held_out['ci']} in this model's vocabulary), characters "
+            f"only: NLL {held_out['char_nll']:.3f}, perplexity {held_out['char_ppl']:.1f}"
+        )
+    if report.get("form_rows"):
+        lines += ["", *markdown_table("词 and couplets", report["form_rows"], evaluate_forms.COLUMNS)]
+    return "\n".join(lines)
+
+
+def markdown_table(first: str, rows: list[dict], columns) -> list[str]:
+    """A table of rows: the setting, its poems, then each (title, key, format) column ("–": none)."""
+    lines = [
+        f"| {first} | poems | " + " | ".join(title for title, _, _ in columns) + " |",
+        "|---|---:|" + "---:|" * len(columns),
     ]
-    for row in report["rows"]:
-        cells = ["–" if row[key] is None else spec.format(row[key]) for _, key, spec in COLUMNS]
+    for row in rows:
+        cells = ["–" if row[key] is None else spec.format(row[key]) for _, key, spec in columns]
         lines.append(f"| {row['setting']} | {row['poems']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines + evaluate_forms.format_rows(report.get("ci_validation"), report.get("form_rows", [])))
+    return lines
 
 
 def plot_losses(metrics_path, out_path) -> None:

@@ -106,6 +106,7 @@ def couplet_row(model, num: int, seed: int, sampling: PoemRequest) -> dict:
     return form_row(model, "couplets", requests, check, part=answer)
 
 
+# The columns of these rows in evaluate's report (evaluate.markdown_table).
 COLUMNS = [
     ("lines ok", "lines_ok", "{:.0%}"),
     ("rhyme ok", "rhyme_ok", "{:.0%}"),
@@ -116,23 +117,3 @@ COLUMNS = [
     ("copied lines", "copied_lines", "{:.1%}"),
     ("poems/s", "poems_per_s", "{:.1f}"),
 ]
-
-
-def format_rows(ci_val: dict | None, rows: list[dict]) -> list[str]:
-    """The report's lines for the 词 validation figure and the rows above."""
-    lines = []
-    if ci_val and ci_val["char_nll"] is not None:
-        lines.append(
-            f"held-out 词 ({ci_val['readable']} of {ci_val['ci']} in this model's vocabulary), characters only: "
-            f"NLL {ci_val['char_nll']:.3f}, perplexity {ci_val['char_ppl']:.1f}"
-        )
-    if rows:
-        lines += [
-            "",
-            "| 词 and couplets | poems | " + " | ".join(title for title, _, _ in COLUMNS) + " |",
-            "|---|---:|" + "---:|" * len(COLUMNS),
-        ]
-        for row in rows:
-            cells = ["–" if row[key] is None else spec.format(row[key]) for _, key, spec in COLUMNS]
-            lines.append(f"| {row['setting']} | {row['poems']} | " + " | ".join(cells) + " |")
-    return lines
