@@ -306,7 +306,7 @@ class Service:
         self.batcher = Batcher(engine, merge=self.merge, admission=bounds, signals=self.signals)
         self.engine, self.metrics = engine, metrics
         self.signals.ready.set(1)
-        self.signals.compile_seconds.set(getattr(engine, "compile_seconds", 0.0))
+        self.signals.compile_seconds.set(engine.compile_seconds)
         self.signals.model_step.set(engine.model.progress.get("step") or 0)
 
     async def start(self, starting, on_failure) -> None:
@@ -507,12 +507,20 @@ def serving(app, host: str = "127.0.0.1", port: int = 0):
 
 
 def load_test(
-    engine, metrics, requests: int, clients: int, max_poems: int, drafts: int = 8, log=print, admission=None
+    engine,
+    metrics,
+    requests: int,
+    clients: int,
+    max_poems: int,
+    drafts: int = 8,
+    log=print,
+    admission=None,
+    timeout: float = TARGET_WAIT_S,
 ) -> list[dict]:
     """The same load (loadtest.fire) against the same warmed-up engine and bounds on waiting
-    (admission, or the defaults), with batching, then one sampler call a request."""
+    (admission, or default_admission with timeout), with batching, then one sampler call a request."""
     results, before = [], loadtest.rss_mb()
-    bounds = admission or default_admission(engine)
+    bounds = admission or default_admission(engine, timeout)
     for name, merge in (("batched", True), ("one call a request", False)):
         app = create_app(engine, metrics, merge=merge, max_poems=max_poems, log=log, admission=bounds, access_log=False)
         with serving(app) as url:
@@ -541,7 +549,6 @@ def load_engine(
     tunes = cipai.tunes_beside(tunes_data) if tunes_data else None
     engine = Engine(loaded, max_rows=max_batch, corpus_lines=lines, tunes=tunes)
     programs, seconds = engine.warm_up()
-    engine.compile_seconds = seconds
     rows = ", ".join(map(str, engine.buckets))
     log(
         f"compiled {programs} sampler programs (batches of {rows} rows"
@@ -621,15 +628,22 @@ def main(argv=None) -> None:
         raise TangshiError("--max-waiting must be at least 1 and --timeout above 0 seconds")
     log = lambda message: print(message, file=sys.stderr, flush=True)
     started = time.perf_counter()
+    load = lambda: load_engine(
+        args.checkpoint_dir, args.model, args.max_batch, args.platform, log, args.data if args.tunes else None
+    )
+    admission = Admission(args.max_waiting, args.timeout) if args.max_waiting else None  # None: from the rate
     if args.load_test:
-        engine, metrics = load_engine(
-            args.checkpoint_dir, args.model, args.max_batch, args.platform, log, args.data if args.tunes else None
-        )
-        admission = Admission(args.max_waiting, args.timeout) if args.max_waiting else None
-        if admission is None and args.timeout != TARGET_WAIT_S:
-            admission = default_admission(engine, args.timeout)
+        engine, metrics = load()
         results = load_test(
-            engine, metrics, args.requests, args.clients, args.max_poems, args.drafts, log=log, admission=admission
+            engine,
+            metrics,
+            args.requests,
+            args.clients,
+            args.max_poems,
+            args.drafts,
+            log=log,
+            admission=admission,
+            timeout=args.timeout,
         )
         print(loadtest.format_results(results))
         return
@@ -642,9 +656,7 @@ def main(argv=None) -> None:
     server, failure = None, []
 
     def starting():
-        loaded = load_engine(
-            args.checkpoint_dir, args.model, args.max_batch, args.platform, log, args.data if args.tunes else None
-        )
+        loaded = load()
         log(f"ready in {time.perf_counter() - started:.1f} s: {url}  (Ctrl-C stops)")
         return loaded
 
@@ -652,7 +664,6 @@ def main(argv=None) -> None:
         failure.append(error)
         server.should_exit = True
 
-    admission = Admission(args.max_waiting, args.timeout) if args.max_waiting else None
     app = create_app(
         None,
         max_poems=args.max_poems,
