@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tangshi_jax import rules
+from tangshi_jax import cipai, rules
 from tangshi_jax.data import is_hanzi
 from tangshi_jax.errors import TangshiError
 
@@ -144,8 +144,6 @@ def check(first: str, second: str, every_position: bool = False) -> dict[str, bo
     same clauses and marks, ending 。; `tones`, opposed where the template opposes them
     (ambiguous readings pass) and ending level; `repeats`, no character of the 上联, and a
     character repeated exactly where the 上联 repeats one."""
-    from tangshi_jax import cipai  # the readings as the rule tables give them
-
     upper, lower = first.rstrip(CLAUSE_MARKS), second.rstrip(CLAUSE_MARKS)
     shape = (
         len(upper) == len(lower)
@@ -157,7 +155,7 @@ def check(first: str, second: str, every_position: bool = False) -> dict[str, bo
     )
     if not shape:
         return {"shape": False, "tones": False, "repeats": False}
-    readings = cipai.tones_of_chars(upper + lower)
+    readings = cipai.tones_of_chars(upper + lower)  # the readings as the rule tables give them
     tones = "平" in readings[lower[-1]]
     repeats = True
     for offset, (a, b) in enumerate(zip(upper, lower)):

@@ -465,17 +465,21 @@ def make_plan(
     }
 
 
-def tune_plan(vocab: list[str], tune: cipai.Tune, max_len: int, begin: list[int], end_id: int):
-    """cipai.tune_template's arrays, after checking that the begin text fits the first line."""
-    first_line = tune.lines[0][0]
-    if len(begin) > first_line:
+def refuse_long_begin(begin: list[int], chars: int, line: str) -> None:
+    """A begin text must fit the line it begins (line: which, in words)."""
+    if len(begin) > chars:
         raise TangshiError(
-            "{begin} has {length} characters, more than the first line of {tune_name} ({chars})",
+            "{begin} has {length} characters, more than {line} ({chars})",
             field="begin",
             length=len(begin),
-            tune_name=tune.name,
-            chars=first_line,
+            line=line,
+            chars=chars,
         )
+
+
+def tune_plan(vocab: list[str], tune: cipai.Tune, max_len: int, begin: list[int], end_id: int):
+    """cipai.tune_template's arrays, after checking that the begin text fits the first line."""
+    refuse_long_begin(begin, tune.lines[0][0], f"the first line of {tune.name}")
     return cipai.tune_template(tune, max_len, tune_marks(vocab), end_id)
 
 
@@ -484,15 +488,7 @@ def form_plan(vocab: list[str], form: str, max_len: int, begin: list[int], end_i
     punctuation = tuple(vocab.index(mark) if mark in vocab else -1 for mark in (rules.COMMA, rules.PERIOD))
     if -1 in punctuation:
         raise TangshiError("this model's vocabulary lacks '，' or '。', so it cannot write a form")
-    chars = rules.FORMS[form][1]
-    if len(begin) > chars:
-        raise TangshiError(
-            "{begin} has {length} characters, more than a line of {form_name} ({chars})",
-            field="begin",
-            length=len(begin),
-            form_name=form,
-            chars=chars,
-        )
+    refuse_long_begin(begin, rules.FORMS[form][1], f"a line of {form}")
     if heads and begin and begin[0] != heads[0]:
         raise TangshiError("{begin} must start with the first {acrostic} character (or be left out)", field="begin")
     return rules.form_template(form, max_len, punctuation, end_id, heads, loose_tones or bool(heads))
