@@ -18,7 +18,7 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from tangshi_jax import cipai
+from tangshi_jax import cipai, observe
 from tangshi_jax.errors import TangshiError
 from tangshi_jax.request import PoemRequest
 
@@ -187,7 +187,13 @@ class Batcher:
     Waiting is bounded (Admission): past max_waiting, or past the deadline, a request is refused
     with Overloaded; one whose client has gone is dropped before it takes a sampler row."""
 
-    def __init__(self, engine: Engine, merge: bool = True, admission: Admission | None = None, signals=None):
+    def __init__(
+        self,
+        engine: Engine,
+        merge: bool = True,
+        admission: Admission | None = None,
+        signals: observe.Signals | None = None,
+    ):
         self.engine, self.merge, self.admission = engine, merge, admission or Admission()
         self.queue: asyncio.Queue[Pending] = asyncio.Queue()
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sampler")
@@ -195,7 +201,7 @@ class Batcher:
         self.unstarted: set[Pending] = set()  # admitted, not yet in a sampler call, not given up
         self.rows_per_s = engine.rows_per_s  # measured at warm-up, then by every call
         self.recent_calls = collections.deque([engine.max_rows / engine.rows_per_s], maxlen=RECENT_CALLS)
-        self.signals = signals  # observe.Signals, or None
+        self.signals = signals or observe.Signals()  # the app's, or a registry of its own
 
     @property
     def waiting(self) -> int:
@@ -211,8 +217,7 @@ class Batcher:
         self.unstarted.discard(item)
         if not item.future.done():
             item.future.set_exception(error)
-        if self.signals:
-            self.signals.dropped.labels(reason).inc()
+        self.signals.dropped.labels(reason).inc()
 
     def start_deadline(self, item: Pending) -> float:
         """When a request must have started to be answered within the timeout: the timeout less
@@ -233,8 +238,7 @@ class Batcher:
         ClientGone when `gone()` (a coroutine function) says the client left first. arrived:
         when the request reached the server (time.perf_counter; default now)."""
         if self.waiting >= self.admission.max_waiting:
-            if self.signals:
-                self.signals.dropped.labels("full").inc()
+            self.signals.dropped.labels("full").inc()
             raise Overloaded(
                 f"{self.waiting} requests are waiting, the most this server queues; try again shortly",
                 self.retry_after(),
@@ -313,10 +317,9 @@ class Batcher:
         rows = answers[0].batch_rows
         self.rows_per_s = 0.8 * self.rows_per_s + 0.2 * rows / max(seconds, 1e-9)
         self.recent_calls.append(seconds)
-        if self.signals:
-            self.signals.sampler_call(rows, sum(item.request.rows for item in batch), seconds)
-            for item in batch:
-                self.signals.queue_wait.observe(started - item.arrived)
+        self.signals.sampler_call(rows, sum(item.request.rows for item in batch), seconds)
+        for item in batch:
+            self.signals.queue_wait.observe(started - item.arrived)
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
