@@ -78,15 +78,22 @@ def length(shape: Shape) -> int:
 
 
 def couplet_template(
-    shape: Shape, vocab: list[str], prosody: rules.Prosody, max_len: int, end_id: int, every_position: bool
+    shape: Shape,
+    vocab: list[str],
+    prosody: rules.Prosody,
+    max_len: int,
+    end_id: int,
+    marks: dict[str, int],
+    every_position: bool,
 ):
     """Per-position arrays (1..max_len after the start token) of 上联，下联。: kind, forced and tones as
     rules.form_template gives them (the 上联 and the marks forced), `copy_from` (the position a
     repeat of the 上联 copies in the 下联, -1 elsewhere) and `fresh` (positions that may take no
-    character written before them). every_position: oppose every tone that is certain."""
+    character written before them). marks: the ids of ， and 。; a clause mark the model never
+    saw is written ，. every_position: oppose every tone that is certain."""
     ids = {char: index for index, char in enumerate(vocab)}
-    mark_id = lambda mark: ids.get(mark, ids[rules.COMMA])
-    missing = sorted({char for char in shape.text if char not in ids} | {rules.COMMA, rules.PERIOD} - set(ids))
+    mark_id = lambda mark: ids.get(mark, marks[rules.COMMA])
+    missing = sorted({char for char in shape.text if char not in CLAUSE_MARKS and char not in ids})
     if missing:
         raise TangshiError(
             "{couplet} holds {chars}, which this model never saw; choose other characters",
@@ -112,7 +119,7 @@ def couplet_template(
     for offset, char in enumerate(first):
         position = answer + offset
         if char in CLAUSE_MARKS:
-            forced[position] = ids[rules.PERIOD] if offset == len(first) - 1 else mark_id(char)
+            forced[position] = marks[rules.PERIOD] if offset == len(first) - 1 else mark_id(char)
             continue
         earlier = first.find(char)
         if earlier < offset:  # a repeat within the 上联: the 下联 repeats its own character there

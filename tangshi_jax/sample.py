@@ -428,7 +428,7 @@ def make_plan(
     prosody = rules.build_prosody(tuple(vocab))
     if couplet_shape:
         kind, forced, tone_plan[:], copy_from, fresh = couplet.couplet_template(
-            couplet_shape, vocab, prosody, max_len, end_id, every_position=tones
+            couplet_shape, vocab, prosody, max_len, end_id, mark_ids(vocab, "a couplet"), every_position=tones
         )
         tones = True  # a couplet always opposes its tones; --tones opposes every certain one
     if tune:
@@ -485,22 +485,26 @@ def tune_plan(vocab: list[str], tune: cipai.Tune, max_len: int, begin: list[int]
 
 def form_plan(vocab: list[str], form: str, max_len: int, begin: list[int], end_id: int, heads, loose_tones: bool):
     """rules.form_template's arrays, after checking the begin text against the form and heads."""
-    punctuation = tuple(vocab.index(mark) if mark in vocab else -1 for mark in (rules.COMMA, rules.PERIOD))
-    if -1 in punctuation:
-        raise TangshiError("this model's vocabulary lacks '，' or '。', so it cannot write a form")
+    marks = mark_ids(vocab, "a form")
+    punctuation = (marks[rules.COMMA], marks[rules.PERIOD])
     refuse_long_begin(begin, rules.FORMS[form][1], f"a line of {form}")
     if heads and begin and begin[0] != heads[0]:
         raise TangshiError("{begin} must start with the first {acrostic} character (or be left out)", field="begin")
     return rules.form_template(form, max_len, punctuation, end_id, heads, loose_tones or bool(heads))
 
 
+def mark_ids(vocab: list[str], what: str) -> dict[str, int]:
+    """The ids of ， and 。, which every form, tune and couplet writes (what: which, in words)."""
+    if rules.COMMA not in vocab or rules.PERIOD not in vocab:
+        raise TangshiError(f"this model's vocabulary lacks '，' or '。', so it cannot write {what}")
+    return {rules.COMMA: vocab.index(rules.COMMA), rules.PERIOD: vocab.index(rules.PERIOD)}
+
+
 def tune_marks(vocab: list[str]) -> dict[str, int]:
     """The ids of a 词's marks; a model that never saw 、 (the Tang poems have almost none)
     pauses with ， instead."""
-    if rules.COMMA not in vocab or rules.PERIOD not in vocab:
-        raise TangshiError("this model's vocabulary lacks '，' or '。', so it cannot write to a tune")
-    marks = {"，": vocab.index(rules.COMMA), "。": vocab.index(rules.PERIOD)}
-    return {**marks, "、": vocab.index("、") if "、" in vocab else marks["，"]}
+    marks = mark_ids(vocab, "to a tune")
+    return {**marks, "、": vocab.index("、") if "、" in vocab else marks[rules.COMMA]}
 
 
 def plan_request(vocab: list[str], wanted: PoemRequest, max_title: int = 0, tunes: dict | None = None) -> dict:

@@ -99,7 +99,8 @@ def test_the_template_mirrors_repeats_and_fixes_the_checked_positions():
     assert shape == couplet.Shape(("风声雨声读书声", "声声入耳"), ("，",))
     prosody = rules.build_prosody(tuple(VOCAB))
     end_id = VOCAB.index("E")
-    kind, forced, tones, copy_from, fresh = couplet.couplet_template(shape, VOCAB, prosody, 40, end_id, False)
+    marks = sample.mark_ids(VOCAB, "a couplet")
+    kind, forced, tones, copy_from, fresh = couplet.couplet_template(shape, VOCAB, prosody, 40, end_id, marks, False)
     answer = len("风声雨声读书声，声声入耳，") + 1
     assert [VOCAB[i] for i in forced[1:answer]] == list("风声雨声读书声，声声入耳，")
     # 声 at 2, 4, 7, 9, 10 of the 上联 (1-based) copies the 下联's 2nd character; 耳 ends it level
@@ -149,3 +150,10 @@ def test_evaluates_couplet_row_checks_every_couplet_and_measures_the_answers_onl
     assert row["poems"] == 30 and row["lines_ok"] == row["tones_ok"] == row["repeats_ok"] == 1.0
     assert row["rhyme_ok"] is None and row["examples"][0].startswith(FIRSTS[0])
     assert len(row["texts"]) == 30 and not any(text.startswith(FIRSTS[0]) for text in row["texts"])  # the 下联
+
+
+def test_a_clause_mark_the_model_never_saw_is_written_as_a_comma(untrained):
+    assert "；" not in VOCAB
+    for poem in write(untrained, couplet="春风；秋月", num=3, seed=2):
+        upper, lower = sample.poem_lines(poem, PoemRequest(couplet="春风；秋月"))
+        assert upper == "春风，秋月，" and lower[2] == "，" and lower.endswith("。"), poem
