@@ -35,7 +35,8 @@ from tangshi_jax.head import cluster_bounds, tail_widths
 from tangshi_jax.metrics import mean_nll
 from tangshi_jax.model import GATES, init_params
 from tangshi_jax.profile import PROFILE_STEPS
-from tangshi_jax.sample import device_prosody, generate, make_plan
+from tangshi_jax.request import PoemRequest
+from tangshi_jax.sample import Asked, device_prosody, generate, make_plan, request_key, row_draws, stack_plans
 from tangshi_jax.train import init_state, load_poems, make_steps
 from tangshi_jax.train_flags import cutoff_list, require_positive
 
@@ -259,6 +260,7 @@ def bench_sampling(model_config, vocab, params, max_len: int = 64, sizes=(1, 64,
     start_id, end_id = vocab.index(data.START), vocab.index(data.END)
     prosody = device_prosody(vocab)
     plans = {"": make_plan(vocab, max_len, begin, min_len=max_len)}
+    key = request_key(0)
     if all(mark in vocab for mark in "，。") and max_len >= 64:
         plans["_rules"] = make_plan(vocab, max_len, begin, form="qilv", rhyme=True, tones=True)
     figures = {}
@@ -268,15 +270,14 @@ def bench_sampling(model_config, vocab, params, max_len: int = 64, sizes=(1, 64,
             def run(plan=plan, num=num):
                 return generate(
                     params,
-                    plan,
+                    stack_plans([plan], [num], num),
                     prosody,
-                    jax.random.key(0),
-                    jnp.float32(0.8),
+                    row_draws(
+                        [Asked(PoemRequest(num=num, candidates=1, repetition_penalty=0.0), key)], [num], num, len(vocab)
+                    ),
                     model_config=model_config,
                     num=num,
                     max_len=max_len,
-                    top_k=0,
-                    greedy=False,
                     start_id=start_id,
                     end_id=end_id,
                 )

@@ -19,6 +19,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend.random import threefry2x32_p
 
 from tangshi_jax import cipai, couplet, data, release, request, rules
 from tangshi_jax.cache import default_cache_dir, write_atomically
@@ -60,36 +61,52 @@ def top_k_threshold(scaled, k: int):
     )
 
 
-def sample_tokens(key, logits, temperature, top_k: int = 0, top_p=1.0):
-    """One token per row by inverse-CDF sampling with one uniform per row.
+def sample_tokens(uniforms, logits, temperature, top_k, top_p):
+    """One token per row by inverse-CDF sampling with one uniform per row (uniforms: (rows, 1)).
+    temperature, top_k (0: all) and top_p (1: all) are per row (rows,), so that requests asking
+    for different settings share a call; each filter is paid for only when some row asks for it.
 
     Cheaper than Gumbel-max (`jax.random.categorical` draws a number per logit) and than a
     cumulative sum over the whole vocabulary (slow on CPU): the running sum is taken over
     blocks of 64 entries, then only inside the block the uniform falls in."""
     rows, vocab = logits.shape
-    scaled = logits / temperature
+    scaled = logits / temperature[:, None]
+    top_k, top_p = top_k[:, None], top_p[:, None]
 
     def keep_top_k(scaled):
-        return jnp.where(scaled < top_k_threshold(scaled, top_k), -jnp.inf, scaled)
+        return jnp.where((top_k > 0) & (scaled < top_k_threshold(scaled, top_k)), -jnp.inf, scaled)
 
-    scaled = jax.lax.cond(top_k > 0, keep_top_k, lambda scaled: scaled, scaled)  # top_k is data: one program for all
+    scaled = jax.lax.cond(jnp.any(top_k > 0), keep_top_k, lambda scaled: scaled, scaled)  # data: one program for all
     weights = jnp.exp(scaled - jnp.max(scaled, axis=-1, keepdims=True))
 
     def nucleus(weights):
         probs = weights / jnp.sum(weights, axis=-1, keepdims=True)
-        return jnp.where(probs >= top_p_threshold(probs, top_p), weights, 0.0)
+        return jnp.where((top_p < 1.0) & (probs < top_p_threshold(probs, top_p)), 0.0, weights)
 
-    weights = jax.lax.cond(top_p < 1.0, nucleus, lambda weights: weights, weights)  # pay only when asked
+    weights = jax.lax.cond(jnp.any(top_p < 1.0), nucleus, lambda weights: weights, weights)  # pay only when asked
     padded = -(-vocab // BLOCK) * BLOCK
     blocks = jnp.pad(weights, ((0, 0), (0, padded - vocab))).reshape(rows, -1, BLOCK)
     block_sums = jnp.sum(blocks, axis=-1)
     block_cdf = jnp.cumsum(block_sums, axis=-1)
-    threshold = jax.random.uniform(key, (rows, 1)) * block_cdf[:, -1:]
+    threshold = uniforms * block_cdf[:, -1:]
     block = jnp.minimum(jnp.sum(block_cdf < threshold, axis=-1), block_sums.shape[1] - 1)
     inside = jnp.take_along_axis(blocks, block[:, None, None], axis=1)[:, 0]
     before = jnp.take_along_axis(block_cdf - block_sums, block[:, None], axis=1)
     offset = jnp.sum(before + jnp.cumsum(inside, axis=-1) < threshold, axis=-1)
     return jnp.minimum(block * BLOCK + jnp.minimum(offset, BLOCK - 1), vocab - 1).astype(jnp.int32)
+
+
+def row_uniforms(keys, index, t):
+    """(rows, 1) uniforms in [0, 1) for step t: row r's is element index[r] of
+    `jax.random.uniform(fold_in(key_r, t), (n, 1))` for any n above it, computed for that row
+    alone. keys: (rows, 2) uint32 key data, a request's on each of its rows; index: (rows,)
+    uint32, a row's place among its request's rows. JAX's threefry counts element i of a draw
+    by i alone (jax_threefry_partitionable), so a row's numbers depend on its request's key and
+    its place, never on the rows around it, and a lone request draws what it always drew."""
+    folded = jax.vmap(lambda data: jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(data), t)))(keys)
+    first, second = threefry2x32_p.bind(folded[:, 0], folded[:, 1], jnp.zeros_like(index), index)
+    mantissa = ((first ^ second) >> 9) | jnp.uint32(0x3F800000)  # a float in [1, 2), as jax.random.uniform makes
+    return (jax.lax.bitcast_convert_type(mantissa, jnp.float32) - 1.0)[:, None]
 
 
 def top_p_threshold(probs, top_p):
@@ -105,10 +122,12 @@ def top_p_threshold(probs, top_p):
 def rules_mask(plan, prosody, t, alive, required, second_end, set_required, used, hanzi_only):
     """(num, V) characters the rules allow at step t, from the tonal schemes still alive, the
     rhyme state (a 词's rhyme sets: set_required) and, where the plan wants a fresh character
-    (a 下联), the characters used. An empty set falls back to any Chinese character, so that a
-    small vocabulary never leaves a position with nothing to choose."""
+    (a 下联), the characters used. Every plan entry is per row, so each row keeps its own
+    request's rules; the rhyme products run only when some row ends a line. An empty set falls
+    back to any Chinese character, so that a small vocabulary never leaves a position with
+    nothing to choose."""
     position = t + 1
-    want = plan["tones"][:, position]  # (schemes,)
+    want = plan["tones"][:, :, position]  # (num, schemes)
 
     def any_alive(tone):
         return jnp.any(alive & (want == tone), axis=-1, keepdims=True)  # (num, 1)
@@ -118,47 +137,49 @@ def rules_mask(plan, prosody, t, alive, required, second_end, set_required, used
         | (any_alive(rules.LEVEL) & prosody["level"])
         | (any_alive(rules.OBLIQUE) & prosody["oblique"])
     )
-    allowed = hanzi_only & jnp.where(plan["use_tones"], tone_ok, True) & ~(plan["fresh"][position] & used)
-    role = jnp.where(plan["use_rhyme"], plan["rhyme"][position], rules.NO_RHYME)
+    fresh = plan["fresh"][:, position, None]
+    allowed = hanzi_only & jnp.where(plan["use_tones"][:, None], tone_ok, True) & ~(fresh & used)
+    role = jnp.where(plan["use_rhyme"], plan["rhyme"][:, position], rules.NO_RHYME)[:, None]  # (num, 1)
 
-    def rhyme_ok(_):
+    def rhyme_ok(allowed):
         # Only line ends pay for these two (num, groups) x (groups, V) products.
         rhymes_required = (required.astype(jnp.float32) @ prosody["rhymes"].T) > 0
         rhymes_second = (second_end.astype(jnp.float32) @ prosody["rhymes"].T) > 0
         level, oblique_only = prosody["level"], prosody["oblique"] & ~prosody["level"]
-        return jnp.select(
+        return allowed & jnp.select(
             [role == rules.FIRST_END, role == rules.RHYME, role == rules.NOT_RHYME],
             [oblique_only | (level & rhymes_required), level & rhymes_required, oblique_only & ~rhymes_second],
             True,
         )
 
-    allowed = jax.lax.cond(role == rules.NO_RHYME, lambda _: allowed, lambda _: allowed & rhyme_ok(None), None)
-    rhyme_set = plan["rhyme_set"][position]
+    allowed = jax.lax.cond(jnp.all(role == rules.NO_RHYME), lambda allowed: allowed, rhyme_ok, allowed)
+    rhyme_set = plan["rhyme_set"][:, position]  # (num,)
 
-    def set_rhyme_ok(_):  # a 词's line end: a character of a group its rhyme set may still take
-        groups = set_required[:, jnp.maximum(rhyme_set, 0)].astype(jnp.float32)  # (num, CI_GROUPS)
-        return (groups @ prosody["ci_rhymes"].T) > 0
+    def set_rhyme_ok(allowed):  # a 词's line end: a character of a group its rhyme set may still take
+        chosen_set = jnp.maximum(rhyme_set, 0)[:, None, None]
+        groups = jnp.take_along_axis(set_required, chosen_set, axis=1)[:, 0].astype(jnp.float32)  # (num, CI_GROUPS)
+        return allowed & ((rhyme_set[:, None] < 0) | ((groups @ prosody["ci_rhymes"].T) > 0))
 
-    allowed = jax.lax.cond(rhyme_set < 0, lambda _: allowed, lambda _: allowed & set_rhyme_ok(None), None)
+    allowed = jax.lax.cond(jnp.all(rhyme_set < 0), lambda allowed: allowed, set_rhyme_ok, allowed)
     return jnp.where(jnp.any(allowed, axis=-1, keepdims=True), allowed, hanzi_only)
 
 
 def update_rules(plan, prosody, t, chosen, alive, required, second_end, set_required):
-    """Narrow the tonal schemes and the rhyme groups by the character just written."""
+    """Narrow each row's tonal schemes and rhyme groups by the character it just wrote."""
     position = t + 1
-    want = plan["tones"][:, position]
+    want = plan["tones"][:, :, position]  # (num, schemes)
     level, oblique = prosody["level"][chosen][:, None], prosody["oblique"][chosen][:, None]
     fits = (want == rules.ANY) | ((want == rules.LEVEL) & level) | ((want == rules.OBLIQUE) & oblique)
     narrowed = alive & fits
     alive = jnp.where(jnp.any(narrowed, axis=-1, keepdims=True), narrowed, alive)  # a forced misfit is kept
     groups = prosody["rhymes"][chosen] > 0  # (num, groups)
-    role = plan["rhyme"][position]
+    role = plan["rhyme"][:, position, None]  # (num, 1)
     pins = (role == rules.RHYME) | ((role == rules.FIRST_END) & level)
     narrowed = required & groups
     required = jnp.where(pins & jnp.any(narrowed, axis=-1, keepdims=True), narrowed, required)
-    second_end = jnp.where(position == plan["second_end"], groups, second_end)
+    second_end = jnp.where((position == plan["second_end"])[:, None], groups, second_end)
     # A 词's rhyme set takes the groups of its first rhyme, narrowed by each one after it.
-    in_set = (jnp.arange(set_required.shape[1]) == plan["rhyme_set"][position])[None, :, None]
+    in_set = (jnp.arange(set_required.shape[1]) == plan["rhyme_set"][:, position, None])[:, :, None]
     narrowed = set_required & (prosody["ci_rhymes"][chosen] > 0)[:, None, :]
     set_required = jnp.where(in_set & jnp.any(narrowed, axis=-1, keepdims=True), narrowed, set_required)
     return alive, required, second_end, set_required
@@ -171,7 +192,7 @@ class SamplerState(NamedTuple):
     carry: object  # the recurrent state after reading tokens[:, t]
     tokens: jax.Array  # (num, max_len + 1) the poems so far, E after each poem's end
     log_probs: jax.Array  # (num, max_len) the model's log-probability of each token written
-    done: jax.Array  # (num,) the poem has ended
+    done: jax.Array  # (num,) the poem has ended (a padding row from the start)
     alive: jax.Array  # (num, schemes) the tonal schemes the poem still fits
     required: jax.Array  # (num, groups) the rhyme groups the rhyme may still take
     second_end: jax.Array  # (num, groups) the rhyme groups of the second line's last character
@@ -179,19 +200,18 @@ class SamplerState(NamedTuple):
     used: jax.Array  # (num, V) the Chinese characters the poem has used (the repetition penalty)
 
 
-def initial_state(plan, prosody, carry, num, max_len, vocab_size, start_id, end_id) -> SamplerState:
+def initial_state(plan, carry, num, max_len, vocab_size, start_id, end_id) -> SamplerState:
     """The loop state before the first character: every scheme and rhyme group still open."""
-    required = jnp.broadcast_to(plan["rhyme_groups"], (num, prosody["rhymes"].shape[1]))
     return SamplerState(
         t=0,
         carry=carry,
         tokens=jnp.full((num, max_len + 1), end_id, jnp.int32).at[:, 0].set(start_id),
         log_probs=jnp.zeros((num, max_len), jnp.float32),
-        done=jnp.zeros(num, bool),
-        alive=jnp.ones((num, plan["tones"].shape[0]), bool),
-        required=required,
-        second_end=jnp.zeros_like(required),
-        set_required=jnp.broadcast_to(plan["set_groups"], (num, *plan["set_groups"].shape)),
+        done=~plan["live"],
+        alive=jnp.ones(plan["tones"].shape[:2], bool),
+        required=plan["rhyme_groups"],
+        second_end=jnp.zeros_like(plan["rhyme_groups"]),
+        set_required=plan["set_groups"],
         used=jnp.zeros((num, vocab_size), bool),
     )
 
@@ -201,28 +221,25 @@ def generate(
     params,
     plan,
     prosody,
-    key,
-    temperature,
-    top_p=1.0,
-    repetition_penalty=0.0,
+    draws,
     carry=None,
     *,
     model_config: ModelConfig,
     num: int,
     max_len: int,
-    top_k=0,
-    greedy=False,
     start_id: int,
     end_id: int,
     with_log_probs: bool = False,
 ):
-    """Write `num` poems of at most `max_len` characters after the start token.
+    """Write `num` poems of at most `max_len` characters after the start token, each row to its
+    own plan and sampling settings, so that any requests of one length share a call.
 
-    plan (see make_plan): per position, what stands there: anything, a Chinese character
-    under the rules, a forced token (the begin text, punctuation of a form, acrostic heads,
-    the end) or a copy of an earlier one (a 下联's repeats). All of it is data, so one compiled
-    program serves every begin text, form and rule; top_k and greedy are data too, so that a
-    server compiles one program per batch size. carry: the state after reading each poem's
+    plan (see stack_plans): per row and position, what stands there: anything, a Chinese
+    character under the rules, a forced token (the begin text, punctuation of a form, acrostic
+    heads, the end) or a copy of an earlier one (a 下联's repeats); `live` marks the rows that
+    are not padding. draws (see row_draws): per row, its request's key and its place among that
+    request's rows, temperature, top_k, top_p, repetition_penalty and greedy. All of it is data,
+    so a server compiles one program per batch size. carry: the state after reading each poem's
     title (read_titles), or None for a zero state. Returns tokens (num, max_len + 1) with E
     after each poem's end, and, with with_log_probs, the model's own log-probability of every
     token (num, max_len; zeros otherwise: it costs a pass over the vocabulary a step).
@@ -230,10 +247,10 @@ def generate(
     model = PoemModel(model_config)
     vocab_size = model_config.vocab_size
     carry = initial_carry(model_config, num) if carry is None else carry
-    state = initial_state(plan, prosody, carry, num, max_len, vocab_size, start_id, end_id)
+    state = initial_state(plan, carry, num, max_len, vocab_size, start_id, end_id)
     bar_start = jnp.zeros(vocab_size).at[start_id].set(-jnp.inf)
-    bar_end = bar_start.at[end_id].set(-jnp.inf)
     hanzi_only = prosody["hanzi"][None, :]
+    greedy, rows = draws["greedy"], jnp.arange(num)
 
     def keep_going(state: SamplerState):
         return (state.t < max_len) & ~jnp.all(state.done)
@@ -242,23 +259,28 @@ def generate(
         t, carry, tokens, log_probs, done, alive, required, second_end, set_required, used = state
         carry, logits = model.apply({"params": params}, tokens[:, t, None], carry)
         # G only ever begins a poem; E is barred until min_len characters stand.
-        logits = logits[:, 0] + jnp.where(t < plan["min_len"], bar_end, bar_start)
-        kind = plan["kind"][t + 1]
+        logits = (logits[:, 0] + bar_start).at[:, end_id].add(jnp.where(t < plan["min_len"], -jnp.inf, 0.0))
+        kind = plan["kind"][:, t + 1]
         allowed = jax.lax.cond(
-            kind == rules.CHAR,
-            lambda _: rules_mask(plan, prosody, t, alive, required, second_end, set_required, used, hanzi_only),
+            jnp.any(kind == rules.CHAR),
+            lambda _: (
+                (kind != rules.CHAR)[:, None]
+                | rules_mask(plan, prosody, t, alive, required, second_end, set_required, used, hanzi_only)
+            ),
             lambda _: jnp.ones((num, vocab_size), bool),
             None,
         )
-        masked = jnp.where(allowed, logits - repetition_penalty * used, -jnp.inf)
-        chosen = jax.lax.cond(
-            greedy,
-            lambda: jnp.argmax(masked, axis=-1).astype(jnp.int32),
-            lambda: sample_tokens(jax.random.fold_in(key, t), masked, temperature, top_k, top_p),
+        masked = jnp.where(allowed, logits - draws["repetition_penalty"][:, None] * used, -jnp.inf)
+        likeliest = lambda: jnp.argmax(masked, axis=-1).astype(jnp.int32)
+        drawn = lambda: sample_tokens(
+            row_uniforms(draws["key"], draws["index"], t), masked, draws["temperature"], draws["top_k"], draws["top_p"]
         )
-        chosen = jnp.where(kind == rules.FORCED, plan["forced"][t + 1], chosen)
-        copied = plan["copy_from"][t + 1]  # a 下联 repeats its own character where its 上联 does
-        chosen = jnp.where(copied >= 0, tokens[:, jnp.maximum(copied, 0)], chosen)
+        # Each way is paid for only when some row takes it: no greedy row, all greedy, or a mix.
+        way = jnp.where(jnp.all(greedy), 1, jnp.where(jnp.any(greedy), 2, 0))
+        chosen = jax.lax.switch(way, [drawn, likeliest, lambda: jnp.where(greedy, likeliest(), drawn())])
+        chosen = jnp.where(kind == rules.FORCED, plan["forced"][:, t + 1], chosen)
+        copied = plan["copy_from"][:, t + 1]  # a 下联 repeats its own character where its 上联 does
+        chosen = jnp.where(copied >= 0, tokens[rows, jnp.maximum(copied, 0)], chosen)
         chosen = jnp.where(done, end_id, chosen)
         if with_log_probs:
             chosen_logits = jnp.take_along_axis(logits, chosen[:, None], -1)[:, 0]
@@ -266,7 +288,7 @@ def generate(
         alive, required, second_end, set_required = update_rules(
             plan, prosody, t, chosen, alive, required, second_end, set_required
         )
-        used = used.at[jnp.arange(num), chosen].max(prosody["hanzi"][chosen])  # punctuation is never penalised
+        used = used.at[rows, chosen].max(prosody["hanzi"][chosen])  # punctuation is never penalised
         return SamplerState(
             t + 1,
             carry,
@@ -339,7 +361,7 @@ def begin_ids(begin: str, vocab: list[str], max_len: int, field: str = "begin") 
         raise refuse("{field} is empty; give the first character(s) of the poem, e.g. {field} 日")
     if len(begin) > max_len:
         raise refuse("{field} has {length} characters, more than {max_len} {limit}", length=len(begin), limit=max_len)
-    ids = {char: index for index, char in enumerate(vocab)}
+    ids = data.vocab_ids(vocab)
     result = []
     for char in begin:
         if char in (data.START, data.END):
@@ -567,6 +589,121 @@ def plan_request(vocab: list[str], wanted: PoemRequest, max_title: int = 0, tune
     )
 
 
+class Asked(NamedTuple):
+    """One request of a sampler call: what it asks, its key (request_key), and a title per poem
+    in place of the request's own (None: the request's)."""
+
+    wanted: PoemRequest
+    key: np.ndarray
+    titles: list[str | None] | None = None
+
+
+def request_key(seed: int | None, part: int = 0) -> np.ndarray:
+    """The (2,) uint32 key data a request's rows draw from: its seed's key (a new draw without
+    one), folded with `part` for the later calls of a request written part by part."""
+    seed = seed if seed is not None else secrets.randbelow(2**31)
+    key = jax.random.fold_in(jax.random.key(seed), part) if part else jax.random.key(seed)
+    return np.asarray(jax.random.key_data(key))
+
+
+def row_owners(counts: list[int], rows: int) -> np.ndarray:
+    """The request each of `rows` rows belongs to (counts: rows per request); padding rows past
+    them take the first request's settings."""
+    owners = np.repeat(np.arange(len(counts)), counts)
+    return np.concatenate([owners, np.zeros(rows - len(owners), owners.dtype)])
+
+
+def stack_plans(plans: list[dict], counts: list[int], rows: int) -> dict:
+    """The plans of a call's requests as generate takes them: every entry with a leading row
+    axis, each request's plan on each of its rows; `live` marks the rows that are not padding,
+    which end at once."""
+    owners = row_owners(counts, rows)
+    stacked = {name: np.stack([np.asarray(plan[name]) for plan in plans])[owners] for name in plans[0]}
+    return {**stacked, "live": np.arange(rows) < sum(counts)}
+
+
+def row_draws(asked: list[Asked], counts: list[int], rows: int, vocab_size: int) -> dict:
+    """The sampling settings of each row (see generate), from the request it belongs to."""
+    owners = row_owners(counts, rows)
+    column = lambda value, dtype: np.asarray([value(one.wanted) for one in asked], dtype)[owners]
+    places = np.concatenate([np.arange(count) for count in counts] + [np.zeros(rows - sum(counts), int)])
+    return {
+        "key": np.stack([one.key for one in asked])[owners],
+        "index": places.astype(np.uint32),
+        "temperature": column(lambda wanted: wanted.temperature, np.float32),
+        "top_k": column(lambda wanted: min(wanted.top_k, vocab_size), np.int32),
+        "top_p": column(lambda wanted: wanted.top_p, np.float32),
+        "repetition_penalty": column(lambda wanted: wanted.repetition_penalty, np.float32),
+        "greedy": column(lambda wanted: wanted.greedy, bool),
+    }
+
+
+def write_batch(
+    params,
+    model_config,
+    vocab,
+    asked: list[Asked],
+    *,
+    max_title: int = 0,
+    corpus_lines: set[str] | None = None,
+    with_scores: bool = False,
+    rows: int = 0,
+    tunes: dict | None = None,
+) -> list[tuple[list[str], list[float] | None]]:
+    """Each request's poems (and, when scored, their scores) from one sampler call, each row
+    under its own request's plan and settings; see write_poems. The requests' programs must be
+    of one length (plan_request's; a 词 is as long as its tune)."""
+    plans = [plan_request(vocab, one.wanted, max_title, tunes) for one in asked]
+    lengths = {len(plan["kind"]) for plan in plans}
+    if len(lengths) != 1:
+        raise ValueError(f"requests of one sampler call need one program length, not {sorted(lengths)}")
+    start_id, end_id = vocab.index(data.START), vocab.index(data.END)
+    counts = [one.wanted.rows for one in asked]
+    batch = max(rows, sum(counts))
+    # Drafts of poem i of a request are its rows i*drafts ... (i+1)*drafts - 1.
+    row_titles = [
+        title
+        for one in asked
+        for title in (one.titles if one.titles is not None else [one.wanted.topic] * one.wanted.num)
+        for _ in range(one.wanted.drafts)
+    ]
+    carry = None
+    if any(title is not None for title in row_titles):
+        carry = title_carry(params, model_config, vocab, row_titles + [None] * (batch - len(row_titles)), max_title)
+    scoring = with_scores or any(one.wanted.drafts > 1 for one in asked)
+    tokens, log_probs = generate(
+        params,
+        stack_plans(plans, counts, batch),
+        device_prosody(vocab),
+        row_draws(asked, counts, batch, len(vocab)),
+        carry,
+        model_config=model_config,
+        num=batch,
+        max_len=lengths.pop() - 1,  # a tune may need more than wanted.max_len
+        start_id=start_id,
+        end_id=end_id,
+        with_log_probs=scoring,
+    )
+    tokens, log_probs = np.asarray(tokens), np.asarray(log_probs)
+    answers, first = [], 0
+    for one, plan, count in zip(asked, plans, counts):
+        drafts = [decode(row, vocab, end_id) for row in tokens[first : first + count]]
+        answers.append(best_drafts(one.wanted, plan, drafts, log_probs[first : first + count], corpus_lines, scoring))
+        first += count
+    return answers
+
+
+def best_drafts(wanted: PoemRequest, plan: dict, drafts: list[str], log_probs: np.ndarray, corpus_lines, scoring):
+    """The best of each poem's drafts by score_poem, and the scores (None unless scoring)."""
+    if not scoring:
+        return drafts, None
+    written = plan["kind"][1:] != rules.FORCED  # positions the model chose (not begin, heads, marks)
+    scores = [score_poem(poem, row_log_probs, written, corpus_lines) for poem, row_log_probs in zip(drafts, log_probs)]
+    candidates = wanted.drafts
+    best = [max(range(i * candidates, (i + 1) * candidates), key=scores.__getitem__) for i in range(wanted.num)]
+    return [drafts[row] for row in best], [scores[row] for row in best]
+
+
 def write_poems(
     params,
     model_config,
@@ -584,57 +721,27 @@ def write_poems(
     """Poems as strings (without G/E), as `wanted` asks (its script aside: poems come simplified).
 
     max_title: the title length the model was trained with (0: it reads no titles, and a title
-    is an error). titles: a title per poem, in place of the request's one (the batcher merges
-    requests on different titles). The best of `wanted.candidates` drafts per poem is kept, by
-    `score_poem`; corpus_lines: lines of the training poems, which the score penalises copying.
-    with_scores: also the kept poems' scores. rows: run the sampler on at least this many rows,
-    the rest padding, so that one compiled program serves every batch up to that size (a row's
-    draws do not depend on the batch size). part: the index of this call in a request written
-    part by part (sample --num); each draws its own numbers. A request without a seed draws one.
-    tunes: the tunes a request may name (cipai.tunes_beside)."""
-    plan = plan_request(vocab, wanted, max_title, tunes)
-    start_id, end_id = vocab.index(data.START), vocab.index(data.END)
-    num, candidates = wanted.num, wanted.drafts
-    batch = max(rows, num * candidates)
-    carry = None
-    if titles is None and wanted.topic is not None:
-        titles = [wanted.topic] * num
-    if titles is not None and any(title is not None for title in titles):
-        # Drafts of poem i are rows i*candidates ... (i+1)*candidates - 1.
-        row_titles = [title for title in titles for _ in range(candidates)]
-        carry = title_carry(params, model_config, vocab, row_titles + [None] * (batch - len(row_titles)), max_title)
-    scoring = candidates > 1 or with_scores
-    seed = wanted.seed if wanted.seed is not None else secrets.randbelow(2**31)
-    key = jax.random.fold_in(jax.random.key(seed), part) if part else jax.random.key(seed)
-    tokens, log_probs = generate(
+    is an error). titles: a title per poem, in place of the request's one. The best of
+    `wanted.candidates` drafts per poem is kept, by `score_poem`; corpus_lines: lines of the
+    training poems, which the score penalises copying. with_scores: also the kept poems'
+    scores. rows: run the sampler on at least this many rows, the rest padding, so that one
+    compiled program serves every batch up to that size (a row's draws do not depend on the
+    batch size). part: the index of this call in a request written part by part (sample --num);
+    each draws its own numbers. A request without a seed draws one. tunes: the tunes a request
+    may name (cipai.tunes_beside)."""
+    asked = Asked(wanted, request_key(wanted.seed, part), titles)
+    [(poems, scores)] = write_batch(
         params,
-        plan,
-        device_prosody(vocab),
-        key,
-        jnp.float32(wanted.temperature),
-        jnp.float32(wanted.top_p),
-        jnp.float32(wanted.repetition_penalty),
-        carry,
-        model_config=model_config,
-        num=batch,
-        max_len=len(plan["kind"]) - 1,  # a tune may need more than wanted.max_len
-        top_k=jnp.int32(min(wanted.top_k, len(vocab))),
-        greedy=jnp.bool_(wanted.greedy),
-        start_id=start_id,
-        end_id=end_id,
-        with_log_probs=scoring,
+        model_config,
+        vocab,
+        [asked],
+        max_title=max_title,
+        corpus_lines=corpus_lines,
+        with_scores=with_scores,
+        rows=rows,
+        tunes=tunes,
     )
-    drafts = [decode(row, vocab, end_id) for row in np.asarray(tokens)[: num * candidates]]
-    if not scoring:
-        return drafts
-    written = plan["kind"][1:] != rules.FORCED  # positions the model chose (not begin, heads, marks)
-    scores = [
-        score_poem(poem, row_log_probs, written, corpus_lines)
-        for poem, row_log_probs in zip(drafts, np.asarray(log_probs))
-    ]
-    best = [max(range(i * candidates, (i + 1) * candidates), key=scores.__getitem__) for i in range(num)]
-    poems = [drafts[row] for row in best]
-    return (poems, [scores[row] for row in best]) if with_scores else poems
+    return (poems, scores) if with_scores else poems
 
 
 def in_script(poems: list[str], script: str) -> list[str]:

