@@ -1,12 +1,14 @@
 """Requests that arrive together, written in one sampler call: the engine behind `serve`.
 
-A request (PoemRequest) asks for `num` poems. Requests that share everything the sampler
-takes as one plan (begin text, form, acrostic, rules, sampling settings, drafts) are merged
-into one `sample.write_poems` call, each poem keeping its own title, up to `max_rows` rows
-(poems × drafts) a call. Every call is padded to one of a few row counts (row_buckets up to
-max_rows), all compiled by `Engine.warm_up` before the first request, so that no request
-pays for a compile. A request with its own seed runs alone, so that it gets the poems
-`sample --seed` gives.
+A request (PoemRequest) asks for `num` poems. The sampler takes every plan entry (begin text,
+form, acrostic, rules, tune, couplet) and every sampling setting per row, and each request
+draws from a key of its own, so any waiting requests share one `sample.write_batch` call, up
+to `max_rows` rows (poems × drafts) a call, and each gets the poems it would get alone with
+its key. Only the program's length and the costly filters divide them: a 词 runs in the longest
+tune's program, and requests with top-k or top-p share calls with those that filter alike.
+Every call is padded to one of a few row counts (row_buckets up to max_rows), all compiled by
+`Engine.warm_up` before the first request, so that no request pays for a compile. A request
+with its own seed runs alone, so that it gets the poems `sample --seed` gives.
 """
 
 import asyncio
@@ -69,11 +71,12 @@ class Engine:
         self.buckets = row_buckets(max_rows, min_rows)  # tests compile fewer with a larger min_rows
         self.corpus_lines = corpus_lines
         self.rows_per_s = 100.0  # sampler rows a second; warm_up measures it
+        self.longest_call_s = max_rows / self.rows_per_s  # a full call of the costliest kind; warm_up measures it
         self.compile_seconds = 0.0  # what warm_up took to compile every program
 
     def check(self, request: PoemRequest) -> PoemRequest:
-        """The request as the engine writes it (a 词 at the tunes' length), or TangshiError if
-        the model cannot write what it asks (host-side, cheap)."""
+        """The request as the engine writes it (max_len: the length of its program, a 词's the
+        longest tune's), or TangshiError if the model cannot write what it asks (host-side, cheap)."""
         if request.rows > self.max_rows:
             raise TangshiError(
                 f"num × candidates is {request.rows}, more than this server's batch of "
@@ -88,35 +91,31 @@ class Engine:
             request = dataclasses.replace(request, max_len=self.tune_positions)
         from tangshi_jax import sample
 
-        sample.plan_request(self.model.vocab, request, self.model.max_title, self.tunes)
-        return request
+        plan = sample.plan_request(self.model.vocab, request, self.model.max_title, self.tunes)
+        return dataclasses.replace(request, max_len=len(plan["kind"]) - 1)
 
-    def write(self, requests: list[PoemRequest], seed: int) -> list[Written]:
-        """One sampler call for requests that share a plan_key, padded to a compiled row count."""
-        titles = [request.topic for request in requests for _ in range(request.num)]
+    def write(self, requests: list[PoemRequest], seeds: list[int]) -> list[Written]:
+        """One sampler call for requests of one program length (max_len, as `check` gives it),
+        each drawing from its own seed's key, padded to a compiled row count."""
+        from tangshi_jax import sample
+
         rows = sum(request.rows for request in requests)
         bucket = next(bucket for bucket in self.buckets if bucket >= rows)
-        merged = dataclasses.replace(requests[0], title=None, keywords=None, num=len(titles), seed=seed)
-        poems, scores = self.call_sampler(merged, titles=titles, rows=bucket)
+        asked = [sample.Asked(request, sample.request_key(seed)) for request, seed in zip(requests, seeds)]
+        return [
+            Written(sample.in_script(poems, request.script), scores, len(requests), bucket)
+            for request, (poems, scores) in zip(requests, self.call_sampler(asked, rows=bucket))
+        ]
+
+    def call_sampler(self, asked: list, rows: int) -> list[tuple[list[str], list[float]]]:
         from tangshi_jax import sample
 
-        answers, start = [], 0
-        for request in requests:
-            kept = sample.in_script(poems[start : start + request.num], request.script)
-            answers.append(Written(kept, scores[start : start + request.num], len(requests), bucket))
-            start += request.num
-        return answers
-
-    def call_sampler(self, wanted: PoemRequest, titles: list[str | None], rows: int) -> tuple[list[str], list[float]]:
-        from tangshi_jax import sample
-
-        return sample.write_poems(
+        return sample.write_batch(
             self.model.params,
             self.model.model_config,
             self.model.vocab,
-            wanted,
+            asked,
             max_title=self.model.max_title,
-            titles=titles,
             corpus_lines=self.corpus_lines,
             with_scores=True,
             rows=rows,
@@ -125,26 +124,35 @@ class Engine:
 
     def warm_up(self) -> tuple[int, float]:
         """Compile every program a request can run: the sampler at each row count, with and
-        without titles for a model that reads them; then time a full call of free poems, the
-        rate the server's bound on waiting starts from. Returns (programs, seconds)."""
-        from tangshi_jax import data, rules
+        without titles for a model that reads them; then time a full call of the API's default
+        requests (the rate the server's bound on waiting starts from) and one of requests with
+        top-k and top-p, the costliest kind (how early a request must start to finish within
+        the deadline). Returns (programs, seconds)."""
+        from tangshi_jax import data, rules, sample
 
         started = time.perf_counter()
         hanzi = next(char for char in self.model.vocab if data.is_hanzi(char))
         titles = [None, hanzi] if self.model.max_title else [None]
-        kinds = [PoemRequest(candidates=1, seed=0)]
+        kinds = [PoemRequest(candidates=1)]
         if self.tunes:  # the 词's program: the longest tune's length
-            kinds.append(PoemRequest(candidates=1, seed=0, tune=next(iter(self.tunes)), max_len=self.tune_positions))
+            kinds.append(PoemRequest(candidates=1, tune=next(iter(self.tunes)), max_len=self.tune_positions))
+        key = sample.request_key(0)
         for bucket in self.buckets:
             for title in titles:
                 for kind in kinds:
-                    self.call_sampler(kind, titles=[title], rows=bucket)
+                    self.call_sampler([sample.Asked(dataclasses.replace(kind, title=title), key)], rows=bucket)
         rules.opencc_converter("s2t").convert(hanzi)
         self.compile_seconds = compiled = time.perf_counter() - started
-        timed = time.perf_counter()
-        self.call_sampler(PoemRequest(candidates=1, seed=1), titles=[None], rows=self.max_rows)
-        self.rows_per_s = self.max_rows / (time.perf_counter() - timed)
+        self.rows_per_s = self.max_rows / self.time_full_call(PoemRequest())
+        self.longest_call_s = self.time_full_call(PoemRequest(top_k=40, top_p=0.9))
         return len(self.buckets) * len(titles) * len(kinds), compiled
+
+    def time_full_call(self, request: PoemRequest) -> float:
+        """Seconds of one call of as many such requests as fill max_rows (at least one)."""
+        count = max(1, self.max_rows // request.rows)
+        started = time.perf_counter()
+        self.write([request] * count, list(range(count)))
+        return time.perf_counter() - started
 
 
 class Overloaded(Exception):
@@ -181,26 +189,38 @@ POLL_S = 0.25  # how often a waiting request looks whether its client is still t
 RECENT_CALLS = 8  # sampler calls whose longest sets how early a request must start
 
 
+def filters(request: PoemRequest) -> tuple[bool, bool]:
+    """Whether a request narrows its draws by top-k, by top-p. Each costs 16 passes over the
+    vocabulary a character for every row of a call that holds one such row (1.2 s against 0.75 s
+    for a call of 128 rows on 2 cores), so requests share calls only with requests that filter alike."""
+    return request.top_k > 0, request.top_p < 1.0
+
+
+BATCHING = ("any", "plan", "none")  # which waiting requests share a call: any of one length, one plan's, none
+
+
 class Batcher:
-    """One worker that takes every request waiting, merges those that share a plan, and runs
-    the calls one after another in a thread, so that the event loop keeps taking requests.
+    """One worker that takes every request waiting, puts those that can share a sampler call
+    into one (`batching`: any requests of one program length; "plan", only those of one plan,
+    as before plans were per row; "none", a call a request), and runs the calls one after
+    another in a thread, so that the event loop keeps taking requests.
     Waiting is bounded (Admission): past max_waiting, or past the deadline, a request is refused
     with Overloaded; one whose client has gone is dropped before it takes a sampler row."""
 
     def __init__(
         self,
         engine: Engine,
-        merge: bool = True,
+        batching: str = "any",
         admission: Admission | None = None,
         signals: observe.Signals | None = None,
     ):
-        self.engine, self.merge, self.admission = engine, merge, admission or Admission()
+        self.engine, self.batching, self.admission = engine, batching, admission or Admission()
         self.queue: asyncio.Queue[Pending] = asyncio.Queue()
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sampler")
         self.calls = 0
         self.unstarted: set[Pending] = set()  # admitted, not yet in a sampler call, not given up
         self.rows_per_s = engine.rows_per_s  # measured at warm-up, then by every call
-        self.recent_calls = collections.deque([engine.max_rows / engine.rows_per_s], maxlen=RECENT_CALLS)
+        self.recent_calls = collections.deque([engine.longest_call_s], maxlen=RECENT_CALLS)
         self.signals = signals or observe.Signals()  # the app's, or a registry of its own
 
     @property
@@ -265,17 +285,23 @@ class Batcher:
 
     def next_batch(self, pending: list[Pending]) -> tuple[list[Pending], list[Pending]]:
         """The oldest request and those waiting that can join it, within max_rows; the rest."""
-        first = pending[0].request
-        key, rows, batch, rest = first.plan_key(), 0, [], []
+        first, rows, batch, rest = pending[0].request, 0, [], []
         for item in pending:
-            fits = rows + item.request.rows <= self.engine.max_rows
-            joins = self.merge and fits and first.seed is None and item.request.seed is None
-            if (not batch) or (joins and item.request.plan_key() == key):
+            if not batch or (rows + item.request.rows <= self.engine.max_rows and self.joins(first, item.request)):
                 batch.append(item)
                 rows += item.request.rows
             else:
                 rest.append(item)
         return batch, rest
+
+    def joins(self, first: PoemRequest, other: PoemRequest) -> bool:
+        """Whether `other` may share `first`'s sampler call: neither has a seed of its own, both
+        run one length of program and filter alike, and, batching by plan, they share one."""
+        if self.batching == "none" or first.seed is not None or other.seed is not None:
+            return False
+        if first.max_len != other.max_len or filters(first) != filters(other):
+            return False
+        return self.batching == "any" or first.plan_key() == other.plan_key()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -296,10 +322,10 @@ class Batcher:
                 item.started = True
                 self.unstarted.discard(item)
             requests = [item.request for item in batch]
-            seed = requests[0].seed if requests[0].seed is not None else secrets.randbelow(2**31)
+            seeds = [request.seed if request.seed is not None else secrets.randbelow(2**31) for request in requests]
             started = time.perf_counter()
             try:
-                answers = await loop.run_in_executor(self.executor, self.engine.write, requests, seed)
+                answers = await loop.run_in_executor(self.executor, self.engine.write, requests, seeds)
             except Exception as error:  # noqa: BLE001 -- handed to the waiting requests
                 for item in batch:
                     if not item.future.done():

@@ -1,13 +1,14 @@
-"""A bounded load test of `serve` on 127.0.0.1: the same requests with batching and without.
+"""A bounded load test of `serve` on 127.0.0.1: the same mix of requests, batched in each way.
 
     python -m tangshi_jax.serve --load-test [--requests 200] [--clients 50]
 
 Each client is a thread with one kept-alive connection that sends requests one after
 another until `requests` have been sent in all, the threads in a process of their own (so
-that 1,500 clients do not take the server's interpreter lock); the requests alternate between the kinds
-in BODIES. Reports the requests refused by the server's bounds (503 with Retry-After; a
-refused client does not retry), any other failure, p50, p99 and the longest latency of the
-requests answered, poems/s, the sampler calls made and the server's memory after the run.
+that 1,500 clients do not take the server's interpreter lock); the requests cycle through the
+kinds in BODIES, which differ in form, begin text, acrostic, rules and sampling settings.
+Reports the requests refused by the server's bounds (503 with Retry-After; a refused client
+does not retry), any other failure, p50, p99 and the longest latency of the requests
+answered, poems/s, the sampler calls made and the server's memory after the run.
 """
 
 import http.client
@@ -21,13 +22,23 @@ import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from urllib.parse import urlsplit
 
-# One free poem, and one rhymed, tonal 七绝 (each the best of --drafts drafts).
-BODIES = [{"num": 1}, {"num": 1, "form": "qijue", "rhyme": True, "tones": True}]
+# Requests as different as users send (each the best of --drafts drafts), in characters that
+# the README's models and the tests' small corpus both know.
+BODIES = [
+    {"num": 1},
+    {"num": 1, "form": "qijue", "rhyme": True, "tones": True},
+    {"num": 1, "begin": "日", "temperature": 1.0},
+    {"num": 1, "form": "wulv", "rhyme": True, "begin": "山"},
+    {"num": 1, "acrostic": "春花秋月", "rhyme": True},
+    {"num": 2, "top_k": 40, "top_p": 0.9, "temperature": 1.2},
+    {"num": 1, "couplet": "春花秋月何时了"},
+]
 TIMEOUT_S = 120
 
 
-def bodies_with(drafts: int) -> list[dict]:
-    return [{**body, "candidates": drafts} for body in BODIES]
+def bodies_with(drafts: int, max_poems: int = 2) -> list[dict]:
+    """BODIES with `drafts` candidates each, and at most max_poems poems (the server's cap)."""
+    return [{**body, "num": min(body["num"], max_poems), "candidates": drafts} for body in BODIES]
 
 
 def fire(url: str, requests: int, clients: int, bodies=BODIES) -> tuple[list[dict], float]:
@@ -126,10 +137,13 @@ def summarise(name: str, records: list[dict], seconds: float, calls: int) -> dic
 
 
 def format_results(results: list[dict]) -> str:
-    kinds = " and ".join(json.dumps(body, ensure_ascii=False) for body in bodies_with(results[0]["drafts"]))
+    shown = lambda body: json.dumps(
+        {name: value for name, value in body.items() if name != "candidates"}, ensure_ascii=False
+    )
+    kinds = ", ".join(shown(body) for body in results[0].get("bodies", BODIES))
     bounds = results[0].get("bounds", "")
     lines = [
-        f"requests alternate {kinds}" + (f"; {bounds}" if bounds else ""),
+        f"requests cycle through {kinds}, each of {results[0]['drafts']} drafts" + (f"; {bounds}" if bounds else ""),
         "",
         "| mode | requests | refused (503) | failed | p50 | p99 | longest | poems/s | sampler calls | "
         "requests a call | memory after |",

