@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tangshi_jax import cipai, rules
-from tangshi_jax.data import is_hanzi
+from tangshi_jax.data import is_hanzi, vocab_ids
 from tangshi_jax.errors import TangshiError
 
 CLAUSE_MARKS = "，、；：！？。"  # what may part the clauses of a 上联 (its own end mark is dropped)
@@ -91,7 +91,7 @@ def couplet_template(
     repeat of the 上联 copies in the 下联, -1 elsewhere) and `fresh` (positions that may take no
     character written before them). marks: the ids of ， and 。; a clause mark the model never
     saw is written ，. every_position: oppose every tone that is certain."""
-    ids = {char: index for index, char in enumerate(vocab)}
+    ids = vocab_ids(vocab)
     mark_id = lambda mark: ids.get(mark, marks[rules.COMMA])
     missing = sorted({char for char in shape.text if char not in CLAUSE_MARKS and char not in ids})
     if missing:
