@@ -309,8 +309,9 @@ class Service:
         self.signals.compile_seconds.set(engine.compile_seconds)
         self.signals.model_step.set(engine.model.progress.get("step") or 0)
 
-    async def start(self, starting, on_failure) -> None:
-        """Load and warm up in a thread (the event loop keeps answering), then take requests."""
+    async def start(self, starting, on_failure, on_ready=None) -> None:
+        """Load and warm up in a thread (the event loop keeps answering), then take requests;
+        on_ready() runs once /api/health says ok (so a line saying "ready" is never early)."""
         try:
             self.become_ready(*await asyncio.to_thread(starting))
         except asyncio.CancelledError:  # the server stopped while loading: nothing failed
@@ -322,6 +323,8 @@ class Service:
             on_failure(error)
             return
         self.worker = asyncio.create_task(self.batcher.run())
+        if on_ready is not None:
+            on_ready()
 
     def not_ready(self) -> JSONResponse:
         if self.failed:
@@ -410,6 +413,7 @@ def create_app(
     *,
     starting=None,
     on_failure=None,
+    on_ready=None,
     admission: Admission | None = None,
     timeout: float = TARGET_WAIT_S,
     log_format: str = "text",
@@ -418,7 +422,8 @@ def create_app(
     """The Starlette application. engine: a warmed-up Engine, or None with `starting`, a
     function that loads and warms one up (returning it and the model's metrics), run in a
     thread once the server runs: until it returns, /api/health answers "starting" (503) and
-    the other API routes 503 with Retry-After; if it raises, on_failure(error) is called.
+    the other API routes 503 with Retry-After; if it raises, on_failure(error) is called, and
+    once the server is ready, on_ready().
     batching: which waiting requests share a sampler call (batcher.BATCHING; the load test compares them).
     admission: the bounds on waiting (when None, default_admission of the engine and timeout).
     The app is wrapped in observe.AccessLog: a log line per request (access_log) and the metrics."""
@@ -433,7 +438,7 @@ def create_app(
     async def lifespan(app):
         loading = None
         if service.batcher is None:
-            loading = asyncio.create_task(service.start(starting, on_failure))
+            loading = asyncio.create_task(service.start(starting, on_failure, on_ready))
         else:
             service.worker = asyncio.create_task(service.batcher.run())
         yield
@@ -677,10 +682,8 @@ def main(argv=None) -> None:
         log(f"note: listening on {args.host}, so other machines can reach this server")
     server, failure = None, []
 
-    def starting():
-        loaded = load()
+    def ready():
         log(f"ready in {time.perf_counter() - started:.1f} s: {url}  (Ctrl-C stops)")
-        return loaded
 
     def failed(error: BaseException) -> None:
         failure.append(error)
@@ -690,8 +693,9 @@ def main(argv=None) -> None:
         None,
         max_poems=args.max_poems,
         log=log,
-        starting=starting,
+        starting=load,
         on_failure=failed,
+        on_ready=ready,
         admission=admission,
         timeout=args.timeout,
         log_format=args.log_format,
