@@ -214,6 +214,8 @@ class Batcher:
         admission: Admission | None = None,
         signals: observe.Signals | None = None,
     ):
+        if batching not in BATCHING:  # any other word would quietly batch by plan
+            raise ValueError(f"batching must be one of {BATCHING}, not {batching!r}")
         self.engine, self.batching, self.admission = engine, batching, admission or Admission()
         self.queue: asyncio.Queue[Pending] = asyncio.Queue()
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sampler")
