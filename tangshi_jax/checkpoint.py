@@ -269,12 +269,19 @@ def load_newest(directory: str | Path, like_of: Callable[[Meta], Any], on_skip=N
 def load_params(directory: str | Path, on_skip=None) -> Restored:
     """The newest readable step's configs, vocabulary, progress and parameters, read without
     the optimizer state (or the trainer's code that describes it): what sampling, evaluation
-    and serving need. Its state is {"params": ...}."""
+    and serving need. Its state is {"params": ...}: the weights' average where the run keeps one."""
 
     def like_of(meta: Meta):
-        return {"params": abstract_params(meta.model_config)}
+        return {inference_weights(meta.train_config): abstract_params(meta.model_config)}
 
-    return load_newest(directory, like_of, on_skip, partial=True)
+    restored = load_newest(directory, like_of, on_skip, partial=True)
+    return restored._replace(state={"params": restored.state[inference_weights(restored.meta.train_config)]})
+
+
+def inference_weights(train_config) -> str:
+    """The part of a run's state that validation, sampling and export read: the moving average of
+    the weights when the run keeps one, else the weights."""
+    return "ema" if train_config.ema_decay else "params"
 
 
 def set_aside(directory: str | Path, step: int) -> Path:

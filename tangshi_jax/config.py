@@ -62,6 +62,8 @@ class TrainConfig:
     max_title: int = 12  # title characters kept (the first ones; Chinese characters only)
     dtype: str = "float32"  # training's activations and matrix products: float32 | bfloat16
     # (parameters, optimizer state and the loss stay float32)
+    ema_decay: float = 0.0  # every step, average ← decay·average + (1 − decay)·weights; validation,
+    # sampling and export read the average (0: no average, the weights themselves)
 
     def __post_init__(self):  # JSON gives lists back; a frozen config must stay hashable
         object.__setattr__(self, "corpus", tuple(self.corpus))
@@ -84,6 +86,7 @@ DATA_ORDER_FIELDS = (
     "warmup_steps",
     "decay_epochs",
     "lr_floor",
+    "ema_decay",  # the average is part of the state
 )
 
 
@@ -95,13 +98,16 @@ PRESETS = {
     # The README's first command, at most 15 minutes of training on 2 CPU cores: the first quarter
     # of the hour preset (the learning rate is still near its peak; a cosine over 3 epochs did worse).
     # The full head: the adaptive one trains 1.2-1.3x faster here but learns less an epoch, and
-    # came out no better within 15 minutes (RUNS.md, "The adaptive output layer").
+    # came out no better within 15 minutes (RUNS.md, "The adaptive output layer"). No dropout and
+    # an average of the last ~50 steps' weights: 292 -> 260 -> 244 (RUNS.md, "The quick preset
+    # without dropout" and "An average of the weights").
     "quick": {
         "epochs": 3,
         "hidden": 256,
         "embed": 128,
         "tied": True,
-        "dropout": 0.2,
+        "dropout": 0.0,
+        "ema_decay": 0.98,
         "schedule": "cosine",
         "warmup_steps": 50,
         "decay_epochs": 12,
@@ -114,7 +120,8 @@ PRESETS = {
         "hidden": 256,
         "embed": 128,
         "tied": True,
-        "dropout": 0.2,
+        "dropout": 0.0,
+        "ema_decay": 0.98,
         "schedule": "cosine",
         "warmup_steps": 50,
         "decay_epochs": 12,

@@ -125,9 +125,10 @@ def make_steps(model_config: ModelConfig, train_config: TrainConfig, steps_per_e
             state["params"], batch, dropout_key
         )
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-        new_state = dict(
-            state, params=optax.apply_updates(state["params"], updates), opt_state=opt_state, step=state["step"] + 1
-        )
+        params = optax.apply_updates(state["params"], updates)
+        new_state = dict(state, params=params, opt_state=opt_state, step=state["step"] + 1)
+        if train_config.ema_decay:
+            new_state["ema"] = optax.incremental_update(params, state["ema"], 1 - train_config.ema_decay)
         return new_state, {"nll_sum": nll_sum, "tokens": tokens}
 
     def eval_step(params, batch):
@@ -141,12 +142,15 @@ def init_state(model_config: ModelConfig, train_config: TrainConfig, seed: int |
     seed = train_config.seed if seed is None else seed
     init_key, rng = jax.random.split(jax.random.key(seed))
     params = init_params(model_config, init_key)
-    return {
+    state = {
         "params": params,
         "opt_state": make_optimizer(train_config).init(params),
         "step": jnp.zeros((), jnp.int32),
         "rng": jax.random.key_data(rng),
     }
+    if train_config.ema_decay:  # the weights' moving average starts at the weights
+        state["ema"] = jax.tree_util.tree_map(jnp.copy, params)
+    return state
 
 
 def compile_steps(model_config, train_config, steps_per_epoch, state, buckets, feed: Feed):
@@ -248,6 +252,11 @@ def log_summary(log, corpus, dataset, model_config, train_config, steps_per_epoc
         f"{', relu head' if model_config.relu_head else ''}"
         f"{f', dropout {model_config.dropout}' if model_config.dropout else ''}"
         f"{', titles' if train_config.titles else ''}"
+        + (
+            f"; validation and sampling read the weights' average (decay {train_config.ema_decay})"
+            if train_config.ema_decay
+            else ""
+        )
     )
     schedule = (
         f"peak {train_config.lr}, warm-up {train_config.warmup_steps} steps, cosine to "
@@ -310,7 +319,8 @@ def train_epoch(run: Run, epoch: int, programs: dict, stop: StopRequest, trace: 
 def end_epoch(run: Run, epoch: int, trained: tuple, eval_programs, started: float) -> dict:
     """Evaluate, record the epoch in metrics.jsonl (the lead process) and log its line; the record."""
     nll_sum, tokens, train_seconds = trained
-    val = mean_nll(eval_programs, run.state["params"], run.dataset.val, run.train_config.batch_size, run.feed.batch)
+    weights = run.state[checkpoint.inference_weights(run.train_config)]
+    val = mean_nll(eval_programs, weights, run.dataset.val, run.train_config.batch_size, run.feed.batch)
     run.progress.update(epoch=epoch + 1, batch=0)
     record = epoch_record(
         epoch + 1, run.progress["step"], nll_sum, tokens, val, train_seconds, time.perf_counter() - started

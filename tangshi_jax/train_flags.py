@@ -125,6 +125,12 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         help="adaptive head of a tied model: tails read the embedding through a projection, or (default) own weights",
     )
     parser.add_argument("--head-div", type=float, help="adaptive head: tail i reads width / DIV^(i+1) features")
+    parser.add_argument(
+        "--ema-decay",
+        type=float,
+        help="keep a moving average of the weights (e.g. 0.98: about the last 50 steps), which validation, "
+        "sampling and export read; 0: none",
+    )
     parser.add_argument("--save-every", type=int, help="epochs between checkpoints")
     parser.add_argument("--max-poems", type=int, default=None, help="train on the first N poems only")
     parser.add_argument("--seed", type=int)
@@ -158,6 +164,8 @@ def configs_from_args(args) -> tuple[dict, TrainConfig]:
         raise TangshiError(f"--lr must be positive, got {args.lr}")
     if args.dropout is not None and not 0 <= args.dropout < 1:
         raise TangshiError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.ema_decay is not None and not 0 <= args.ema_decay < 1:
+        raise TangshiError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
     if args.head_div is not None and not args.head_div >= 1:
         raise TangshiError(f"--head-div must be 1 or more, got {args.head_div}")
     if args.warmup_steps is not None and args.warmup_steps < 0:
@@ -188,6 +196,7 @@ def configs_from_args(args) -> tuple[dict, TrainConfig]:
             "max_poems",
             "seed",
             "dtype",
+            "ema_decay",
         )
     }
     model_settings, train_config = preset_configs(

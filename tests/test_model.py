@@ -348,3 +348,36 @@ def test_bfloat16_products_keep_the_lstm_cell_state_in_float32():
     assert features.dtype == jnp.bfloat16  # the projection to the tied head ran in bfloat16
     _, exact = PoemModel(config).apply({"params": params}, tokens, initial_carry(config, 2))
     np.testing.assert_allclose(np.asarray(logits, np.float32), exact, atol=0.1)
+
+
+def test_the_weights_average_follows_its_recursion_and_leaves_the_weights_alone():
+    """With ema_decay d every step sets average ← d·average + (1 − d)·weights, the average starting
+    at the initial weights (numpy reference over the weights each step left); the weights and the
+    optimizer take the same path as without an average."""
+    config = ModelConfig(vocab_size=30, hidden=8, embed=5)
+    tokens = np.random.default_rng(3).integers(0, 30, size=(4, 9)).astype(np.int32)
+    mask = np.ones((4, 8), np.float32)
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": mask, "chars": mask}
+    decay = 0.7
+    paths = {}
+    for ema_decay in (0.0, decay):
+        train_config = TrainConfig(ema_decay=ema_decay)
+        train_step = jax.jit(make_steps(config, train_config)[0])
+        state = init_state(config, train_config)
+        assert ("ema" in state) == bool(ema_decay)
+        weights = [state["params"]]
+        for _ in range(3):
+            state, _ = train_step(state, batch)
+            weights.append(state["params"])
+        paths[ema_decay] = weights
+    for plain, averaged in zip(paths[0.0], paths[decay]):
+        for a, b in zip(jax.tree_util.tree_leaves(plain), jax.tree_util.tree_leaves(averaged)):
+            np.testing.assert_array_equal(a, b)
+    reference = [np.asarray(leaf, np.float64) for leaf in jax.tree_util.tree_leaves(paths[decay][0])]
+    for weights in paths[decay][1:]:
+        leaves = jax.tree_util.tree_leaves(weights)
+        reference = [decay * r + (1 - decay) * np.asarray(w, np.float64) for r, w in zip(reference, leaves)]
+    last = jax.tree_util.tree_leaves(state["ema"])
+    assert any(not np.allclose(r, w) for r, w in zip(reference, jax.tree_util.tree_leaves(state["params"])))
+    for r, e in zip(reference, last):
+        np.testing.assert_allclose(e, r, rtol=1e-6, atol=1e-7)

@@ -1,5 +1,6 @@
 """export writes a release folder that loads without Orbax and writes the poems the checkpoint writes."""
 
+import dataclasses
 import json
 
 import jax
@@ -91,10 +92,16 @@ def test_evaluate_reads_a_release(exported):
 
 def test_training_command_names_the_nearest_preset_and_the_differences():
     model, train = (
-        ModelConfig(100, hidden=256, embed=128, tied=True, dropout=0.2),
-        TrainConfig(epochs=6, schedule="cosine", warmup_steps=50, decay_epochs=12, split="grouped", titles=True),
+        ModelConfig(100, hidden=256, embed=128, tied=True),
+        TrainConfig(
+            epochs=6, schedule="cosine", warmup_steps=50, decay_epochs=12, split="grouped", titles=True, ema_decay=0.98
+        ),
     )
     assert export.training_command(model, train) == "python -m tangshi_jax.train --preset quick --epochs 6"
+    assert (
+        export.training_command(dataclasses.replace(model, dropout=0.2), dataclasses.replace(train, ema_decay=0.0))
+        == "python -m tangshi_jax.train --preset quick --dropout 0.2 --epochs 6 --ema-decay 0.0"
+    )
     assert (
         export.training_command(ModelConfig(100), TrainConfig(epochs=5, data="x.txt", lr_floor=0.1))
         == "python -m tangshi_jax.train --preset original --data x.txt  # and, in config.py, lr_floor=0.1"
@@ -207,6 +214,8 @@ def test_the_shipped_model_is_found_by_name_and_writes_rule_keeping_poems():
         in card
     )
     assert abs(figures["half"]["float16_nll"] - figures["half"]["float32_nll"]) < export.HALF_TOLERANCE
+    # The card's command trains this model again under today's presets (a preset changed since must show).
+    assert f"\n{export.training_command(loaded.model_config, loaded.train_config)}\n" in card
     wanted = PoemRequest(begin="日", form="qijue", rhyme=True, tones=True, num=3, seed=0, candidates=2)
     poems = sample.write_poems(loaded.params, loaded.model_config, loaded.vocab, wanted, max_title=loaded.max_title)
     assert all(re.fullmatch("日[^，。]{6}，[^，。]{7}。[^，。]{7}，[^，。]{7}。", poem) for poem in poems), poems

@@ -11,9 +11,11 @@ import pytest
 from helpers import SMALL_MODEL, small_config, write_corpus
 
 from tangshi_jax import checkpoint
+from tangshi_jax import data as data_module
 from tangshi_jax import train as train_module
 from tangshi_jax.errors import TangshiError, run_cli
-from tangshi_jax.metrics import trim_metrics
+from tangshi_jax.metrics import trim_metrics, validation_nll
+from tangshi_jax.release import load_model
 from tangshi_jax.train import init_state, train
 
 
@@ -78,7 +80,7 @@ RESUMED_RUNS = {
     "original": (SMALL_MODEL, {}),
     "dropout+cosine": (
         dict(SMALL_MODEL, dropout=0.3, tied=True),
-        dict(schedule="cosine", warmup_steps=3, decay_epochs=3, split="grouped"),
+        dict(schedule="cosine", warmup_steps=3, decay_epochs=3, split="grouped", ema_decay=0.9),
     ),
     "adaptive head": (
         dict(SMALL_MODEL, dropout=0.2, tied=True, head="adaptive", cutoffs=(10, 25)),
@@ -133,6 +135,31 @@ def test_resume_replays_an_uninterrupted_run(tmp_path, run):
     ]
     for a, b in zip(jax.tree_util.tree_leaves(states[0]), jax.tree_util.tree_leaves(states[1])):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_run_with_a_weights_average_validates_and_samples_from_the_average(tmp_path):
+    """The average is saved beside the weights; the epoch's validation figures and the model that
+    sampling loads are the average's, not the weights'."""
+    data = write_corpus(tmp_path / "poems.txt")
+    config = small_config(data, epochs=1, ema_decay=0.8, num_buckets=1)
+    record = train(config, SMALL_MODEL, tmp_path / "run", log=quiet, show_progress=False)
+    manager, step = checkpoint.require_checkpoint(tmp_path / "run")
+    meta = checkpoint.restore_meta(manager, step)
+    saved = checkpoint.restore_state(manager, step, init_state(meta.model_config, meta.train_config))
+    loaded = load_model(checkpoint_dir=tmp_path / "run")
+    for average, read in zip(*(jax.tree_util.tree_leaves(t) for t in (saved["ema"], loaded.params))):
+        np.testing.assert_array_equal(read, average)
+    assert any(
+        not np.array_equal(a, w)
+        for a, w in zip(*(jax.tree_util.tree_leaves(t) for t in (saved["ema"], saved["params"])))
+    )
+    dataset = data_module.make_dataset(data_module.load_corpus(data, build=False), meta.train_config, meta.vocab)
+    on = {
+        name: validation_nll(saved[name], meta.model_config, meta.train_config, dataset.val)
+        for name in ("ema", "params")
+    }
+    assert record["val_loss"] == pytest.approx(on["ema"]["nll"], rel=1e-6)
+    assert abs(on["ema"]["nll"] - on["params"]["nll"]) > 1e-4
 
 
 def test_char_loss_is_logged_and_lies_above_the_all_target_loss(trained_run):
