@@ -113,6 +113,25 @@ def build_prosody(vocab: tuple[str, ...]) -> Prosody:
 
 # Position kinds of a template: what may stand at each place of a poem.
 FREE, CHAR, FORCED = 0, 1, 2
+# What may stand at a free position, by the token before it: after a Chinese character, a
+# character or a mark; after a pause (，、；：), G or any other symbol, a character; after a stop
+# (。！？), a character or the end. NOT_FREE: a position of a form, whose rules decide.
+AFTER_CHAR, AFTER_PAUSE, AFTER_STOP, NOT_FREE = 0, 1, 2, 3
+PAUSES, STOPS = "，、；：", "。！？"
+
+
+def free_order(vocab: tuple[str, ...], hanzi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each token's class as the token before a free position (V,), and for each class a bias
+    of 0 or -inf on every token (4, V): so that no free poem writes "，。", ends mid-line or
+    writes the corpus's □ for a lost character."""
+    marks = np.array([char in PAUSES + STOPS for char in vocab])
+    end = np.array([char == "E" for char in vocab])
+    follows = np.where(hanzi, AFTER_CHAR, AFTER_PAUSE)
+    follows[[char in STOPS for char in vocab]] = AFTER_STOP
+    allowed = np.stack([hanzi | marks, hanzi, hanzi | end, np.ones_like(hanzi)])
+    return follows.astype(np.int32), np.where(allowed, 0.0, -np.inf).astype(np.float32)
+
+
 # Tone wanted at a position: any, level, oblique.
 ANY, LEVEL, OBLIQUE = 0, 1, 2
 # Rhyme role of a line's last character.

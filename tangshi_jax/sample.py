@@ -270,7 +270,8 @@ def generate(
             lambda _: jnp.ones((num, vocab_size), bool),
             None,
         )
-        masked = jnp.where(allowed, logits - draws["repetition_penalty"][:, None] * used, -jnp.inf)
+        order = prosody["free_bias"][jnp.where(kind == rules.FREE, prosody["follows"][tokens[:, t]], rules.NOT_FREE)]
+        masked = jnp.where(allowed, logits - draws["repetition_penalty"][:, None] * used + order, -jnp.inf)
         likeliest = lambda: jnp.argmax(masked, axis=-1).astype(jnp.int32)
         drawn = lambda: sample_tokens(
             row_uniforms(draws["key"], draws["index"], t), masked, draws["temperature"], draws["top_k"], draws["top_p"]
@@ -411,8 +412,11 @@ def device_prosody(vocab: list[str]) -> dict:
 @functools.lru_cache(maxsize=4)
 def _device_prosody(vocab: tuple[str, ...]) -> dict:
     prosody = rules.build_prosody(vocab)
+    follows, free_bias = rules.free_order(vocab, prosody.hanzi)
     return {
         "hanzi": prosody.hanzi,
+        "follows": follows,
+        "free_bias": free_bias,
         "level": prosody.level,
         "oblique": prosody.oblique,
         "rhymes": prosody.rhymes.astype(np.float32),

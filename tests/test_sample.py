@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tangshi_jax import release, sample
+from tangshi_jax import release, rules, sample
+from tangshi_jax.data import is_hanzi
 from tangshi_jax.errors import TangshiError, run_cli
 from tangshi_jax.model import PoemModel, initial_carry
 from tangshi_jax.request import PoemRequest
@@ -379,3 +380,41 @@ def test_inference_reads_the_parameters_alone_and_never_imports_the_trainer(trai
     assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(full["params"])
     for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(full["params"])):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_free_poem_puts_marks_only_after_characters_and_ends_after_a_stop(loaded):
+    """A model pushed to write marks and the end everywhere (its head's bias raised for them)
+    still writes free poems whose marks each follow a Chinese character, that end after 。！？
+    and hold no symbol that is neither (the corpus's □)."""
+    _, model_config, vocab, params = loaded
+    pushed = {char: 6.0 for char in "，。E"}
+    bias = np.asarray(params["head"]["bias"]).copy()
+    for char, amount in pushed.items():
+        bias[vocab.index(char)] += amount
+    params = {**params, "head": {**params["head"], "bias": bias}}
+    _, logits = PoemModel(model_config).apply(
+        {"params": params}, np.array([[vocab.index("G"), vocab.index("，")]], np.int32), initial_carry(model_config, 1)
+    )
+    unruled = jax.nn.softmax(logits[0, -1])
+    assert float(unruled[vocab.index("，")] + unruled[vocab.index("。")] + unruled[vocab.index("E")]) > 0.9
+    begin = words(vocab, 1)
+    poems = sample.write_poems(params, model_config, vocab, PoemRequest(begin=begin, num=16, candidates=1, seed=3))
+    assert len(poems) == 16
+    for poem in poems:
+        assert poem[-1] in rules.STOPS, poem
+        for before, char in zip(poem, poem[1:]):
+            assert is_hanzi(char) or (char in rules.PAUSES + rules.STOPS and is_hanzi(before)), poem
+
+
+def test_free_order_bars_what_may_not_follow_each_token():
+    vocab = ("，", "。", "E", "G", "春", "□", "？", "风")
+    follows, bias = rules.free_order(vocab, np.array([is_hanzi(char) for char in vocab]))
+    assert follows.tolist() == [
+        rules.AFTER_PAUSE, rules.AFTER_STOP, rules.AFTER_PAUSE, rules.AFTER_PAUSE,
+        rules.AFTER_CHAR, rules.AFTER_PAUSE, rules.AFTER_STOP, rules.AFTER_CHAR,
+    ]  # fmt: skip
+    allowed = lambda row: {char for char, b in zip(vocab, bias[row]) if b == 0}
+    assert allowed(rules.AFTER_CHAR) == {"，", "。", "？", "春", "风"}
+    assert allowed(rules.AFTER_PAUSE) == {"春", "风"}
+    assert allowed(rules.AFTER_STOP) == {"春", "风", "E"}
+    assert allowed(rules.NOT_FREE) == set(vocab)
