@@ -26,7 +26,15 @@ import jax
 import orbax.checkpoint as ocp
 
 from tangshi_jax import data
-from tangshi_jax.config import DATA_ORDER_FIELDS, ModelConfig, TrainConfig, differences, from_dict, to_dict
+from tangshi_jax.config import (
+    DATA_ORDER_FIELDS,
+    ModelConfig,
+    TrainConfig,
+    differences,
+    from_dict,
+    to_dict,
+    training_command,
+)
 from tangshi_jax.errors import TangshiError
 from tangshi_jax.model import abstract_params
 
@@ -395,18 +403,22 @@ def remove_half_written(directory: Path, quiet_for: float = 1.0, at_most: float 
 
 def check_resumable(saved_model, model_config, saved_train, train_config, directory) -> None:
     """A resumed run keeps its model and the settings that decide its batches and learning rates."""
+    command = training_command(saved_model, saved_train)
+    # The flags it was trained with (a preset may have changed since), when flags alone can say them.
+    resume = f"resume it with `{command} --checkpoint-dir {directory}`" if "#" not in command else None
     changed = differences(saved_model, model_config)
     if changed:
         raise TangshiError(
             f"{directory} holds a run with another model ({'; '.join(changed)}); "
-            "pass the same --preset and model flags to resume it (a run made before presets existed: "
-            "--preset original with --epochs N for the total you want), or choose a new --checkpoint-dir"
+            + (resume or "pass the same --preset and model flags to resume it")
+            + ", or choose a new --checkpoint-dir"
         )
     changed = differences(saved_train, train_config, DATA_ORDER_FIELDS)
     if changed:
         raise TangshiError(
             f"{directory} holds a run with another data order or schedule ({'; '.join(changed)}); "
-            "pass the same flags to resume it, or choose a new --checkpoint-dir"
+            + (resume or "pass the same flags to resume it")
+            + ", or choose a new --checkpoint-dir"
         )
 
 

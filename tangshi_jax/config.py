@@ -95,8 +95,8 @@ DATA_ORDER_FIELDS = (
 PRESETS = {
     # The course exercise, exactly: 2×128 LSTM, embedding 100, RMSprop 0.01, batch 100.
     "original": {"epochs": 5},
-    # The README's first command, at most 15 minutes of training on 2 CPU cores: the first quarter
-    # of the hour preset (the learning rate is still near its peak; a cosine over 3 epochs did worse).
+    # The README's first command, about 15 minutes of training on 2 CPU cores: the first quarter of
+    # the hour preset's schedule (the learning rate is still near its peak; a cosine over 3 epochs did worse).
     # The full head: the adaptive one trains 1.2-1.3x faster here but learns less an epoch, and
     # came out no better within 15 minutes (RUNS.md, "The adaptive output layer"). No dropout and
     # an average of the last ~50 steps' weights: 292 -> 260 -> 244 (RUNS.md, "The quick preset
@@ -114,14 +114,15 @@ PRESETS = {
         "split": "grouped",
         "titles": True,
     },
-    # About an hour on 2 CPU cores; `--preset hour` resumes a quick run in the same directory.
+    # About an hour on 2 CPU cores. Over 12 epochs the model without dropout fits its training
+    # poems (RUNS.md, "The hour preset without dropout"), so hour keeps dropout and is a run of its
+    # own; `--preset hour --dropout 0 --ema-decay 0.98` trains a quick run on.
     "hour": {
         "epochs": 12,
         "hidden": 256,
         "embed": 128,
         "tied": True,
-        "dropout": 0.0,
-        "ema_decay": 0.98,
+        "dropout": 0.2,
         "schedule": "cosine",
         "warmup_steps": 50,
         "decay_epochs": 12,
@@ -180,3 +181,43 @@ def differences(old, new, fields=None) -> list[str]:
         for name in names
         if getattr(old, name) != getattr(new, name)
     ]
+
+
+# TrainConfig fields that `train` takes no flag for: a model card names them apart when they differ from the default.
+NO_FLAG = ("lr_floor", "val_fraction", "num_buckets", "keep", "max_title")
+
+
+def training_command(model_config: ModelConfig, train_config: TrainConfig) -> str:
+    """The shortest `train` command that gives these configs: the nearest preset and the flags
+    that differ from it."""
+    settings = {
+        **{
+            field.name: getattr(model_config, field.name)
+            for field in dataclasses.fields(ModelConfig)
+            if field.name != "vocab_size"
+        },
+        **dataclasses.asdict(train_config),
+    }
+
+    def differing(preset):
+        model, train = preset_configs(preset)
+        base = {**model, **dataclasses.asdict(train)}
+        return [name for name in settings if settings[name] != base[name] and name != "data"]
+
+    preset = min(PRESETS, key=lambda name: len(differing(name)))
+    words = ["python -m tangshi_jax.train", f"--preset {preset}"]
+    if train_config.data != TrainConfig.data:
+        words.append(f"--data {train_config.data}")
+    unflagged = []
+    for name in differing(preset):
+        value, flag = settings[name], "--" + name.replace("_", "-")
+        if name in NO_FLAG:
+            unflagged.append(f"{name}={value!r}")
+        elif isinstance(value, bool):
+            words.append(flag if value else f"--no-{name.replace('_', '-')}")
+        elif isinstance(value, tuple):  # --cutoffs 1000,3000, --corpus tang,song
+            words.append(f"{flag} {','.join(map(str, value))}")
+        else:
+            words.append(f"{flag} {value}")
+    command = " ".join(words)
+    return command + (f"  # and, in config.py, {', '.join(unflagged)}" if unflagged else "")

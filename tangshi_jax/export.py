@@ -19,50 +19,11 @@ import jax
 import jax.numpy as jnp
 
 from tangshi_jax import __version__, evaluate, release, request
-from tangshi_jax.config import PRESETS, ModelConfig, TrainConfig, preset_configs
+from tangshi_jax.config import training_command
 from tangshi_jax.corpus import PACKAGE_SPEC
 from tangshi_jax.devices import PLATFORMS, use_platform
 from tangshi_jax.errors import TangshiError, run_cli
 from tangshi_jax.model import describe_head
-
-# TrainConfig fields that `train` takes no flag for: named in the card when they differ from the default.
-NO_FLAG = ("lr_floor", "val_fraction", "num_buckets", "keep", "max_title")
-
-
-def training_command(model_config: ModelConfig, train_config: TrainConfig) -> str:
-    """The shortest `train` command that gives these configs: the nearest preset and the flags
-    that differ from it."""
-    settings = {
-        **{
-            field.name: getattr(model_config, field.name)
-            for field in dataclasses.fields(ModelConfig)
-            if field.name != "vocab_size"
-        },
-        **dataclasses.asdict(train_config),
-    }
-
-    def differing(preset):
-        model, train = preset_configs(preset)
-        base = {**model, **dataclasses.asdict(train)}
-        return [name for name in settings if settings[name] != base[name] and name != "data"]
-
-    preset = min(PRESETS, key=lambda name: len(differing(name)))
-    words = ["python -m tangshi_jax.train", f"--preset {preset}"]
-    if train_config.data != TrainConfig.data:
-        words.append(f"--data {train_config.data}")
-    unflagged = []
-    for name in differing(preset):
-        value, flag = settings[name], "--" + name.replace("_", "-")
-        if name in NO_FLAG:
-            unflagged.append(f"{name}={value!r}")
-        elif isinstance(value, bool):
-            words.append(flag if value else f"--no-{name.replace('_', '-')}")
-        elif isinstance(value, tuple):  # --cutoffs 1000,3000, --corpus tang,song
-            words.append(f"{flag} {','.join(map(str, value))}")
-        else:
-            words.append(f"{flag} {value}")
-    command = " ".join(words)
-    return command + (f"  # and, in config.py, {', '.join(unflagged)}" if unflagged else "")
 
 
 def data_line(path: str) -> str:

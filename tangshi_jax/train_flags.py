@@ -128,8 +128,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ema-decay",
         type=float,
-        help="keep a moving average of the weights (e.g. 0.98: about the last 50 steps), which validation, "
-        "sampling and export read; 0: none",
+        help="validate and sample an average of the weights (0.98: the last ~50 steps; 0: off)",
     )
     parser.add_argument("--save-every", type=int, help="epochs between checkpoints")
     parser.add_argument("--max-poems", type=int, default=None, help="train on the first N poems only")

@@ -54,9 +54,11 @@ def test_cosine_schedule_warms_up_decays_and_holds_its_floor():
     assert isinstance(optax.rmsprop(learning_rate(TrainConfig(), 55)), optax.GradientTransformation)
 
 
-def test_the_hour_preset_resumes_a_quick_run():
-    """quick is the first epochs of hour: every setting that fixes the trajectory is shared."""
-    quick, hour = preset_configs("quick"), preset_configs("hour")
+def test_the_hour_schedule_resumes_a_quick_run():
+    """quick is the first epochs of hour's schedule: with quick's dropout and average (README),
+    every setting that fixes the trajectory is shared; hour itself keeps its dropout."""
+    quick, hour = preset_configs("quick"), preset_configs("hour", dropout=0.0, ema_decay=0.98)
+    assert preset_configs("hour")[0]["dropout"] > 0 and preset_configs("hour")[1].ema_decay == 0
     assert quick[0] == hour[0]
     assert [(name, getattr(quick[1], name)) for name in DATA_ORDER_FIELDS] == [
         (name, getattr(hour[1], name)) for name in DATA_ORDER_FIELDS

@@ -100,7 +100,7 @@ def test_training_command_names_the_nearest_preset_and_the_differences():
     assert export.training_command(model, train) == "python -m tangshi_jax.train --preset quick --epochs 6"
     assert (
         export.training_command(dataclasses.replace(model, dropout=0.2), dataclasses.replace(train, ema_decay=0.0))
-        == "python -m tangshi_jax.train --preset quick --dropout 0.2 --epochs 6 --ema-decay 0.0"
+        == "python -m tangshi_jax.train --preset hour --epochs 6"
     )
     assert (
         export.training_command(ModelConfig(100), TrainConfig(epochs=5, data="x.txt", lr_floor=0.1))

@@ -13,6 +13,7 @@ from helpers import SMALL_MODEL, small_config, write_corpus
 from tangshi_jax import checkpoint
 from tangshi_jax import data as data_module
 from tangshi_jax import train as train_module
+from tangshi_jax.config import ModelConfig, TrainConfig, preset_configs
 from tangshi_jax.errors import TangshiError, run_cli
 from tangshi_jax.metrics import trim_metrics, validation_nll
 from tangshi_jax.release import load_model
@@ -197,6 +198,24 @@ def test_another_model_or_data_order_in_the_directory_is_refused(tmp_path, train
     with pytest.raises(TangshiError, match="another model .*head: 'full' -> 'adaptive'"):
         train(small_config(data, epochs=5), dict(SMALL_MODEL, head="adaptive"), directory, log=quiet)
     assert sorted(p.name for p in directory.iterdir()) == before
+
+
+def test_a_refused_resume_names_the_command_that_resumes_the_run():
+    """A quick run made before the quick preset lost its dropout, met by today's quick preset:
+    the refusal names the flags it was trained with (today the hour preset's first quarter)."""
+    old_quick = (
+        ModelConfig(7000, hidden=256, embed=128, tied=True, dropout=0.2),
+        TrainConfig(epochs=3, schedule="cosine", warmup_steps=50, decay_epochs=12, split="grouped", titles=True),
+    )
+    model_settings, quick = preset_configs("quick")
+    with pytest.raises(TangshiError) as refusal:
+        checkpoint.check_resumable(old_quick[0], ModelConfig(7000, **model_settings), old_quick[1], quick, "runs/q")
+    assert str(refusal.value) == (
+        "runs/q holds a run with another model (dropout: 0.2 -> 0.0); resume it with `python -m tangshi_jax.train "
+        "--preset hour --epochs 3 --checkpoint-dir runs/q`, or choose a new --checkpoint-dir"
+    )
+    hour_settings, hour = preset_configs("hour", epochs=3)
+    checkpoint.check_resumable(old_quick[0], ModelConfig(7000, **hour_settings), old_quick[1], hour, "runs/q")
 
 
 def test_a_finished_run_says_so(trained_run, tmp_path):
