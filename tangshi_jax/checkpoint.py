@@ -33,7 +33,7 @@ from tangshi_jax.config import (
     differences,
     from_dict,
     to_dict,
-    training_command,
+    training_flags,
 )
 from tangshi_jax.errors import TangshiError
 from tangshi_jax.model import abstract_params
@@ -403,23 +403,22 @@ def remove_half_written(directory: Path, quiet_for: float = 1.0, at_most: float 
 
 def check_resumable(saved_model, model_config, saved_train, train_config, directory) -> None:
     """A resumed run keeps its model and the settings that decide its batches and learning rates."""
-    command = training_command(saved_model, saved_train)
-    # The flags it was trained with (a preset may have changed since), when flags alone can say them.
-    resume = f"resume it with `{command} --checkpoint-dir {directory}`" if "#" not in command else None
+
+    def refuse(what: str, changed: list[str], otherwise: str) -> TangshiError:
+        # The flags it was trained with (a preset may have changed since), when flags alone can say them.
+        command, unflagged = training_flags(saved_model, saved_train)
+        resume = otherwise if unflagged else f"resume it with `{command} --checkpoint-dir {directory}`"
+        return TangshiError(
+            f"{directory} holds a run with another {what} ({'; '.join(changed)}); {resume}, "
+            "or choose a new --checkpoint-dir"
+        )
+
     changed = differences(saved_model, model_config)
     if changed:
-        raise TangshiError(
-            f"{directory} holds a run with another model ({'; '.join(changed)}); "
-            + (resume or "pass the same --preset and model flags to resume it")
-            + ", or choose a new --checkpoint-dir"
-        )
+        raise refuse("model", changed, "pass the same --preset and model flags to resume it")
     changed = differences(saved_train, train_config, DATA_ORDER_FIELDS)
     if changed:
-        raise TangshiError(
-            f"{directory} holds a run with another data order or schedule ({'; '.join(changed)}); "
-            + (resume or "pass the same flags to resume it")
-            + ", or choose a new --checkpoint-dir"
-        )
+        raise refuse("data order or schedule", changed, "pass the same flags to resume it")
 
 
 def check_same_poems(saved: dict | None, current: dict, data_path, directory) -> None:

@@ -189,7 +189,13 @@ NO_FLAG = ("lr_floor", "val_fraction", "num_buckets", "keep", "max_title")
 
 def training_command(model_config: ModelConfig, train_config: TrainConfig) -> str:
     """The shortest `train` command that gives these configs: the nearest preset and the flags
-    that differ from it."""
+    that differ from it, then any setting that has no flag (as a comment)."""
+    command, unflagged = training_flags(model_config, train_config)
+    return command + (f"  # and, in config.py, {', '.join(unflagged)}" if unflagged else "")
+
+
+def training_flags(model_config: ModelConfig, train_config: TrainConfig) -> tuple[str, list[str]]:
+    """training_command's command, and the settings (name=value) that no flag can give."""
     settings = {
         **{
             field.name: getattr(model_config, field.name)
@@ -219,5 +225,4 @@ def training_command(model_config: ModelConfig, train_config: TrainConfig) -> st
             words.append(f"{flag} {','.join(map(str, value))}")
         else:
             words.append(f"{flag} {value}")
-    command = " ".join(words)
-    return command + (f"  # and, in config.py, {', '.join(unflagged)}" if unflagged else "")
+    return " ".join(words), unflagged
