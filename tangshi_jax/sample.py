@@ -70,7 +70,10 @@ def sample_tokens(uniforms, logits, temperature, top_k, top_p):
     cumulative sum over the whole vocabulary (slow on CPU): the running sum is taken over
     blocks of 64 entries, then only inside the block the uniform falls in."""
     rows, vocab = logits.shape
-    scaled = logits / temperature[:, None]
+    padded = -(-vocab // BLOCK) * BLOCK
+    # Padded with -inf from the start: the passes below run on whole blocks, and weighing
+    # pads nothing later (a copy of the weights a step).
+    scaled = jnp.pad(logits / temperature[:, None], ((0, 0), (0, padded - vocab)), constant_values=-jnp.inf)
     top_k, top_p = top_k[:, None], top_p[:, None]
 
     def keep_top_k(scaled):
@@ -84,8 +87,7 @@ def sample_tokens(uniforms, logits, temperature, top_k, top_p):
         return jnp.where((top_p < 1.0) & (probs < top_p_threshold(probs, top_p)), 0.0, weights)
 
     weights = jax.lax.cond(jnp.any(top_p < 1.0), nucleus, lambda weights: weights, weights)  # pay only when asked
-    padded = -(-vocab // BLOCK) * BLOCK
-    blocks = jnp.pad(weights, ((0, 0), (0, padded - vocab))).reshape(rows, -1, BLOCK)
+    blocks = weights.reshape(rows, -1, BLOCK)
     block_sums = jnp.sum(blocks, axis=-1)
     block_cdf = jnp.cumsum(block_sums, axis=-1)
     threshold = uniforms * block_cdf[:, -1:]
@@ -251,6 +253,8 @@ def generate(
     bar_start = jnp.zeros(vocab_size).at[start_id].set(-jnp.inf)
     hanzi_only = prosody["hanzi"][None, :]
     greedy, rows = draws["greedy"], jnp.arange(num)
+    # Every step's uniforms at once: threefry is a small loop of its own, cheaper run once than per step.
+    uniforms = jax.vmap(row_uniforms, in_axes=(None, None, 0))(draws["key"], draws["index"], jnp.arange(max_len))
 
     def keep_going(state: SamplerState):
         return (state.t < max_len) & ~jnp.all(state.done)
@@ -273,9 +277,7 @@ def generate(
         order = prosody["free_bias"][jnp.where(kind == rules.FREE, prosody["follows"][tokens[:, t]], rules.NOT_FREE)]
         masked = jnp.where(allowed, logits - draws["repetition_penalty"][:, None] * used + order, -jnp.inf)
         likeliest = lambda: jnp.argmax(masked, axis=-1).astype(jnp.int32)
-        drawn = lambda: sample_tokens(
-            row_uniforms(draws["key"], draws["index"], t), masked, draws["temperature"], draws["top_k"], draws["top_p"]
-        )
+        drawn = lambda: sample_tokens(uniforms[t], masked, draws["temperature"], draws["top_k"], draws["top_p"])
         # Each way is paid for only when some row takes it: no greedy row, all greedy, or a mix.
         way = jnp.where(jnp.all(greedy), 1, jnp.where(jnp.any(greedy), 2, 0))
         chosen = jax.lax.switch(way, [drawn, likeliest, lambda: jnp.where(greedy, likeliest(), drawn())])
