@@ -27,7 +27,7 @@ from tangshi_jax.config import ModelConfig
 from tangshi_jax.devices import PLATFORMS, use_platform
 from tangshi_jax.errors import TangshiError, run_cli
 from tangshi_jax.model import PoemModel, initial_carry
-from tangshi_jax.request import PoemRequest
+from tangshi_jax.request import FREE, PoemRequest
 
 SENTENCE_END = "。！？"
 BLOCK = 64  # vocabulary entries per block of the two-level inverse-CDF sampler
@@ -704,7 +704,8 @@ def best_drafts(wanted: PoemRequest, plan: dict, drafts: list[str], log_probs: n
     if not scoring:
         return drafts, None
     written = plan["kind"][1:] != rules.FORCED  # positions the model chose (not begin, heads, marks)
-    scores = [score_poem(poem, row_log_probs, written, corpus_lines) for poem, row_log_probs in zip(drafts, log_probs)]
+    free = is_free(wanted)
+    scores = [score_poem(poem, lp, written, corpus_lines, free) for poem, lp in zip(drafts, log_probs)]
     candidates = wanted.drafts
     best = [max(range(i * candidates, (i + 1) * candidates), key=scores.__getitem__) for i in range(wanted.num)]
     return [drafts[row] for row in best], [scores[row] for row in best]
@@ -758,16 +759,32 @@ def in_script(poems: list[str], script: str) -> list[str]:
 
 
 # The reranking score's weights: nats taken off per share of copied lines and of repeated
-# characters, and for a poem that stops mid-sentence (a few likely characters then E would
-# otherwise have the best mean).
-COPY_WEIGHT, REPEAT_WEIGHT, UNFINISHED_PENALTY = 2.0, 1.0, 10.0
+# characters, for a poem that stops mid-sentence (a few likely characters then E would
+# otherwise have the best mean), and for a free poem whose lines are not regular_lines.
+COPY_WEIGHT, REPEAT_WEIGHT, UNFINISHED_PENALTY, IRREGULAR_PENALTY = 2.0, 1.0, 10.0, 1.0
 
 
-def score_poem(poem: str, log_probs: np.ndarray, written: np.ndarray, corpus_lines: set[str] | None) -> float:
+def regular_lines(poem: str) -> bool:
+    """Lines of 5 or of 7 characters, all alike, an even number of them and at least 4: the
+    shape of the four forms and of nearly every other Tang poem (6, 10, 12 lines)."""
+    lengths = [len(line) for line in data.lines_of(poem)]
+    return len(lengths) >= 4 and len(lengths) % 2 == 0 and len(set(lengths)) == 1 and lengths[0] in (5, 7)
+
+
+def is_free(wanted: PoemRequest) -> bool:
+    """Nothing but the model sets the poem's lines: no form, tune, couplet or acrostic."""
+    return wanted.form in (None, FREE) and wanted.tune is None and wanted.couplet is None and wanted.acrostic is None
+
+
+def score_poem(
+    poem: str, log_probs: np.ndarray, written: np.ndarray, corpus_lines: set[str] | None, free: bool = False
+) -> float:
     """The mean log-probability the model gave the Chinese characters it chose (begin text,
     acrostic heads and punctuation excluded), minus COPY_WEIGHT × the share of lines found in
-    corpus_lines, REPEAT_WEIGHT × the share of characters that repeat an earlier one, and
-    UNFINISHED_PENALTY when the poem does not end a sentence (。！？)."""
+    corpus_lines, REPEAT_WEIGHT × the share of characters that repeat an earlier one,
+    UNFINISHED_PENALTY when the poem does not end a sentence (。！？), and, for a free poem
+    (free), IRREGULAR_PENALTY when its lines are not regular_lines: a draft in a regular shape
+    is kept over a slightly likelier one that is not, as readers of Tang poems expect."""
     chars = [i for i, char in enumerate(poem) if data.is_hanzi(char) and written[i]]
     if not chars:
         return -np.inf
@@ -777,7 +794,8 @@ def score_poem(poem: str, log_probs: np.ndarray, written: np.ndarray, corpus_lin
     lines = data.lines_of(poem)
     copied = sum(line in corpus_lines for line in lines) / len(lines) if corpus_lines and lines else 0.0
     unfinished = UNFINISHED_PENALTY * (poem[-1] not in SENTENCE_END)
-    return mean_log_prob - COPY_WEIGHT * copied - REPEAT_WEIGHT * repeated - unfinished
+    irregular = IRREGULAR_PENALTY * (free and not regular_lines(poem))
+    return mean_log_prob - COPY_WEIGHT * copied - REPEAT_WEIGHT * repeated - unfinished - irregular
 
 
 def corpus_lines(path, parts=("tang",)) -> set[str] | None:

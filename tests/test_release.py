@@ -219,3 +219,22 @@ def test_the_shipped_model_is_found_by_name_and_writes_rule_keeping_poems():
     wanted = PoemRequest(begin="日", form="qijue", rhyme=True, tones=True, num=3, seed=0, candidates=2)
     poems = sample.write_poems(loaded.params, loaded.model_config, loaded.vocab, wanted, max_title=loaded.max_title)
     assert all(re.fullmatch("日[^，。]{6}，[^，。]{7}。[^，。]{7}，[^，。]{7}。", poem) for poem in poems), poems
+
+
+@pytest.mark.slow  # writes 200 poems with the shipped model
+def test_the_shipped_cards_sampling_rows_are_what_the_sampler_writes_today():
+    """The card's rows hold what `evaluate` measures with today's sampler: a change to the
+    sampler that moves the shipped model's poems must come with a new card. Two rows (one free,
+    one under every rule), on the columns that need no corpus."""
+    loaded = release.load_model(model_dir=SHIPPED_NAME)
+    card = (release.SHIPPED / SHIPPED_NAME / release.CARD).read_text(encoding="utf-8")
+    settings = {setting.name: setting for setting in evaluate.SETTINGS}
+    poem_only = {"form_valid", "rhyme_ok", "tones_ok", "distinct_1", "distinct_2", "repeated_4grams", "mean_length"}
+    for name in ("free", "wujue+rhyme+tones"):
+        poems, _, _ = evaluate.sample_setting(loaded, settings[name], num=100, seed=0)
+        today = {"setting": name, **evaluate.measure(poems, settings[name].form, set())}
+        [line] = [line for line in card.splitlines() if line.startswith(f"| {name} | 100 |")]
+        cells = [cell.strip() for cell in line.strip("|").split("|")][2:]
+        for (title, key, spec), cell in zip(evaluate.COLUMNS, cells, strict=True):
+            if key in poem_only:
+                assert spec.format(today[key]) == cell, (name, title)

@@ -334,6 +334,36 @@ def test_score_is_mean_log_prob_less_copies_and_repeats():
     )
 
 
+def test_a_free_poem_in_irregular_lines_is_penalised():
+    """Lines of 5 or of 7, all alike, an even number of at least 4: else a free poem loses
+    IRREGULAR_PENALTY; a poem whose shape a form, tune, couplet or acrostic set loses nothing."""
+    assert sample.regular_lines("白日依山尽，黄河入海流。欲穷千里目，更上一层楼。")
+    assert sample.regular_lines("春江潮水连海平，海上明月共潮生。" * 3)  # six lines of 7
+    irregular = {
+        "two lines": "白日依山尽，黄河入海流。",
+        "five lines": "白日依山尽，" * 4 + "黄河入海流。",
+        "5 then 6 characters": "白日依山尽，黄河入海流水。" * 2,
+        "lines of 4": "白日依山，黄河入海。" * 2,
+    }
+    for case, poem in irregular.items():
+        assert not sample.regular_lines(poem), case
+    poem = "白日依山尽，黄河入海流。"
+    log_probs, written = np.full(12, -4.0), np.ones(12, bool)
+    plain = sample.score_poem(poem, log_probs, written, None)
+    assert sample.score_poem(poem, log_probs, written, None, free=True) == pytest.approx(
+        plain - sample.IRREGULAR_PENALTY
+    )
+    # Two drafts of one poem: the likelier (by 0.5 nats a character) is two lines long.
+    quatrain = "白日依山尽，黄河入海流。欲穷千里目，更上一层楼。"
+    drafts, log_probs = [poem, quatrain], np.stack([np.full(24, -3.5), np.full(24, -4.0)])
+    plan = {"kind": np.zeros(25, np.int32)}
+    for wanted, kept in ((PoemRequest(candidates=2), quatrain), (PoemRequest(candidates=2, form="wujue"), poem)):
+        assert sample.best_drafts(wanted, plan, drafts, log_probs, None, True)[0] == [kept]
+    assert sample.is_free(PoemRequest()) and sample.is_free(PoemRequest(form="free"))
+    for asked in (dict(form="wujue"), dict(acrostic="春夏秋冬"), dict(couplet="风声雨声"), dict(tune="浣溪沙")):
+        assert not sample.is_free(PoemRequest(**asked)), asked
+
+
 def test_corpus_lines_are_read_once_then_from_the_cache(tmp_path, capsys, monkeypatch):
     path = tmp_path / "poems.txt"
     path.write_text("t:白日依山尽，黄河入海流。\nu:床前明月光，疑是地上霜。\n", encoding="utf-8")
