@@ -17,8 +17,6 @@ import argparse
 import dataclasses
 import functools
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -107,13 +105,7 @@ def matmul_rates(rows: int, width: int, vocab: int, repeats: int = 15) -> dict:
 
 
 def machine_name() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            cpu = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores; JAX {jax.__version__} on {describe_devices()}"
+    return f"JAX {jax.__version__} on {describe_devices()}"
 
 
 # Training variants that `--variants` measures side by side, as make_steps arguments; all but

@@ -3,8 +3,10 @@ the distributed runtime that joins processes, and the mesh of devices a run uses
 batches and the state reach that mesh."""
 
 import os
+import platform
 import resource
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import NamedTuple
 
 import jax
@@ -248,9 +250,35 @@ def describe_feed(feed: Feed, batch_size: int) -> str:
 
 
 def describe_devices() -> str:
+    """'cpu (1 × cpu); AMD EPYC, 2 cores, AVX2 without AVX-512': the devices, and on a CPU the
+    processor too, since a CPU run's minutes compare only with those of its kind (README)."""
     devices = jax.local_devices()
     kinds = sorted({device.device_kind for device in devices})
-    return f"{devices[0].platform} ({len(devices)} × {', '.join(kinds)})"
+    described = f"{devices[0].platform} ({len(devices)} × {', '.join(kinds)})"
+    return f"{described}; {describe_cpu()}" if devices[0].platform == "cpu" else described
+
+
+def describe_cpu() -> str:
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8")
+    except OSError:  # not Linux
+        cpuinfo = ""
+    return cpu_summary(cpuinfo, os.cpu_count(), platform.processor() or platform.machine())
+
+
+def cpu_summary(cpuinfo: str, cores: int | None, fallback: str) -> str:
+    """The processor's model, its cores and its widest vector instructions, from the text of
+    /proc/cpuinfo (fallback: the name when it has none)."""
+    fields = {}
+    for line in cpuinfo.splitlines():
+        key, colon, value = line.partition(":")
+        if colon:
+            fields.setdefault(key.strip(), value.strip())
+    words = [fields.get("model name") or fallback, f"{cores} cores"]
+    if "flags" in fields:  # x86; other processors name their features otherwise
+        flags = set(fields["flags"].split())
+        words.append("AVX-512" if "avx512f" in flags else "AVX2 without AVX-512" if "avx2" in flags else "no AVX2")
+    return ", ".join(words)
 
 
 def peak_rss_mb() -> float:

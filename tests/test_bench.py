@@ -5,6 +5,7 @@ from helpers import tiny_bench
 
 from tangshi_jax import bench
 from tangshi_jax.config import ModelConfig
+from tangshi_jax.devices import cpu_summary
 from tangshi_jax.errors import run_cli
 
 
@@ -62,3 +63,15 @@ def test_an_unknown_variant_is_named_with_the_choices(capsys):
     assert run_cli(bench.main, ["--variants", "fused,fast"]) == 2
     err = capsys.readouterr().err
     assert "unknown variant 'fast'" in err and "before" in err
+
+
+def test_the_machine_line_names_the_processor_and_its_vector_width():
+    """A CPU run's minutes compare only with a run on the same kind of processor (README), so
+    train's platform line and bench's machine row say which, from /proc/cpuinfo."""
+    x86 = "processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu sse2 {}\n\nprocessor\t: 1\n"
+    assert cpu_summary(x86.format("avx avx2 fma"), 2, "x86_64") == "AMD EPYC 7B13, 2 cores, AVX2 without AVX-512"
+    assert cpu_summary(x86.format("avx2 avx512f avx512bw"), 2, "x86_64").endswith(", AVX-512")
+    assert cpu_summary(x86.format("avx"), 4, "x86_64").endswith("4 cores, no AVX2")
+    arm = "processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd\n"
+    assert cpu_summary(arm, 8, "aarch64") == "aarch64, 8 cores"
+    assert cpu_summary("", 10, "arm") == "arm, 10 cores"  # no /proc/cpuinfo (macOS)
