@@ -27,7 +27,7 @@ from tangshi_jax.config import ModelConfig
 from tangshi_jax.devices import PLATFORMS, use_platform
 from tangshi_jax.errors import TangshiError, run_cli
 from tangshi_jax.model import PoemModel, initial_carry
-from tangshi_jax.request import FREE, PoemRequest
+from tangshi_jax.request import PoemRequest
 
 SENTENCE_END = "。！？"
 BLOCK = 64  # vocabulary entries per block of the two-level inverse-CDF sampler
@@ -704,7 +704,7 @@ def best_drafts(wanted: PoemRequest, plan: dict, drafts: list[str], log_probs: n
     if not scoring:
         return drafts, None
     written = plan["kind"][1:] != rules.FORCED  # positions the model chose (not begin, heads, marks)
-    free = is_free(wanted)
+    free = not lines_are_set(plan)
     scores = [score_poem(poem, lp, written, corpus_lines, free) for poem, lp in zip(drafts, log_probs)]
     candidates = wanted.drafts
     best = [max(range(i * candidates, (i + 1) * candidates), key=scores.__getitem__) for i in range(wanted.num)]
@@ -764,16 +764,17 @@ def in_script(poems: list[str], script: str) -> list[str]:
 COPY_WEIGHT, REPEAT_WEIGHT, UNFINISHED_PENALTY, IRREGULAR_PENALTY = 2.0, 1.0, 10.0, 1.0
 
 
-def regular_lines(poem: str) -> bool:
+def regular_lines(lines: list[str]) -> bool:
     """Lines of 5 or of 7 characters, all alike, an even number of them and at least 4: the
     shape of the four forms and of nearly every other Tang poem (6, 10, 12 lines)."""
-    lengths = [len(line) for line in data.lines_of(poem)]
+    lengths = [len(line) for line in lines]
     return len(lengths) >= 4 and len(lengths) % 2 == 0 and len(set(lengths)) == 1 and lengths[0] in (5, 7)
 
 
-def is_free(wanted: PoemRequest) -> bool:
-    """Nothing but the model sets the poem's lines: no form, tune, couplet or acrostic."""
-    return wanted.form in (None, FREE) and wanted.tune is None and wanted.couplet is None and wanted.acrostic is None
+def lines_are_set(plan: dict) -> bool:
+    """Whether the plan fixes the poem's lines: a form, tune, couplet or acrostic marks each of
+    its characters' positions CHAR, a free request none."""
+    return bool(np.any(plan["kind"] == rules.CHAR))
 
 
 def score_poem(
@@ -794,7 +795,7 @@ def score_poem(
     lines = data.lines_of(poem)
     copied = sum(line in corpus_lines for line in lines) / len(lines) if corpus_lines and lines else 0.0
     unfinished = UNFINISHED_PENALTY * (poem[-1] not in SENTENCE_END)
-    irregular = IRREGULAR_PENALTY * (free and not regular_lines(poem))
+    irregular = IRREGULAR_PENALTY * (free and not regular_lines(lines))
     return mean_log_prob - COPY_WEIGHT * copied - REPEAT_WEIGHT * repeated - unfinished - irregular
 
 

@@ -214,6 +214,12 @@ def test_a_tune_takes_the_length_it_needs_and_reads_a_begin_text(ci_model):
     tune = ci_model[3]["浣溪沙"]
     texts = write_ci(ci_model, tune="浣溪沙", begin="一曲", num=4, seed=5, max_len=10)  # 48 > 10: the tune wins
     assert all(text.startswith("一曲") and len(text) == cipai.tune_length(tune) for text in texts)
+    # The tune fixes the lines, so the reranker does not judge them as a free poem's.
+    from tangshi_jax.request import PoemRequest
+    from tangshi_jax.sample import lines_are_set, plan_request
+
+    config, params, vocab, tunes = ci_model
+    assert lines_are_set(plan_request(vocab, PoemRequest(tune="浣溪沙"), tunes=tunes))
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tangshi_jax import release, rules, sample
+from tangshi_jax import data, release, rules, sample
 from tangshi_jax.data import is_hanzi
 from tangshi_jax.errors import TangshiError, run_cli
 from tangshi_jax.model import PoemModel, initial_carry
@@ -334,11 +334,25 @@ def test_score_is_mean_log_prob_less_copies_and_repeats():
     )
 
 
+# Requests of each kind, for the plans they make.
+PLANNED = {
+    "free": {},
+    "begin": {"begin": "白日"},
+    "wujue": {"form": "wujue"},
+    "acrostic": {"acrostic": "春夏秋冬"},
+    "couplet": {"couplet": "风声雨落"},
+}
+
+
 def test_a_free_poem_in_irregular_lines_is_penalised():
     """Lines of 5 or of 7, all alike, an even number of at least 4: else a free poem loses
     IRREGULAR_PENALTY; a poem whose shape a form, tune, couplet or acrostic set loses nothing."""
-    assert sample.regular_lines("白日依山尽，黄河入海流。欲穷千里目，更上一层楼。")
-    assert sample.regular_lines("春江潮水连海平，海上明月共潮生。" * 3)  # six lines of 7
+
+    def regular(poem):
+        return sample.regular_lines(data.lines_of(poem))
+
+    assert regular("白日依山尽，黄河入海流。欲穷千里目，更上一层楼。")
+    assert regular("春江潮水连海平，海上明月共潮生。" * 3)  # six lines of 7
     irregular = {
         "two lines": "白日依山尽，黄河入海流。",
         "five lines": "白日依山尽，" * 4 + "黄河入海流。",
@@ -346,22 +360,29 @@ def test_a_free_poem_in_irregular_lines_is_penalised():
         "lines of 4": "白日依山，黄河入海。" * 2,
     }
     for case, poem in irregular.items():
-        assert not sample.regular_lines(poem), case
+        assert not regular(poem), case
     poem = "白日依山尽，黄河入海流。"
     log_probs, written = np.full(12, -4.0), np.ones(12, bool)
     plain = sample.score_poem(poem, log_probs, written, None)
     assert sample.score_poem(poem, log_probs, written, None, free=True) == pytest.approx(
         plain - sample.IRREGULAR_PENALTY
     )
-    # Two drafts of one poem: the likelier (by 0.5 nats a character) is two lines long.
+    # Two drafts of one poem: the likelier (by 0.5 nats a character) is two lines long. A free
+    # request keeps the quatrain; a 五绝 (which fixes the lines itself) the likelier.
+    vocab = ["G", "E", "，", "。", *dict.fromkeys(poem + "欲穷千里目更上一层楼春夏秋冬风声雨落")]
+    plans = {key: sample.plan_request(vocab, PoemRequest(candidates=2, **asked)) for key, asked in PLANNED.items()}
     quatrain = "白日依山尽，黄河入海流。欲穷千里目，更上一层楼。"
     drafts, log_probs = [poem, quatrain], np.stack([np.full(24, -3.5), np.full(24, -4.0)])
-    plan = {"kind": np.zeros(25, np.int32)}
-    for wanted, kept in ((PoemRequest(candidates=2), quatrain), (PoemRequest(candidates=2, form="wujue"), poem)):
-        assert sample.best_drafts(wanted, plan, drafts, log_probs, None, True)[0] == [kept]
-    assert sample.is_free(PoemRequest()) and sample.is_free(PoemRequest(form="free"))
-    for asked in (dict(form="wujue"), dict(acrostic="春夏秋冬"), dict(couplet="风声雨声"), dict(tune="浣溪沙")):
-        assert not sample.is_free(PoemRequest(**asked)), asked
+    for key, kept in (("free", quatrain), ("wujue", poem)):
+        assert sample.best_drafts(PoemRequest(candidates=2), plans[key], drafts, log_probs, None, True)[0] == [kept]
+    # Which plans set the lines (a tune's: test_cipai, which has learned tunes).
+    assert {key: sample.lines_are_set(plan) for key, plan in plans.items()} == {
+        "free": False,
+        "begin": False,
+        "wujue": True,
+        "acrostic": True,
+        "couplet": True,
+    }
 
 
 def test_corpus_lines_are_read_once_then_from_the_cache(tmp_path, capsys, monkeypatch):
