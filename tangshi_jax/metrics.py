@@ -114,7 +114,9 @@ def epoch_record(
 
 
 def epoch_line(record: dict, epochs: int) -> str:
-    """What training logs of an epoch's record."""
+    """What training logs of an epoch's record; before the last, the minutes the epochs left will
+    take at this epoch's pace (the same command takes 1.5x as long on one 2-core machine as on
+    another, so the README's minutes cannot tell a user what to expect)."""
     val = (
         f"val {record['val_loss']:.3f} (ppl {record['val_ppl']:.1f}; characters {record['val_char_loss']:.3f}, "
         f"ppl {record['val_char_ppl']:.1f})  "
@@ -124,7 +126,16 @@ def epoch_line(record: dict, epochs: int) -> str:
     return (
         f"epoch {record['epoch']}/{epochs}: train {record['train_loss']:.3f}  {val}"
         f"{record['tokens_per_s']:,.0f} tokens/s  {record['epoch_s']:.0f} s  {record['peak_rss_mb']:,.0f} MB"
+        f"{time_to_go(record['epoch_s'], epochs - record['epoch'])}"
     )
+
+
+def time_to_go(epoch_s: float, epochs_left: int) -> str:
+    """'  about N min to go' for the epochs left at epoch_s seconds each (nothing after the last)."""
+    if epochs_left <= 0:
+        return ""
+    minutes = epoch_s * epochs_left / 60
+    return f"  about {minutes:.0f} min to go" if minutes >= 1 else "  under a minute to go"
 
 
 def trim_metrics(path: Path, epoch: int) -> None:

@@ -15,7 +15,7 @@ from tangshi_jax import data as data_module
 from tangshi_jax import train as train_module
 from tangshi_jax.config import ModelConfig, TrainConfig, preset_configs
 from tangshi_jax.errors import TangshiError, run_cli
-from tangshi_jax.metrics import trim_metrics, validation_nll
+from tangshi_jax.metrics import epoch_line, trim_metrics, validation_nll
 from tangshi_jax.release import load_model
 from tangshi_jax.train import init_state, train
 
@@ -161,6 +161,16 @@ def test_a_run_with_a_weights_average_validates_and_samples_from_the_average(tmp
     }
     assert record["val_loss"] == pytest.approx(on["ema"]["nll"], rel=1e-6)
     assert abs(on["ema"]["nll"] - on["params"]["nll"]) > 1e-4
+
+
+def test_the_epoch_line_says_how_long_the_epochs_left_will_take():
+    record = {"epoch": 3, "train_loss": 4.9, "val_loss": None, "tokens_per_s": 7000.0, "epoch_s": 300.0}
+    line = epoch_line({**record, "peak_rss_mb": 900.0}, 12)
+    assert line.startswith("epoch 3/12: train 4.900  7,000 tokens/s  300 s  900 MB") and line.endswith(
+        "about 45 min to go"
+    )
+    assert "to go" not in epoch_line({**record, "peak_rss_mb": 900.0}, 3)  # the last epoch
+    assert epoch_line({**record, "epoch_s": 20.0, "peak_rss_mb": 9.0}, 4).endswith("under a minute to go")
 
 
 def test_char_loss_is_logged_and_lies_above_the_all_target_loss(trained_run):
